@@ -1,0 +1,89 @@
+"""Subject masks from cross-attention (paper Eq. 2-4).
+
+The maps come from the conditional guidance branch; the masks used at step t are made from the
+maps of step t-1 (the self-attention of a block runs before that block's cross-attention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .otsu import otsu_foreground
+
+
+def subject_token_weights(
+    token_positions: list[list[list[int]]], seq_len: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Averaging weights over each subject's token positions.
+
+    Args:
+        token_positions: per image, per subject, the positions of that subject's tokens in the
+            padded text sequence.
+        seq_len: L, the text sequence length.
+    Returns:
+        (B, L, S) weights; column s of image b averages the positions of subject s.
+    """
+    num_images = len(token_positions)
+    num_subjects = max((len(p) for p in token_positions), default=0)
+    weights = torch.zeros(num_images, seq_len, num_subjects, device=device)
+    for b, subjects in enumerate(token_positions):
+        for s, positions in enumerate(subjects):
+            if positions:
+                weights[b, positions, s] = 1.0 / len(positions)
+    return weights
+
+
+def subject_attention(query: torch.Tensor, key: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: the cross-attention probabilities of the subject tokens, averaged over heads.
+
+    Args:
+        query: (B, H, N, d) image-patch queries of one cross-attention layer.
+        key: (B, H, L, d) text keys.
+        token_weights: (B, L, S) from :func:`subject_token_weights`.
+    Returns:
+        (B, N, S) attention map of each subject over the N patches.
+    """
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    probs = torch.softmax((query.float() @ key.float().transpose(-1, -2)) * scale, dim=-1)  # (B,H,N,L)
+    return probs.mean(dim=1) @ token_weights.to(probs.dtype)
+
+
+def aggregate_subject_maps(layer_maps: list[torch.Tensor]) -> torch.Tensor:
+    """Eq. 3-4: average the maps over layers, then sum over subjects.
+
+    Args:
+        layer_maps: L tensors of shape (B, N, S), all at one resolution.
+    Returns:
+        (B, N) aggregated subject map.
+    """
+    mean_over_layers = torch.stack(layer_maps, dim=0).mean(dim=0)  # Eq. 3
+    return mean_over_layers.sum(dim=-1)  # Eq. 4
+
+
+def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a layer with ``num_tokens`` patches in a UNet whose latent is ``latent_hw``."""
+    lat_h, lat_w = latent_hw
+    factor = math.sqrt(lat_h * lat_w / num_tokens)
+    h, w = round(lat_h / factor), round(lat_w / factor)
+    if h * w != num_tokens:
+        raise ValueError(f"{num_tokens} tokens do not tile a latent of {lat_h}x{lat_w}")
+    return h, w
+
+
+def subject_mask(aggregated: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
+    """Resize an aggregated map to a self-attention resolution and threshold it with Otsu.
+
+    Args:
+        aggregated: (B, h_src*w_src) map from :func:`aggregate_subject_maps`.
+        src_hw: its grid (h_src, w_src).
+        dst_hw: the target grid (h, w).
+    Returns:
+        (B, h*w) boolean subject mask M_i.
+    """
+    maps = aggregated.float().reshape(-1, 1, *src_hw)
+    if tuple(src_hw) != tuple(dst_hw):
+        maps = F.interpolate(maps, size=dst_hw, mode="bilinear", align_corners=False)
+    return otsu_foreground(maps.flatten(1))

@@ -1,0 +1,176 @@
+"""The single-process engine: anchors first, then each frame against the anchors' bundle.
+
+Every non-anchor frame is rendered on its own (one UNet batch of [vanilla | consistent] x
+guidance), so a frame's pixels depend only on (model, config, anchors, its prompt and seed),
+never on which other frames are rendered with it. Frames rendered in the same run as the anchors
+read the same half-precision bundle that an export/import round trip gives, so both are equal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..core.anchors import AnchorBundle
+from ..core.config import StorySyncConfig
+from ..core.state import ROLE_ANCHORS, ROLE_FRAMES, StorySyncState
+from ..models.unet import UNetAdapter
+
+METHODS = ("storysync", "vanilla")
+
+
+@dataclass(frozen=True)
+class FrameJob:
+    """What one frame needs: its id, prompt, seed and the token positions of each subject."""
+
+    frame_id: str
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    token_positions: list[list[int]]
+
+
+@dataclass
+class RenderedFrame:
+    """One finished frame: the image and its subject mask at image size (or None)."""
+
+    job: FrameJob
+    image: Image.Image
+    mask: np.ndarray | None
+    seconds: float
+    is_anchor: bool
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """Sampling settings shared by every frame of a job."""
+
+    model: str
+    steps: int
+    height: int
+    width: int
+    guidance_scale: float
+
+
+class BundleMismatchError(ValueError):
+    """An imported anchor bundle was made with other settings than this job."""
+
+
+class StoryRenderer:
+    """Renders anchors and frames of one story with one pipeline on one device."""
+
+    def __init__(self, adapter: UNetAdapter, config: StorySyncConfig, settings: RenderSettings) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.settings = settings
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        factor = int(self.adapter.pipe.vae_scale_factor)
+        return self.settings.height // factor, self.settings.width // factor
+
+    @property
+    def guidance(self) -> bool:
+        return self.settings.guidance_scale > 1.0
+
+    def bundle_meta(self, anchors: list[FrameJob]) -> dict:
+        s = self.settings
+        return {
+            "model": s.model,
+            "steps": s.steps,
+            "height": s.height,
+            "width": s.width,
+            "guidance_scale": s.guidance_scale,
+            "config": self.config.to_dict(),
+            "num_anchors": len(anchors),
+            "anchor_ids": [a.frame_id for a in anchors],
+            "anchor_prompts": [a.prompt for a in anchors],
+            "anchor_seeds": [a.seed for a in anchors],
+        }
+
+    def check_bundle(self, bundle: AnchorBundle) -> None:
+        """Refuse a bundle made with another model, size, step count, guidance or config."""
+        meta = bundle.meta
+        expected = self.bundle_meta([])
+        for key in ("model", "steps", "height", "width", "guidance_scale", "config"):
+            if meta.get(key) != expected[key]:
+                raise BundleMismatchError(
+                    f"anchor bundle was made with {key}={meta.get(key)!r}, this job uses {expected[key]!r}"
+                )
+
+    def _state(self, role: str, jobs: list[FrameJob], bundle: AnchorBundle | None) -> StorySyncState:
+        pipe = self.adapter.pipe
+        return StorySyncState(
+            self.config,
+            role=role,
+            seeds=[j.seed for j in jobs],
+            token_positions=[j.token_positions for j in jobs],
+            latent_hw=self.latent_hw,
+            num_steps=self.settings.steps,
+            guidance=self.guidance,
+            text_len=int(pipe.tokenizer.model_max_length),
+            bundle=bundle,
+            device=pipe._execution_device,
+        )
+
+    def _run(
+        self, state: StorySyncState, jobs: list[FrameJob], on_step: Callable[[int], None] | None
+    ) -> tuple[list[Image.Image], torch.Tensor | None]:
+        s = self.settings
+        self.adapter.install(state)
+        try:
+            result = self.adapter.generate(
+                state,
+                [j.prompt for j in jobs],
+                [j.negative_prompt for j in jobs],
+                [j.seed for j in jobs],
+                num_steps=s.steps,
+                height=s.height,
+                width=s.width,
+                guidance_scale=s.guidance_scale,
+                on_step=on_step,
+            )
+        finally:
+            self.adapter.uninstall()
+        return result.images, result.masks
+
+    def render_anchors(
+        self, anchors: list[FrameJob], on_step: Callable[[int], None] | None = None
+    ) -> tuple[list[RenderedFrame], AnchorBundle]:
+        """Render the anchor frames together (they share among themselves) and record the bundle."""
+        start = time.perf_counter()
+        state = self._state(ROLE_ANCHORS, anchors, None)
+        images, masks = self._run(state, anchors, on_step)
+        bundle = AnchorBundle(meta=self.bundle_meta(anchors), steps=state.published)
+        seconds = (time.perf_counter() - start) / max(1, len(anchors))
+        frames = [
+            RenderedFrame(job, img, self._mask_image(masks, i), seconds, is_anchor=True)
+            for i, (job, img) in enumerate(zip(anchors, images))
+        ]
+        return frames, bundle
+
+    def render_frame(
+        self, job: FrameJob, bundle: AnchorBundle | None, on_step: Callable[[int], None] | None = None
+    ) -> RenderedFrame:
+        """Render one non-anchor frame against the anchors' bundle (None for vanilla)."""
+        if bundle is not None:
+            self.check_bundle(bundle)
+        start = time.perf_counter()
+        state = self._state(ROLE_FRAMES, [job], bundle)
+        images, masks = self._run(state, [job], on_step)
+        return RenderedFrame(job, images[0], self._mask_image(masks, 0), time.perf_counter() - start, False)
+
+    def _mask_image(self, masks: torch.Tensor | None, i: int) -> np.ndarray | None:
+        """Upsample image i's mask (nearest) to the image size."""
+        if masks is None:
+            return None
+        s = self.settings
+        mask = masks[i].float()[None, None]
+        mask = torch.nn.functional.interpolate(mask, size=(s.height, s.width), mode="nearest")
+        return mask[0, 0].bool().cpu().numpy()

@@ -1,0 +1,409 @@
+"""StorySync on diffusers UNet pipelines (SDXL, SD 1.x/2.x).
+
+Two attention processors are installed with ``unet.set_attn_processor``; no UNet class is copied:
+  - :class:`StorySyncSelfAttnProcessor` on every self-attention (``attn1``): BLI (Eq. 12) on all of
+    them, masked cross-image sharing (Eq. 5-8, 13) and RFH (Eq. 9-11) on the shared layers;
+  - :class:`SubjectMapProcessor` on the cross-attentions (``attn2``) of the mask layers: the stock
+    output plus the subject-token attention maps (Eq. 2).
+A layer with nothing to do at a step runs diffusers' own ``AttnProcessor2_0``, so with every
+mechanism off the pipeline is bit-for-bit stock.
+
+The denoising loop below follows ``StableDiffusionXLPipeline.__call__`` /
+``StableDiffusionPipeline.__call__`` step for step, with two changes: each (branch) has its own
+scheduler copy, so the vanilla branch can leave the batch after T steps with any scheduler, and
+the shared state advances after every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from PIL import Image
+
+from ..core.config import StorySyncConfig
+from ..core.dropout import KIND_RFH, KIND_SHARE, keep_mask
+from ..core.harmonize import harmonize_regions
+from ..core.layout import interpolate_layout
+from ..core.masks import subject_attention
+from ..core.sharing import cross_image_tokens, pad_token_sets, shared_attention
+from ..core.state import CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
+
+SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H*d) -> (B, H, N, d)."""
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, d) -> (B, N, H*d)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+class StorySyncSelfAttnProcessor:
+    """Self-attention with BLI, and with sharing + RFH when ``shares``."""
+
+    def __init__(self, name: str, state: StorySyncState, shares: bool) -> None:
+        self.name = name
+        self.state = state
+        self.shares = shares
+        self.layer = layer_id(name)
+        self.stock = AttnProcessor2_0()
+
+    def _active(self) -> bool:
+        st, cfg = self.state, self.state.config
+        if st.has_vanilla:
+            return True
+        return self.shares and st.sharing_ready and (cfg.share_attention or cfg.harmonize)
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        plain = (
+            encoder_hidden_states is None
+            and attention_mask is None
+            and attn.spatial_norm is None
+            and attn.group_norm is None
+            and hidden_states.ndim == 3
+        )
+        if not plain or not self._active():
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        st, cfg = self.state, self.state.config
+        if hidden_states.shape[0] != st.batch_size:
+            raise RuntimeError(f"{self.name}: batch {hidden_states.shape[0]} != planned {st.batch_size}")
+
+        num_tokens = hidden_states.shape[1]
+        heads = attn.heads
+        query = _split_heads(attn.to_q(hidden_states), heads)
+        key = _split_heads(attn.to_k(hidden_states), heads)
+        value = _split_heads(attn.to_v(hidden_states), heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        sharing = self.shares and st.sharing_ready and (cfg.share_attention or cfg.harmonize)
+        masks = st.masks(num_tokens) if sharing else None
+        shared_rows = [st.rows(g, CONSISTENT) for g in st.shared_guidance] if sharing else []
+
+        out = F.scaled_dot_product_attention(query, key, value)  # stock attention for every row
+        if sharing and cfg.share_attention:
+            for branch, rows in enumerate(shared_rows):
+                k_sh, v_sh, valid = self._shared_tokens(attn, hidden_states, key, value, rows, branch, masks)
+                out[rows] = shared_attention(query[rows], key[rows], value[rows], k_sh, v_sh, valid)
+        features = _merge_heads(out).to(query.dtype)  # R, the RFH features
+
+        if sharing and st.role == ROLE_ANCHORS and st.step < st.num_steps:
+            st.record_anchor_layer(
+                self.name,
+                num_tokens,
+                torch.stack([hidden_states[rows] for rows in shared_rows]),
+                torch.stack([features[rows] for rows in shared_rows]),
+                masks,
+            )
+        if sharing and cfg.harmonize:
+            features = self._harmonize(features, shared_rows, masks)
+
+        out = attn.to_out[1](attn.to_out[0](features))
+        if st.has_vanilla and cfg.layout_interpolation:
+            for g in st.guidance_branches:
+                c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
+                out[c] = interpolate_layout(out[c], out[v], cfg.bli_lambda)  # Eq. 12
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    def _shared_tokens(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        rows: slice,
+        branch: int,
+        masks: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Keys/values each consistent image shares with (padded), Eq. 5-8 and 13."""
+        st, cfg = self.state, self.state.config
+        heads = attn.heads
+        sets_k: list[torch.Tensor] = []
+        sets_v: list[torch.Tensor] = []
+        if st.role == ROLE_ANCHORS:
+            if st.num_images < 2:
+                return None, None, None
+            k_img, v_img = _merge_heads(key[rows]), _merge_heads(value[rows])  # (A, N, C)
+            for i, seed in enumerate(st.seeds):
+                keep = keep_mask(masks.shape, cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
+                keep = keep.to(masks.device)
+                sets_k.append(cross_image_tokens(k_img, masks, i, keep))
+                sets_v.append(cross_image_tokens(v_img, masks, i, keep))
+        else:
+            anchor = st.anchor_layer(self.name)
+            if anchor is None or anchor.index.numel() == 0:
+                return None, None, None
+            shared_hidden = anchor.hidden[branch].to(hidden_states.dtype)
+            k_all = attn.to_k(shared_hidden[None])
+            v_all = attn.to_v(shared_hidden[None])
+            if attn.norm_k is not None:
+                k_all = _merge_heads(attn.norm_k(_split_heads(k_all, heads)))
+            for seed in st.seeds:
+                keep = keep_mask(anchor.index.shape[0], cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
+                keep = keep.to(k_all.device)
+                sets_k.append(k_all[0][keep])
+                sets_v.append(v_all[0][keep])
+        k_pad, valid = pad_token_sets(sets_k)
+        v_pad, _ = pad_token_sets(sets_v)
+        return _split_heads(k_pad, heads), _split_heads(v_pad, heads), valid
+
+    def _harmonize(self, features: torch.Tensor, shared_rows: list[slice], masks: torch.Tensor) -> torch.Tensor:
+        """Eq. 9-11 for every consistent image in the shared guidance branches."""
+        st, cfg = self.state, self.state.config
+        harmonized = features.clone()
+        for branch, rows in enumerate(shared_rows):
+            image_features = features[rows]
+            if st.role == ROLE_ANCHORS:
+                refs_all = [image_features[j][masks[j]] for j in range(st.num_images)]
+            else:
+                anchor = st.anchor_layer(self.name)
+                if anchor is None:
+                    continue
+                refs_all = [
+                    f.to(features.dtype) for f in anchor.per_anchor_features(branch, st.bundle.num_anchors)
+                ]
+            for i, seed in enumerate(st.seeds):
+                refs = [r for j, r in enumerate(refs_all) if st.role != ROLE_ANCHORS or j != i]
+                keep = keep_mask(masks.shape[1], cfg.rfh_dropout, seed, st.step, self.layer, KIND_RFH)
+                harmonized[rows.start + i] = harmonize_regions(
+                    image_features[i], masks[i], refs, cfg.rfh_gamma, cfg.rfh_tau, keep.to(masks.device)
+                )
+        return harmonized
+
+
+class SubjectMapProcessor:
+    """Cross-attention: stock output, plus the subject maps of Eq. 2 (conditional branch)."""
+
+    def __init__(self, name: str, state: StorySyncState) -> None:
+        self.name = name
+        self.state = state
+        self.stock = AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        out = self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        st = self.state
+        if encoder_hidden_states is not None and hidden_states.ndim == 3 and st.wants_maps(hidden_states.shape[1]):
+            rows = st.rows("cond", CONSISTENT)
+            text = encoder_hidden_states[rows]
+            if attn.norm_cross:
+                text = attn.norm_encoder_hidden_states(text)
+            query = _split_heads(attn.to_q(hidden_states[rows]), attn.heads)
+            key = _split_heads(attn.to_k(text), attn.heads)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            st.record_map(hidden_states.shape[1], subject_attention(query, key, st.token_weights))
+        return out
+
+
+@dataclass
+class RenderResult:
+    """Images and final subject masks (F, h, w boolean or None) of one render."""
+
+    images: list[Image.Image]
+    masks: torch.Tensor | None
+
+
+class UNetAdapter:
+    """Runs StorySync renders on a diffusers UNet pipeline (SDXL or SD 1.x/2.x)."""
+
+    family = "unet"
+
+    def __init__(self, pipe: DiffusionPipeline) -> None:
+        if not isinstance(pipe, SUPPORTED_PIPELINES):
+            raise TypeError(f"{type(pipe).__name__} is not a supported UNet pipeline")
+        self.pipe = pipe
+        self.is_xl = isinstance(pipe, StableDiffusionXLPipeline)
+        self._stock_processors = dict(pipe.unet.attn_processors)
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+        return self.pipe.tokenizer
+
+    @property
+    def size_factor(self) -> int:
+        """Height and width must be multiples of this (VAE factor x UNet downsamplings)."""
+        down = sum(1 for block in self.pipe.unet.down_blocks if getattr(block, "downsamplers", None))
+        return int(self.pipe.vae_scale_factor) * (2**down)
+
+    def install(self, state: StorySyncState) -> None:
+        """Install StorySync processors for one render."""
+        cfg = state.config
+        processors = {}
+        for name in self._stock_processors:
+            if name.endswith("attn1.processor") and (cfg.any_mechanism):
+                shares = name.startswith(cfg.share_layers)
+                processors[name] = StorySyncSelfAttnProcessor(name, state, shares)
+            elif name.endswith("attn2.processor") and cfg.needs_masks and name.startswith(cfg.mask_layers):
+                processors[name] = SubjectMapProcessor(name, state)
+            else:
+                processors[name] = AttnProcessor2_0()
+        self.pipe.unet.set_attn_processor(processors)
+
+    def uninstall(self) -> None:
+        self.pipe.unet.set_attn_processor(dict(self._stock_processors))
+
+    # ---- the denoising loop -------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        state: StorySyncState,
+        prompts: list[str],
+        negative_prompts: list[str],
+        seeds: list[int],
+        *,
+        num_steps: int,
+        height: int,
+        width: int,
+        guidance_scale: float,
+        on_step: object = None,
+    ) -> RenderResult:
+        """Render ``prompts`` (one image each) with the StorySync state installed.
+
+        Mirrors the stock pipeline's ``__call__``; ``on_step(i)`` is called after each step.
+        """
+        pipe = self.pipe
+        device = pipe._execution_device
+        cfg_on = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+        if cfg_on != state.guidance:
+            raise ValueError("state.guidance does not match guidance_scale")
+        pipe._guidance_scale = guidance_scale
+        pipe._guidance_rescale = 0.0
+        pipe._clip_skip = None
+        pipe._cross_attention_kwargs = None
+        pipe._interrupt = False
+        num = len(prompts)
+
+        if self.is_xl:
+            prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg_on, negative_prompt=negative_prompts,
+            )
+        else:
+            prompt_embeds, negative_embeds = pipe.encode_prompt(
+                prompts, device, 1, cfg_on, negative_prompts
+            )
+            pooled = negative_pooled = None
+
+        pipe.scheduler.set_timesteps(num_steps, device=device)
+        timesteps = pipe.scheduler.timesteps
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        latents = pipe.prepare_latents(
+            num, pipe.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generators
+        )
+        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
+
+        add_time_ids = None
+        if self.is_xl:
+            projection_dim = (
+                int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+            )
+            add_time_ids = pipe._get_add_time_ids(
+                (height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
+                text_encoder_projection_dim=projection_dim,
+            ).to(device)
+
+        # One scheduler per branch: multistep schedulers keep per-sample history, and the
+        # vanilla branch leaves the batch after T steps.
+        if hasattr(pipe.scheduler, "set_begin_index"):
+            pipe.scheduler.set_begin_index(0)
+        schedulers = {CONSISTENT: copy.deepcopy(pipe.scheduler)}
+        branch_latents = {CONSISTENT: latents}
+        if state.bli_steps > 0:
+            schedulers[VANILLA] = copy.deepcopy(pipe.scheduler)
+            branch_latents[VANILLA] = latents.clone()
+        accepts = set(inspect.signature(pipe.scheduler.step).parameters)
+        step_kwargs = {k: v for k, v in extra_step_kwargs.items() if k in accepts}
+
+        for i, t in enumerate(timesteps):
+            branches = state.branches
+            model_in = torch.cat(
+                [schedulers[b].scale_model_input(branch_latents[b], t) for b in branches]
+            )
+            reps = len(branches)
+            text = torch.cat([prompt_embeds] * reps)
+            if cfg_on:
+                text = torch.cat([torch.cat([negative_embeds] * reps), text])
+                model_in = torch.cat([model_in, model_in])
+            added = None
+            if self.is_xl:
+                pooled_rows = torch.cat([pooled] * reps)
+                if cfg_on:
+                    pooled_rows = torch.cat([torch.cat([negative_pooled] * reps), pooled_rows])
+                added = {
+                    "text_embeds": pooled_rows,
+                    "time_ids": add_time_ids.repeat(model_in.shape[0], 1),
+                }
+            noise = pipe.unet(
+                model_in, t, encoder_hidden_states=text, timestep_cond=None,
+                cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False,
+            )[0]
+            if cfg_on:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance_scale * (cond - uncond)
+            for b, chunk in zip(branches, noise.chunk(reps)):
+                branch_latents[b] = schedulers[b].step(chunk, t, branch_latents[b], **step_kwargs, return_dict=False)[0]
+            state.end_step()
+            if VANILLA in branch_latents and not state.has_vanilla:
+                del branch_latents[VANILLA], schedulers[VANILLA]
+            if on_step is not None:
+                on_step(i)
+
+        images = self._decode(branch_latents[CONSISTENT], generators)
+        return RenderResult(images=images, masks=state.final_masks())
+
+    def _decode(self, latents: torch.Tensor, generators: list[torch.Generator]) -> list[Image.Image]:
+        pipe = self.pipe
+        if self.is_xl:
+            needs_upcasting = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
+            if needs_upcasting:
+                pipe.upcast_vae()
+                latents = latents.to(next(iter(pipe.vae.post_quant_conv.parameters())).dtype)
+            mean = getattr(pipe.vae.config, "latents_mean", None)
+            std = getattr(pipe.vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean_t = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                std_t = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                latents = latents * std_t / pipe.vae.config.scaling_factor + mean_t
+            else:
+                latents = latents / pipe.vae.config.scaling_factor
+            image = pipe.vae.decode(latents, return_dict=False)[0]
+            if needs_upcasting:
+                pipe.vae.to(dtype=torch.float16)
+            if pipe.watermark is not None:
+                image = pipe.watermark.apply_watermark(image)
+            return pipe.image_processor.postprocess(image, output_type="pil")
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generators)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])

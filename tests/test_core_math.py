@@ -1,0 +1,337 @@
+"""Each equation of the paper against a plain reference written here (loops, dense softmax with a
+log-mask) on random tensors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+from skimage.filters import threshold_otsu
+
+from storysync_dist.core.anchors import AnchorBundle, AnchorStep, SharedLayerState
+from storysync_dist.core.config import StorySyncConfig
+from storysync_dist.core.dropout import keep_mask
+from storysync_dist.core.harmonize import harmonize_regions
+from storysync_dist.core.layout import interpolate_layout
+from storysync_dist.core.masks import (
+    aggregate_subject_maps,
+    subject_attention,
+    subject_mask,
+    subject_token_weights,
+    token_grid,
+)
+from storysync_dist.core.otsu import otsu_threshold
+from storysync_dist.core.sharing import cross_image_tokens, pad_token_sets, propagation_mask, shared_attention
+from storysync_dist.core.state import CONSISTENT, ROLE_ANCHORS, ROLE_FRAMES, VANILLA, StorySyncState
+from storysync_dist.models.unet import StorySyncSelfAttnProcessor
+
+torch.set_grad_enabled(False)
+
+
+def dense_masked_attention(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, gamma: torch.Tensor):
+    """Eq. 7-8 literally: softmax(q K_all^T / sqrt(d) + log Gamma) V_all for one image and head."""
+    scores = q @ k_all.T / math.sqrt(q.shape[-1]) + torch.log(gamma.double())
+    return torch.softmax(scores, dim=-1) @ v_all
+
+
+# ---- Otsu ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["uniform", "normal", "bimodal", "skewed"])
+def test_otsu_matches_skimage(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(6):
+        if kind == "uniform":
+            x = rng.random(1000)
+        elif kind == "normal":
+            x = rng.normal(size=4096)
+        elif kind == "bimodal":
+            x = np.concatenate([rng.normal(0.2, 0.05, 700), rng.normal(0.8, 0.1, 300)])
+        else:
+            x = rng.exponential(size=1024) ** 2
+        rows.append(x[: 1000])
+    data = np.stack(rows)
+    ours = otsu_threshold(torch.from_numpy(data)).numpy()
+    for row, thr in zip(data, ours):
+        expected = threshold_otsu(row)
+        width = (row.max() - row.min()) / 256
+        assert abs(thr - expected) <= 1e-9 * max(1.0, abs(expected)) or abs(thr - expected) <= width
+        # The resulting foreground sets agree almost everywhere.
+        assert np.mean((row > thr) == (row > expected)) > 0.995
+
+
+def test_otsu_bimodal_separates_modes_and_constant_rows() -> None:
+    gen = torch.Generator().manual_seed(1)
+    low = torch.rand(500, generator=gen) * 0.1
+    high = 0.9 + torch.rand(200, generator=gen) * 0.1
+    thr = otsu_threshold(torch.cat([low, high]))
+    assert 0.1 <= thr <= 0.9
+    assert otsu_threshold(torch.full((3, 10), 0.5)).tolist() == [0.5, 0.5, 0.5]
+
+
+# ---- subject masks, Eq. 2-4 -------------------------------------------------------------------
+def test_subject_attention_and_aggregation_match_loops() -> None:
+    gen = torch.Generator().manual_seed(2)
+    b, h, n, length, d = 2, 3, 16, 7, 8
+    positions = [[[1], [3, 4]], [[2], [5]]]  # per image, per subject
+    layers = []
+    for _ in range(3):
+        q = torch.randn(b, h, n, d, generator=gen)
+        k = torch.randn(b, h, length, d, generator=gen)
+        layers.append((q, k))
+    weights = subject_token_weights(positions, length)
+    maps = [subject_attention(q, k, weights) for q, k in layers]
+    ours = aggregate_subject_maps(maps)
+
+    expected = torch.zeros(b, n)
+    for img in range(b):
+        for subject_positions in positions[img]:
+            per_layer = []
+            for q, k in layers:
+                acc = torch.zeros(n)
+                for head in range(h):
+                    for patch in range(n):
+                        scores = torch.tensor([q[img, head, patch] @ k[img, head, t] / math.sqrt(d) for t in range(length)])
+                        probs = torch.exp(scores - scores.max())
+                        probs = probs / probs.sum()
+                        acc[patch] += sum(probs[p] for p in subject_positions) / len(subject_positions)
+                per_layer.append(acc / h)  # Eq. 2, averaged over heads
+            expected[img] += sum(per_layer) / len(per_layer)  # Eq. 3 then Eq. 4
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_subject_mask_resizes_then_thresholds_per_image() -> None:
+    gen = torch.Generator().manual_seed(3)
+    agg = torch.rand(2, 4 * 4, generator=gen)
+    agg[0, :5] += 3.0
+    same = subject_mask(agg, (4, 4), (4, 4))
+    for img in range(2):
+        row = agg[img].numpy().astype(np.float64)
+        assert torch.equal(same[img], torch.from_numpy(row > threshold_otsu(row)))
+    up = subject_mask(agg, (4, 4), (8, 8))
+    assert up.shape == (2, 64) and up.dtype == torch.bool
+    assert token_grid(128, (16, 32)) == (8, 16)
+    assert token_grid(32, (16, 32)) == (4, 8)
+    with pytest.raises(ValueError):
+        token_grid(64, (16, 32))
+
+
+# ---- sharing, Eq. 5-8 and 13 ----------------------------------------------------------------
+def test_propagation_mask_eq5() -> None:
+    masks = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    gamma = propagation_mask(masks, 1)
+    assert gamma.tolist() == [True, False, False, True, True, True, True, True, False]
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_shared_attention_matches_dense_log_mask(with_dropout: bool) -> None:
+    gen = torch.Generator().manual_seed(4)
+    a, h, n, d = 3, 2, 12, 8
+    q = torch.randn(a, h, n, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(a, h, n, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(a, h, n, d, generator=gen, dtype=torch.float64)
+    masks = torch.rand(a, n, generator=gen) > 0.5
+    keeps = [keep_mask((a, n), 0.4 if with_dropout else 0.0, 7, i) for i in range(a)]
+
+    def merged(x):
+        return x.transpose(1, 2).reshape(a, n, h * d)
+
+    sets_k = [cross_image_tokens(merged(k), masks, i, keeps[i]) for i in range(a)]
+    sets_v = [cross_image_tokens(merged(v), masks, i, keeps[i]) for i in range(a)]
+    k_pad, valid = pad_token_sets(sets_k)
+    v_pad, _ = pad_token_sets(sets_v)
+    k_sh = k_pad.view(a, -1, h, d).transpose(1, 2)
+    v_sh = v_pad.view(a, -1, h, d).transpose(1, 2)
+    ours = shared_attention(q, k, v, k_sh, v_sh, valid)
+
+    for i in range(a):
+        gamma = propagation_mask(masks & keeps[i], i)  # own tokens always admitted
+        for head in range(h):
+            k_all = k[:, head].reshape(a * n, d)
+            v_all = v[:, head].reshape(a * n, d)
+            expected = dense_masked_attention(q[i, head], k_all, v_all, gamma)
+            torch.testing.assert_close(ours[i, head], expected)
+
+
+def test_anchor_form_eq13_frames_attend_to_anchor_subject_tokens_only() -> None:
+    gen = torch.Generator().manual_seed(5)
+    h, n, d = 2, 10, 4
+    anchors_k = torch.randn(2, h, n, d, generator=gen, dtype=torch.float64)
+    anchors_v = torch.randn(2, h, n, d, generator=gen, dtype=torch.float64)
+    anchor_masks = torch.rand(2, n, generator=gen) > 0.4
+    q = torch.randn(1, h, n, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, h, n, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, h, n, d, generator=gen, dtype=torch.float64)
+    # K_sub, V_sub of Eq. 13: the anchors' subject tokens.
+    k_sub = torch.cat([anchors_k[j][:, anchor_masks[j]] for j in range(2)], dim=1)[None]
+    v_sub = torch.cat([anchors_v[j][:, anchor_masks[j]] for j in range(2)], dim=1)[None]
+    ours = shared_attention(q, k, v, k_sub, v_sub, None)
+    for head in range(h):
+        k_all = torch.cat([k[0, head], anchors_k[0, head], anchors_k[1, head]])
+        v_all = torch.cat([v[0, head], anchors_v[0, head], anchors_v[1, head]])
+        gamma = torch.cat([torch.ones(n, dtype=torch.bool), anchor_masks[0], anchor_masks[1]])
+        torch.testing.assert_close(ours[0, head], dense_masked_attention(q[0, head], k_all, v_all, gamma))
+
+
+# ---- RFH, Eq. 9-11 ---------------------------------------------------------------------------
+def reference_rfh(features, mask, refs, gamma, tau, keep):
+    out = features.clone()
+    active = [r for r in range(features.shape[0]) if mask[r] and keep[r]]
+    per_ref = []
+    for ref in refs:
+        matches, scores = [], []
+        for r in active:
+            sims = []
+            for w in range(ref.shape[0]):
+                a, b = features[r], ref[w]
+                sims.append(float(a @ b / (a.norm() * b.norm())))  # normalized inner product
+            exps = [math.exp(s / tau) for s in sims]
+            probs = [e / sum(exps) for e in exps]  # Eq. 9
+            best = max(range(len(probs)), key=lambda w: probs[w])  # Eq. 10
+            matches.append(best)
+            scores.append(probs[best])
+        scores_np = np.array(scores)
+        thr = threshold_otsu(scores_np) if scores_np.max() > scores_np.min() else -np.inf
+        per_ref.append((matches, scores_np > thr))
+    for idx, r in enumerate(active):
+        deltas = [ref[m[idx]] - features[r] for ref, (m, passed) in zip(refs, per_ref) if passed[idx]]
+        if deltas:
+            out[r] = features[r] + gamma * 1.0 * (sum(deltas) / len(deltas))  # Eq. 11, M_i(r) = 1
+    return out
+
+
+def test_harmonize_regions_matches_loop_reference() -> None:
+    gen = torch.Generator().manual_seed(6)
+    n, c = 40, 6
+    features = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    mask = torch.rand(n, generator=gen) > 0.3
+    keep = keep_mask(n, 0.2, 11, 3)
+    refs = [torch.randn(m, c, generator=gen, dtype=torch.float64) for m in (15, 22)]
+    ours = harmonize_regions(features, mask, refs, gamma=0.3, tau=0.1, keep=keep)
+    expected = reference_rfh(features, mask, refs, 0.3, 0.1, keep)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    # Background patches (outside M_i) are never touched.
+    assert torch.equal(ours[~mask], features[~mask])
+    assert not torch.equal(ours[mask & keep], features[mask & keep])
+
+
+# ---- BLI, Eq. 12 -----------------------------------------------------------------------------
+def test_interpolate_layout_eq12() -> None:
+    gen = torch.Generator().manual_seed(7)
+    xc, xv = torch.randn(2, 5, 3, generator=gen), torch.randn(2, 5, 3, generator=gen)
+    torch.testing.assert_close(interpolate_layout(xc, xv, 0.7), 0.3 * xc + 0.7 * xv)
+
+
+# ---- the processor on a real diffusers Attention ---------------------------------------------
+def make_attention(dim: int = 16, heads: int = 2) -> Attention:
+    torch.manual_seed(8)
+    return Attention(query_dim=dim, heads=heads, dim_head=dim // heads).eval()
+
+
+def reference_self_attention(attn: Attention, x: torch.Tensor, extra: torch.Tensor | None, gamma: torch.Tensor | None):
+    """Stock self-attention of one image over its own tokens plus ``extra`` tokens, log-masked."""
+    heads, d = attn.heads, attn.inner_dim // attn.heads
+    tokens = x if extra is None else torch.cat([x, extra])
+    q, k, v = attn.to_q(x), attn.to_k(tokens), attn.to_v(tokens)
+    outs = []
+    for head in range(heads):
+        sl = slice(head * d, (head + 1) * d)
+        g = torch.ones(tokens.shape[0], dtype=torch.bool) if gamma is None else gamma
+        outs.append(dense_masked_attention(q[:, sl].double(), k[:, sl].double(), v[:, sl].double(), g).float())
+    return torch.cat(outs, dim=-1)
+
+
+def test_processor_anchor_sharing_matches_reference() -> None:
+    attn = make_attention()
+    n, dim = 16, 16
+    config = StorySyncConfig(harmonize=False, layout_interpolation=False, share_dropout=0.0, mask_dropout=0.0)
+    state = StorySyncState(
+        config, role=ROLE_ANCHORS, seeds=[1, 2], token_positions=[[[1]], [[1]]],
+        latent_hw=(4, 4), num_steps=4, guidance=False,
+    )
+    gen = torch.Generator().manual_seed(9)
+    state.set_subject_map(torch.rand(2, n, generator=gen), (4, 4))
+    state.step = 1
+    masks = state.masks(n)
+    x = torch.randn(2, n, dim, generator=gen)
+    proc = StorySyncSelfAttnProcessor("up_blocks.0.attn1.processor", state, shares=True)
+    out = proc(attn, x)
+    for i in range(2):
+        j = 1 - i
+        extra = x[j][masks[j]]
+        gamma = torch.cat([torch.ones(n, dtype=torch.bool), torch.ones(extra.shape[0], dtype=torch.bool)])
+        expected = attn.to_out[0](reference_self_attention(attn, x[i], extra, gamma))
+        torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-5)
+    # The anchors published their subject tokens for this step.
+    layer = state.published[1].layers["up_blocks.0.attn1.processor"]
+    assert layer.index.shape[0] == int(masks.sum())
+    torch.testing.assert_close(layer.hidden[0].float(), x.reshape(-1, dim)[layer.index], rtol=1e-3, atol=1e-3)
+
+
+def test_processor_frame_with_bli_matches_reference() -> None:
+    attn = make_attention()
+    n, dim = 16, 16
+    config = StorySyncConfig(harmonize=False, share_dropout=0.0, mask_dropout=0.0, bli_fraction=1.0)
+    gen = torch.Generator().manual_seed(10)
+    anchor_hidden = torch.randn(2, n, dim, generator=gen).half()
+    anchor_mask = torch.rand(2, n, generator=gen) > 0.5
+    index = anchor_mask.reshape(-1).nonzero(as_tuple=True)[0]
+    layer = SharedLayerState(
+        index=index, hidden=anchor_hidden.reshape(1, -1, dim)[:, index],
+        features=torch.zeros(1, index.numel(), dim).half(), num_tokens=n,
+    )
+    bundle = AnchorBundle(meta={"num_anchors": 2}, steps={1: AnchorStep(1, {"up.attn1.processor": layer})})
+    state = StorySyncState(
+        config.replace(share_layers=("up",)), role=ROLE_FRAMES, seeds=[5], token_positions=[[[1]]],
+        latent_hw=(4, 4), num_steps=4, guidance=False, bundle=bundle,
+    )
+    state.set_subject_map(torch.rand(1, n, generator=gen), (4, 4))
+    state.step = 1
+    assert state.branches == (VANILLA, CONSISTENT)
+    x = torch.randn(2, n, dim, generator=gen)  # rows: [vanilla, consistent]
+    proc = StorySyncSelfAttnProcessor("up.attn1.processor", state, shares=True)
+    out = proc(attn, x)
+    vanilla = attn.to_out[0](reference_self_attention(attn, x[0], None, None))
+    extra = anchor_hidden.reshape(-1, dim)[index].float()
+    consistent = attn.to_out[0](reference_self_attention(attn, x[1], extra, None))
+    torch.testing.assert_close(out[0], vanilla, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[1], 0.3 * consistent + 0.7 * vanilla, rtol=1e-4, atol=1e-5)
+
+
+# ---- dropouts and the bundle -----------------------------------------------------------------
+def test_keep_mask_is_seeded_and_has_the_rate() -> None:
+    a = keep_mask(20000, 0.3, 1, 2, 3)
+    assert torch.equal(a, keep_mask(20000, 0.3, 1, 2, 3))
+    assert not torch.equal(a, keep_mask(20000, 0.3, 1, 2, 4))
+    assert abs(1 - a.float().mean().item() - 0.3) < 0.02
+    assert keep_mask(5, 0.0, 1).all()
+
+
+def test_bundle_round_trip_is_exact_and_rejects_other_files() -> None:
+    gen = torch.Generator().manual_seed(12)
+    layer = SharedLayerState(
+        index=torch.tensor([0, 3, 17]), hidden=torch.randn(2, 3, 8, generator=gen).half(),
+        features=torch.randn(2, 3, 4, generator=gen).half(), num_tokens=16,
+    )
+    bundle = AnchorBundle(meta={"num_anchors": 2, "model": "m"}, steps={1: AnchorStep(1, {"a.b": layer})})
+    back = AnchorBundle.from_bytes(bundle.to_bytes())
+    assert back.meta == bundle.meta
+    got = back.steps[1].layers["a.b"]
+    assert torch.equal(got.index, layer.index) and torch.equal(got.hidden, layer.hidden)
+    assert torch.equal(got.features, layer.features) and got.num_tokens == 16
+    assert got.owners().tolist() == [0, 0, 1]
+    with pytest.raises(ValueError):
+        AnchorBundle.from_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{}   ")
+
+
+def test_config_defaults_are_the_papers_and_round_trip() -> None:
+    config = StorySyncConfig()
+    assert config.rfh_gamma == 0.3 and config.bli_lambda == 0.7
+    assert StorySyncConfig.from_dict(config.to_dict()) == config
+    assert config.bli_steps(50) == 15
+    with pytest.raises(ValueError):
+        StorySyncConfig(rfh_gamma=1.5)
+    with pytest.raises(ValueError):
+        StorySyncConfig.from_dict({"nope": 1})
