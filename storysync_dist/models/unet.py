@@ -26,7 +26,6 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from PIL import Image
 
-from ..core.config import StorySyncConfig
 from ..core.dropout import KIND_RFH, KIND_SHARE, keep_mask
 from ..core.harmonize import harmonize_regions
 from ..core.layout import interpolate_layout
@@ -249,7 +248,7 @@ class UNetAdapter:
         self._stock_processors = dict(pipe.unet.attn_processors)
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+    def tokenizer(self):
         return self.pipe.tokenizer
 
     @property

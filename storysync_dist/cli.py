@@ -1,0 +1,98 @@
+"""The ``storysync`` console script: parse arguments, call the Python API, print where things went.
+
+User errors (bad story file, unknown model, bad option) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .errors import StorySyncUserError
+
+EXIT_USER_ERROR = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="storysync", description="Consistent-subject story rendering (StorySync).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every frame")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    render = sub.add_parser("render", help="render a story into a Parquet dataset")
+    render.add_argument("story", help="story file (.yaml, .yml or .json)")
+    render.add_argument("--model", required=True,
+                        help="a preset (tiny-sdxl, tiny-sd), a local diffusers folder, or a hub id in the HF cache")
+    render.add_argument("--out", required=True, help="output folder or fsspec URL (file://, memory://, s3://, gs://)")
+    render.add_argument("--method", choices=["storysync", "vanilla"], default="storysync")
+    render.add_argument("--only", help="comma-separated frame ids to render (against the same anchors)")
+    render.add_argument("--steps", type=_positive_int, help="denoising steps (overrides the story)")
+    render.add_argument("--height", type=_positive_int, help="image height in pixels (overrides the story)")
+    render.add_argument("--width", type=_positive_int, help="image width in pixels (overrides the story)")
+    render.add_argument("--seed", type=_non_negative_int, help="base seed (overrides the story)")
+    render.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    render.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on cuda")
+    render.add_argument("--anchors", help="reuse an anchor bundle (.safetensors) saved by an earlier job")
+    render.add_argument("--save-anchors", action="store_true",
+                        help="save the anchor bundle as <out>/anchors/<story>.safetensors")
+    render.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _render(args: argparse.Namespace) -> int:
+    from .engine.job import RenderOptions, render_story
+
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    if args.only is not None and not only:
+        raise StorySyncUserError("--only: give at least one frame id")
+    options = RenderOptions(
+        model=args.model, out=args.out, method=args.method, only=only, steps=args.steps,
+        height=args.height, width=args.width, seed=args.seed, device=args.device, dtype=args.dtype,
+        anchors=args.anchors, save_anchors=args.save_anchors, progress=not args.no_progress,
+    )
+    result = render_story(args.story, options)
+    print(f"rendered {len(result.rendered)} frame(s), skipped {len(result.skipped)} already present, "
+          f"in {result.seconds:.1f}s")
+    print(f"dataset:    {result.out}")
+    print(f"storyboard: {result.storyboard}")
+    print(f"manifest:   {result.manifest}")
+    if result.anchor_bundle:
+        print(f"anchors:    {result.anchor_bundle}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        if args.command == "render":
+            return _render(args)
+    except StorySyncUserError as exc:
+        print(f"storysync: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""User-facing errors.
+
+A ``StorySyncUserError`` means the input was wrong (a bad story file, a bad option), not that the
+program is broken: the CLI prints ``str(err)`` as one line prefixed ``storysync: error: `` and exits
+with code 2, without a traceback. Messages therefore have to stand on their own: they always name
+the file, and where relevant the frame (id and 0-based index) or the option.
+"""
+
+from __future__ import annotations
+
+__all__ = ["StorySpecError", "StorySyncUserError"]
+
+
+class StorySyncUserError(Exception):
+    """A mistake in the user's input; reported as one line, exit code 2, no traceback."""
+
+
+class StorySpecError(StorySyncUserError):
+    """The story file is missing, unreadable, malformed, or does not fit the chosen model."""

@@ -1,0 +1,399 @@
+"""Offline model presets and the one entry point that turns a model name into a loaded pipeline.
+
+The presets (`tiny-sd`, `tiny-sdxl`) are the real diffusers pipeline classes with tiny configs and
+seeded random weights. They exist so that tests, CI and laptops exercise exactly the code paths a real
+checkpoint goes through (attention processors at two decoder resolutions, SDXL's text_time conditioning,
+two text encoders, `vae_scale_factor == 8`) without network access or a GPU. Each preset is built once,
+written with `save_pretrained` and always loaded back with `from_pretrained`, so the real loading path
+runs every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import diffusers
+import diffusers.utils.deprecation_utils
+import diffusers.utils.logging
+import huggingface_hub.utils
+import torch
+import transformers
+import transformers.utils.logging
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from storysync_dist.models.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
+
+__all__ = [
+    "PRESETS",
+    "PRESET_VERSION",
+    "Preset",
+    "UnknownModelError",
+    "cache_root",
+    "load_pipeline",
+    "looks_like_hub_id",
+    "preset_path",
+]
+
+# Bump when a preset changes in a way its config dicts do not capture (e.g. how weights are seeded).
+PRESET_VERSION = 1
+_MANIFEST = "storysync_preset.json"
+_BUILD_LOCK = threading.Lock()
+
+
+# Recent diffusers (0.42 here) renamed from_pretrained's `torch_dtype` to `dtype` and warns on the old
+# name; older releases (pyproject allows >= 0.30) only know `torch_dtype`.
+_DTYPE_KWARG = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+class UnknownModelError(ValueError):
+    """A model string that is neither a preset, a local pipeline folder, nor a hub id."""
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+# Four VAE levels so vae_scale_factor == 8 as in every real SD/SDXL checkpoint; channels stay tiny because
+# the decoder's last level runs at full image resolution and dominates CPU render time.
+_VAE_BASE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 16, 32, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 256,
+}
+
+# Cross-attention at two resolutions in both encoder and decoder, mirroring SD/SDXL's layout (the
+# highest-resolution level has no attention in SDXL; kept that way here because it is also the slowest).
+_UNET_BASE: dict[str, Any] = {
+    "sample_size": 32,  # latent size: pipelines default to 32 * 8 = 256 px
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 8,
+}
+
+_TEXT_BASE: dict[str, Any] = {
+    "vocab_size": CLIP_VOCAB_SIZE,
+    "max_position_embeddings": CLIP_MAX_LENGTH,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 32,
+    # Same special ids as the real CLIP configs, so pooling finds the <|endoftext|> position.
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+}
+
+# The schedulers are SD 1.5's and SDXL base's scheduler_config.json, minus keys the class does not take.
+_SD15_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+_SDXL_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+
+_SDXL_TIME_EMBED_DIM = 8
+
+
+def _sd_components() -> dict[str, dict[str, Any]]:
+    text = {**_TEXT_BASE, "hidden_act": "quick_gelu"}  # CLIP ViT-L/14, as in SD 1.x
+    return {
+        "unet": {**_UNET_BASE, "cross_attention_dim": text["hidden_size"], "attention_head_dim": 4},
+        "vae": {**_VAE_BASE, "scaling_factor": 0.18215},
+        "text_encoder": text,
+        "tokenizer": {"pad_token": "<|endoftext|>"},
+        "scheduler": dict(_SD15_SCHEDULER),
+    }
+
+
+def _sdxl_components() -> dict[str, dict[str, Any]]:
+    text = {**_TEXT_BASE, "hidden_act": "quick_gelu"}  # CLIP ViT-L/14
+    text_2 = {**_TEXT_BASE, "hidden_act": "gelu"}  # OpenCLIP bigG uses plain gelu
+    return {
+        "unet": {
+            **_UNET_BASE,
+            # SDXL concatenates both encoders' hidden states for cross-attention...
+            "cross_attention_dim": text["hidden_size"] + text_2["hidden_size"],
+            "attention_head_dim": [2, 4, 4],
+            "transformer_layers_per_block": [1, 1, 2],
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": _SDXL_TIME_EMBED_DIM,
+            # ...and conditions on 6 micro-conditioning ints plus encoder 2's pooled projection.
+            "projection_class_embeddings_input_dim": 6 * _SDXL_TIME_EMBED_DIM + text_2["projection_dim"],
+        },
+        "vae": {**_VAE_BASE, "scaling_factor": 0.13025},
+        "text_encoder": text,
+        "text_encoder_2": text_2,
+        "tokenizer": {"pad_token": "<|endoftext|>"},
+        "tokenizer_2": {"pad_token": "!"},  # real SDXL's tokenizer_2 pads with "!" (id 0)
+        "scheduler": dict(_SDXL_SCHEDULER),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+_COMPONENT_BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "unet": lambda cfg: UNet2DConditionModel(**cfg),
+    "vae": lambda cfg: AutoencoderKL(**cfg),
+    "text_encoder": lambda cfg: CLIPTextModel(CLIPTextConfig(**cfg)),
+    "text_encoder_2": lambda cfg: CLIPTextModelWithProjection(CLIPTextConfig(**cfg)),
+    "tokenizer": lambda cfg: build_clip_tokenizer(**cfg),
+    "tokenizer_2": lambda cfg: build_clip_tokenizer(**cfg),
+}
+
+
+_SEEDS = {
+    "unet": 0,
+    "vae": 1,
+    "text_encoder": 2,
+    "text_encoder_2": 3,
+    "tokenizer": 4,
+    "tokenizer_2": 5,
+    "scheduler": 6,
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A tiny, offline, deterministic stand-in for a real checkpoint of `pipeline_class`."""
+
+    name: str
+    pipeline_class: type[DiffusionPipeline]
+    scheduler_class: type
+    components: Mapping[str, Mapping[str, Any]]
+    pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def cache_key(self) -> str:
+        """Short hash of everything that determines the saved weights and configs."""
+        payload = json.dumps(self._manifest(), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def _manifest(self) -> dict[str, Any]:
+        return {
+            "preset": self.name,
+            "preset_version": PRESET_VERSION,
+            "pipeline_class": self.pipeline_class.__name__,
+            "scheduler_class": self.scheduler_class.__name__,
+            "components": self.components,
+            "pipeline_kwargs": self.pipeline_kwargs,
+            "versions": {
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+            },
+        }
+
+    def build(self) -> DiffusionPipeline:
+        """Instantiate the pipeline with seeded random weights (in memory; nothing is saved)."""
+        parts: dict[str, Any] = {}
+        # The cache key promises identical weights everywhere, so pin what a caller may have changed
+        # globally (default dtype/device), and leave the caller's RNG stream as it was.
+        caller_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+                for role, cfg in self.components.items():
+                    # A fixed seed per role makes each component's weights independent of build order
+                    # and of the other components, and keeps SDXL's two text encoders distinct.
+                    torch.manual_seed(_SEEDS[role])
+                    if role == "scheduler":
+                        parts[role] = self.scheduler_class(**cfg)
+                    else:
+                        parts[role] = _COMPONENT_BUILDERS[role](dict(cfg))
+        finally:
+            torch.set_default_dtype(caller_dtype)
+        pipe = self.pipeline_class(**parts, **self.pipeline_kwargs)
+        return pipe
+
+    def path(self) -> pathlib.Path:
+        """Folder this preset is (or will be) saved to."""
+        return cache_root() / "presets" / f"{self.name}-{self.cache_key()}"
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny-sd": Preset(
+        name="tiny-sd",
+        pipeline_class=StableDiffusionPipeline,
+        scheduler_class=PNDMScheduler,
+        components=_sd_components(),
+        pipeline_kwargs={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+    ),
+    "tiny-sdxl": Preset(
+        name="tiny-sdxl",
+        pipeline_class=StableDiffusionXLPipeline,
+        scheduler_class=EulerDiscreteScheduler,
+        components=_sdxl_components(),
+        pipeline_kwargs={"image_encoder": None, "feature_extractor": None},
+    ),
+}
+
+
+@contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    # Local loads/saves take well under a second; their per-component bars only clutter worker logs.
+    # These switches are process-global, so restore whatever the caller had.
+    # transformers' switch also flips huggingface_hub's, so that one is saved and restored too.
+    diffusers_on = diffusers.utils.logging.is_progress_bar_enabled()
+    transformers_on = transformers.utils.logging.is_progress_bar_enabled()
+    hub_off = huggingface_hub.utils.are_progress_bars_disabled()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if diffusers_on:
+            diffusers.utils.logging.enable_progress_bar()
+        if transformers_on:
+            transformers.utils.logging.enable_progress_bar()
+        if hub_off:
+            huggingface_hub.utils.disable_progress_bars()
+        else:
+            huggingface_hub.utils.enable_progress_bars()
+
+
+def cache_root() -> pathlib.Path:
+    """Root of storysync's on-disk cache: `$STORYSYNC_CACHE`, else `~/.cache/storysync`."""
+    env = os.environ.get("STORYSYNC_CACHE")
+    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "storysync"
+
+
+def _get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise _unknown(name) from None
+
+
+def _unknown(model: str) -> UnknownModelError:
+    names = ", ".join(sorted(PRESETS))
+    return UnknownModelError(
+        f"unknown model or preset {model!r}: not a local folder, not a hub id, and not one of the presets: {names}"
+    )
+
+
+def preset_path(name: str) -> pathlib.Path:
+    """Return the saved folder of preset `name`, building and saving it first if needed.
+
+    The build happens in a temporary sibling folder that is atomically renamed into place, so
+    concurrent processes (Ray workers on one node) never see a half-written preset; a process that
+    loses the race just discards its own copy.
+    """
+    preset = _get_preset(name)
+    target = preset.path()
+    if (target / "model_index.json").is_file():
+        return target
+    # Threads share torch's global RNG, so two concurrent in-process builds would interleave their
+    # seeding; processes are kept apart by the atomic rename below instead.
+    with _BUILD_LOCK:
+        if not (target / "model_index.json").is_file():
+            _build_into(preset, target)
+    return target
+
+
+def _build_into(preset: Preset, target: pathlib.Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        # mkdtemp makes the folder 0700; a shared cache must stay readable by other users.
+        tmp.chmod(0o755)
+        with _quiet_progress_bars():
+            pipe = preset.build()
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / _MANIFEST).write_text(json.dumps(preset._manifest(), indent=2, sort_keys=True, default=str))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process renamed its copy in first (the target is then a non-empty directory).
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Hub repo ids: "org/name", alphanumerics plus - _ . (not leading), at most 96 characters per part.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def looks_like_hub_id(model: str) -> bool:
+    """True for strings shaped like a Hugging Face hub repo id ("org/name")."""
+    return bool(_HUB_ID.match(model)) and ".." not in model and "--" not in model and not model.endswith(".")
+
+
+def load_pipeline(
+    model: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> DiffusionPipeline:
+    """Load a diffusers pipeline from a preset name, a local pipeline folder, or a hub id.
+
+    Resolution order: preset name, existing local directory, "org/name" hub id (through the normal HF
+    cache, never with remote code). Anything else raises `UnknownModelError`.
+    """
+    dtype_kw = {_DTYPE_KWARG: dtype}
+    if model in PRESETS:
+        preset = PRESETS[model]
+        path = preset_path(model)
+        with _quiet_progress_bars():
+            pipe = preset.pipeline_class.from_pretrained(path, use_safetensors=True, **dtype_kw)
+    elif os.path.isdir(os.path.expanduser(model)):
+        with _quiet_progress_bars():
+            pipe = DiffusionPipeline.from_pretrained(
+                os.path.expanduser(model), use_safetensors=True, **dtype_kw
+            )
+    elif looks_like_hub_id(model):
+        # Download bars stay on here: a multi-GB first download should show progress.
+        pipe = DiffusionPipeline.from_pretrained(model, **dtype_kw)
+    else:
+        raise _unknown(model)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,143 @@
+"""The engine on the real diffusers pipeline classes (offline presets): stock equivalence,
+determinism, anchors and the bundle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from storysync_dist.core.anchors import AnchorBundle
+from storysync_dist.core.config import StorySyncConfig
+from storysync_dist.engine.renderer import FrameJob, RenderSettings, StoryRenderer
+from storysync_dist.models.presets import load_pipeline
+from storysync_dist.models.unet import UNetAdapter
+
+STEPS, SIZE, GUIDANCE = 6, 128, 5.0
+
+
+@pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-sd"])
+def adapter(request: pytest.FixtureRequest) -> UNetAdapter:
+    return UNetAdapter(load_pipeline(request.param))
+
+
+@pytest.fixture(scope="module")
+def xl() -> UNetAdapter:
+    return UNetAdapter(load_pipeline("tiny-sdxl"))
+
+
+def job(adapter: UNetAdapter, index: int, scene: str, seed: int) -> FrameJob:
+    prompt = f"a photo of a ginger cat {scene}"
+    ids = adapter.tokenizer(prompt).input_ids
+    cat = adapter.tokenizer("cat", add_special_tokens=False).input_ids
+    positions = [k for k in range(len(ids)) if ids[k : k + len(cat)] == cat]
+    return FrameJob(f"f{index}", index, prompt, "blurry", seed, [positions])
+
+
+def jobs(adapter: UNetAdapter) -> list[FrameJob]:
+    scenes = ["on a beach", "in a kitchen", "in a garden", "on a roof"]
+    return [job(adapter, i, s, 100 + i) for i, s in enumerate(scenes)]
+
+
+def settings(model: str) -> RenderSettings:
+    return RenderSettings(model, STEPS, SIZE, SIZE, GUIDANCE)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def stock(adapter: UNetAdapter, frame: FrameJob):
+    return adapter.pipe(
+        prompt=[frame.prompt], negative_prompt=[frame.negative_prompt], num_inference_steps=STEPS,
+        height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
+        generator=[torch.Generator("cpu").manual_seed(frame.seed)],
+    ).images[0]
+
+
+def test_every_mechanism_off_equals_stock_diffusers(adapter: UNetAdapter) -> None:
+    frame = jobs(adapter)[2]
+    renderer = StoryRenderer(adapter, StorySyncConfig.vanilla(), settings("m"))
+    ours = renderer.render_frame(frame, None).image
+    assert ours.size == (SIZE, SIZE)
+    assert np.array_equal(pixels(ours), pixels(stock(adapter, frame)))
+    # The stock processors are back afterwards.
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in adapter.pipe.unet.attn_processors.values())
+
+
+def test_bli_with_lambda_one_follows_the_vanilla_branch(adapter: UNetAdapter) -> None:
+    # Eq. 12 with lambda = 1 for every step: the consistent branch takes the vanilla branch's
+    # self-attention output everywhere, so the image is the stock image.
+    config = StorySyncConfig(share_attention=False, harmonize=False, bli_fraction=1.0, bli_lambda=1.0)
+    frame = jobs(adapter)[1]
+    ours = StoryRenderer(adapter, config, settings("m")).render_anchors([frame])[0][0].image
+    assert np.abs(pixels(ours) - pixels(stock(adapter, frame))).max() <= 1
+
+
+def test_storysync_frames_are_deterministic_and_differ_from_vanilla(adapter: UNetAdapter) -> None:
+    story = jobs(adapter)
+    renderer = StoryRenderer(adapter, StorySyncConfig(), settings("m"))
+    anchors, bundle = renderer.render_anchors(story[:2])
+    first = renderer.render_frame(story[2], bundle)
+    again = renderer.render_frame(story[2], bundle)
+    assert np.array_equal(pixels(first.image), pixels(again.image))
+    assert first.mask is not None and first.mask.shape == (SIZE, SIZE) and first.mask.any()
+    vanilla = StoryRenderer(adapter, StorySyncConfig.vanilla(), settings("m")).render_frame(story[2], None)
+    assert np.abs(pixels(first.image) - pixels(vanilla.image)).mean() > 0.01
+    assert [a.is_anchor for a in anchors] == [True, True]
+
+
+def test_a_frame_does_not_depend_on_the_frames_rendered_with_it(xl: UNetAdapter) -> None:
+    story = jobs(xl)
+    renderer = StoryRenderer(xl, StorySyncConfig(), settings("tiny-sdxl"))
+    _, bundle = renderer.render_anchors(story[:2])
+    in_sequence = [renderer.render_frame(f, bundle).image for f in story[2:]]
+    alone = StoryRenderer(xl, StorySyncConfig(), settings("tiny-sdxl")).render_frame(story[3], bundle).image
+    assert np.array_equal(pixels(in_sequence[1]), pixels(alone))
+
+
+def test_frames_depend_on_the_anchors(xl: UNetAdapter) -> None:
+    story = jobs(xl)
+    renderer = StoryRenderer(xl, StorySyncConfig(), settings("tiny-sdxl"))
+    _, bundle_a = renderer.render_anchors(story[:2])
+    _, bundle_b = renderer.render_anchors([job(xl, 0, "in the snow", 7), job(xl, 1, "in a city", 8)])
+    with_a = renderer.render_frame(story[2], bundle_a).image
+    with_b = renderer.render_frame(story[2], bundle_b).image
+    assert not np.array_equal(pixels(with_a), pixels(with_b))
+
+
+def test_bundle_export_import_gives_identical_frames(xl: UNetAdapter, tmp_path) -> None:
+    story = jobs(xl)
+    renderer = StoryRenderer(xl, StorySyncConfig(), settings("tiny-sdxl"))
+    _, bundle = renderer.render_anchors(story[:2])
+    same_run = renderer.render_frame(story[3], bundle).image
+    path = tmp_path / "anchors.safetensors"
+    path.write_bytes(bundle.to_bytes())
+    imported = AnchorBundle.from_bytes(path.read_bytes())
+    fresh = StoryRenderer(xl, StorySyncConfig(), settings("tiny-sdxl"))
+    assert np.array_equal(pixels(fresh.render_frame(story[3], imported).image), pixels(same_run))
+
+
+def test_bundle_holds_subject_tokens_of_shared_layers_in_half_precision(xl: UNetAdapter) -> None:
+    story = jobs(xl)
+    config = StorySyncConfig()
+    renderer = StoryRenderer(xl, config, settings("tiny-sdxl"))
+    _, bundle = renderer.render_anchors(story[:2])
+    assert sorted(bundle.steps) == list(range(config.first_share_step, STEPS))  # no sharing at step 0
+    for anchor_step in bundle.steps.values():
+        assert anchor_step.layers
+        for name, layer in anchor_step.layers.items():
+            assert name.startswith("up_blocks") and ".attn1." in name
+            assert layer.hidden.dtype == torch.float16 and layer.features.dtype == torch.float16
+            assert layer.hidden.shape[0] == 2  # both guidance branches
+            # subject tokens only: fewer than all tokens of both anchors
+            assert 0 < layer.index.numel() < 2 * layer.num_tokens
+            assert layer.hidden.shape[1] == layer.index.numel()
+
+
+def test_a_bundle_from_other_settings_is_refused(xl: UNetAdapter) -> None:
+    story = jobs(xl)
+    _, bundle = StoryRenderer(xl, StorySyncConfig(), settings("tiny-sdxl")).render_anchors(story[:2])
+    other = StoryRenderer(xl, StorySyncConfig(rfh_gamma=0.5), settings("tiny-sdxl"))
+    with pytest.raises(ValueError, match="config"):
+        other.render_frame(story[2], bundle)

@@ -1,0 +1,286 @@
+"""The Parquet frame sink: round trips on local and memory filesystems, atomicity, resume, manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from storysync_dist.io import (
+    FRAME_SCHEMA,
+    FrameRecord,
+    ParquetFrameSink,
+    make_storyboard,
+    png_bytes,
+    read_manifest,
+    write_bytes,
+    write_manifest,
+)
+from storysync_dist.io import sink as sink_module
+
+STORY = "ginger-cat"
+
+
+def record(
+    index: int, *, config: str = '{"rfh_gamma": 0.3}', story: str = STORY, size=(48, 32)
+) -> FrameRecord:
+    width, height = size
+    image = Image.new("RGB", (width, height), (10 * index % 256, 120, 200))
+    mask = Image.new("L", (width // 8, height // 8), 255) if index % 2 == 0 else None
+    return FrameRecord(
+        story_id=story,
+        frame_id=f"frame-{index:04d}",
+        frame_index=index,
+        prompt=f"a ginger cat, scene {index}",
+        seed=1000 + index,
+        image_png=png_bytes(image),
+        width=width,
+        height=height,
+        model="tiny-sdxl",
+        method="storysync",
+        config=config,
+        mask_png=png_bytes(mask) if mask is not None else None,
+        is_anchor=index < 2,
+        render_seconds=0.25 * index,
+    )
+
+
+@pytest.fixture(params=["local", "memory"])
+def root(request: pytest.FixtureRequest, tmp_path: pathlib.Path):
+    if request.param == "local":
+        yield str(tmp_path / "out")
+    else:
+        name = f"memory://sink-test-{uuid.uuid4().hex}"
+        yield name
+        fs, path = fsspec.core.url_to_fs(name)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def visible_files(root: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.exists(path):
+        return []
+    # Hidden temporaries count too: nothing at all may be left behind by a failed write.
+    return sorted(p[len(path.rstrip("/")) + 1 :] for p in fs.find(path))
+
+
+def test_schema_and_hf_metadata() -> None:
+    assert FRAME_SCHEMA.names == [
+        "story_id", "frame_id", "frame_index", "prompt", "seed", "image", "width", "height",
+        "model", "method", "config", "mask", "is_anchor", "render_seconds",
+    ]  # fmt: skip
+    assert FRAME_SCHEMA.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    assert FRAME_SCHEMA.field("frame_index").type == pa.int32()
+    assert FRAME_SCHEMA.field("seed").type == pa.int64()
+    features = json.loads(FRAME_SCHEMA.metadata[b"huggingface"])["info"]["features"]
+    assert list(features) == FRAME_SCHEMA.names
+    assert features["image"] == {"_type": "Image"}
+    assert features["prompt"] == {"dtype": "string", "_type": "Value"}
+    assert features["is_anchor"] == {"dtype": "bool", "_type": "Value"}
+    # `datasets` only trusts the metadata when the field types match exactly, nullable included.
+    assert all(field.nullable for field in FRAME_SCHEMA)
+
+
+def test_round_trip(root: str) -> None:
+    sink = ParquetFrameSink(root)
+    first = sink.write([record(0)])
+    second = sink.write([record(1), record(2)])
+    assert first != second
+    for url in (first, second):
+        name = url.rsplit("/", 1)[1]
+        assert name.startswith(f"part-{STORY}-0000") and name.endswith(".parquet")
+    assert second.rsplit("/", 1)[1].startswith(f"part-{STORY}-00001-")
+
+    table = sink.read_table()
+    assert table.schema.equals(FRAME_SCHEMA, check_metadata=True)
+    assert table.num_rows == 3
+    rows = table.to_pylist()
+    for index, row in enumerate(rows):
+        expected = record(index)
+        assert row["frame_id"] == expected.frame_id and row["frame_index"] == index
+        assert row["seed"] == expected.seed and row["prompt"] == expected.prompt
+        assert row["config"] == expected.config and row["is_anchor"] == (index < 2)
+        assert row["render_seconds"] == pytest.approx(0.25 * index)
+        assert row["image"]["path"] == f"{STORY}/frame-{index:04d}.png"
+        image = Image.open(io.BytesIO(row["image"]["bytes"]))
+        assert image.format == "PNG" and image.size == (row["width"], row["height"]) == (48, 32)
+        if index % 2 == 0:
+            assert Image.open(io.BytesIO(row["mask"])).size == (6, 4)
+        else:
+            assert row["mask"] is None
+
+    # Each part file on its own carries the full schema, HF metadata included.
+    with fsspec.open(first, "rb") as handle:
+        assert pq.read_schema(handle).equals(FRAME_SCHEMA, check_metadata=True)
+    # Only committed part files are there: no temporaries left behind.
+    assert [p.split("/")[-1].startswith("part-") for p in visible_files(root)] == [True, True]
+
+
+def test_existing_and_duplicate_refusal(root: str) -> None:
+    sink = ParquetFrameSink(root)
+    assert sink.existing(STORY) == {}
+    part_a = sink.write([record(0), record(1)])
+    part_b = sink.write([record(2, config="{}")])
+    # Another story in the same dataset, whose id shares a prefix, is kept apart.
+    sink.write([record(0, story=f"{STORY}-2")])
+
+    # A fresh sink (a rerun) sees the same thing from the files alone.
+    found = ParquetFrameSink(root).existing(STORY)
+    assert found == {
+        "frame-0000": {"config": record(0).config, "part": part_a},
+        "frame-0001": {"config": record(1).config, "part": part_a},
+        "frame-0002": {"config": "{}", "part": part_b},
+    }
+    assert list(ParquetFrameSink(root).existing(f"{STORY}-2")) == ["frame-0000"]
+
+    with pytest.raises(ValueError, match="already written"):
+        sink.write([record(3), record(1)])
+    with pytest.raises(ValueError, match="occurs twice"):
+        sink.write([record(4), record(4)])
+    assert ParquetFrameSink(root).read_table(STORY).num_rows == 3
+
+    # overwrite=True replaces frame 1: its old row disappears, frame 0 (same old part) survives.
+    part_c = sink.write([record(1, config='{"new": true}')], overwrite=True)
+    found = ParquetFrameSink(root).existing(STORY)
+    assert found["frame-0001"] == {"config": '{"new": true}', "part": part_c}
+    assert found["frame-0000"]["config"] == record(0).config
+    table = ParquetFrameSink(root).read_table(STORY)
+    assert table["frame_id"].to_pylist() == ["frame-0000", "frame-0001", "frame-0002"]
+
+
+def test_invalid_records_are_refused(root: str) -> None:
+    sink = ParquetFrameSink(root)
+    bad = record(0)
+    bad.frame_id = "../escape"
+    with pytest.raises(ValueError, match="does not match"):
+        sink.write([bad])
+    with pytest.raises(ValueError, match="one story"):
+        sink.write([record(0), record(1, story="other")])
+    with pytest.raises(ValueError):
+        sink.write([])
+    assert visible_files(root) == []
+
+
+def test_failure_while_building_leaves_nothing(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = ParquetFrameSink(root)
+    sink.write([record(0)])
+    before = visible_files(root)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(sink_module.pq, "write_table", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        sink.write([record(1)])
+    monkeypatch.undo()
+    assert visible_files(root) == before
+    assert list(ParquetFrameSink(root).existing(STORY)) == ["frame-0000"]
+
+
+def test_failure_while_committing_local_leaves_nothing(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = str(tmp_path / "out")
+    sink = ParquetFrameSink(root)
+
+    def broken_replace(src, dst):
+        assert os.path.basename(src).startswith(".")  # the temporary is hidden from dataset discovery
+        assert os.path.getsize(src) > 0
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(sink_module.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="rename failed"):
+        sink.write([record(0)])
+    monkeypatch.undo()
+    # Neither the part nor the temporary file is left behind.
+    assert os.listdir(tmp_path / "out" / "data") == []
+    assert sink.existing(STORY) == {}
+    assert sink.read_table().num_rows == 0
+
+
+def test_remote_commit_is_a_single_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = f"memory://sink-pipe-{uuid.uuid4().hex}"
+    sink = ParquetFrameSink(root)
+    calls = []
+    original = type(sink.fs).pipe_file
+
+    def spy(self, path, value, *args, **kwargs):
+        calls.append(path)
+        return original(self, path, value, *args, **kwargs)
+
+    monkeypatch.setattr(type(sink.fs), "pipe_file", spy)
+    url = sink.write([record(0)])
+    assert len(calls) == 1 and url.endswith(calls[0].rsplit("/", 1)[1])
+
+    def failing_put(self, path, value, *args, **kwargs):
+        raise ConnectionError("PUT failed")
+
+    monkeypatch.setattr(type(sink.fs), "pipe_file", failing_put)
+    with pytest.raises(ConnectionError):
+        sink.write([record(1)])
+    monkeypatch.undo()
+    assert visible_files(root) == [calls[0].rsplit("/", 2)[1] + "/" + calls[0].rsplit("/", 1)[1]]
+    assert sink.read_table().num_rows == 1
+    sink.fs.rm(sink.fs._strip_protocol(root), recursive=True)
+
+
+def test_add_and_flush_batch_rows(root: str) -> None:
+    sink = ParquetFrameSink(root, rows_per_part=2)
+    assert sink.add(record(0)) is None
+    first = sink.add(record(1))
+    assert first is not None
+    assert sink.add(record(2)) is None
+    last = sink.flush()
+    assert last is not None and sink.flush() is None
+    assert len(sink.part_paths(STORY)) == 2
+    assert sink.read_table().num_rows == 3
+
+
+def test_manifest_and_bytes(root: str) -> None:
+    assert read_manifest(root) is None
+    manifest = {"story_id": STORY, "frames": 3, "anchors": ["frame-0000"], "note": "ünïcode"}
+    write_manifest(root, manifest)
+    assert read_manifest(root) == manifest
+    manifest["frames"] = 4
+    write_manifest(root, manifest)
+    assert read_manifest(root)["frames"] == 4
+
+    board = make_storyboard(
+        [
+            (f"#{i} frame", Image.new("RGB", (40, 30), (i * 60, 0, 0)), Image.new("L", (5, 4), 255))
+            for i in range(3)
+        ]
+    )
+    url = write_bytes(root, "storyboard.png", png_bytes(board))
+    with fsspec.open(url, "rb") as handle:
+        assert Image.open(handle).size == board.size
+    assert sorted(visible_files(root)) == ["manifest.json", "storyboard.png"]
+    with pytest.raises(ValueError, match="unsafe"):
+        write_bytes(root, "../evil.png", b"x")
+
+
+def test_storyboard_layout() -> None:
+    tiles = [
+        (
+            f"#{i} frame-{i:04d} " + "a very long label that must be wrapped and cut " * 3,
+            Image.new("RGB", (64, 64)),
+            None,
+        )
+        for i in range(5)
+    ]
+    board = make_storyboard(tiles)
+    # Five tiles -> three columns, two rows; labels add height below each row.
+    assert board.width == 3 * 64 + 4 * 8
+    assert board.height > 2 * 64
+    assert make_storyboard(tiles, columns=5).width == 5 * 64 + 6 * 8
+    big = make_storyboard([("big", Image.new("RGB", (2048, 1024)), None)], max_tile_side=256)
+    assert big.width == 256 + 2 * 8
