@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.storysync-installed
 # A pinned torch first: on the development machines it is a local CPU wheel, while an unpinned
 # torch would pull several GB of CUDA packages. A venv that already has torch keeps its own.
+# open_clip ships the CLIP BPE vocabulary the offline presets tokenize with; it is installed with
+# --no-deps because its torchvision requirement has no CPU build here and would pull a CUDA torch.
 TORCH ?= torch==2.13.0
 
 .PHONY: install demo test lint clean
@@ -14,8 +16,6 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
-	# open_clip ships the CLIP BPE vocabulary the offline presets tokenize with; --no-deps because
-	# its torchvision requirement has no CPU build here and would pull a CUDA torch.
 	$(PY) -m pip install -q --no-deps "open_clip_torch>=2.20"
 	touch $(STAMP)
 
@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/storysync render examples/story.yaml --model tiny-sdxl --out out/demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check storysync_dist tests jobs
+	$(VENV)/bin/ruff check .
 
 test: lint
 	$(PY) -m pytest -q
