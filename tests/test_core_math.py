@@ -335,3 +335,31 @@ def test_config_defaults_are_the_papers_and_round_trip() -> None:
         StorySyncConfig(rfh_gamma=1.5)
     with pytest.raises(ValueError):
         StorySyncConfig.from_dict({"nope": 1})
+
+
+def test_anchor_step_numpy_payload_round_trip_and_streamed_bundle() -> None:
+    gen = torch.Generator().manual_seed(13)
+    for dtype in (torch.float16, torch.bfloat16):
+        layer = SharedLayerState(
+            index=torch.tensor([1, 4]), hidden=torch.randn(1, 2, 8, generator=gen).to(dtype),
+            features=torch.randn(1, 2, 4, generator=gen).to(dtype), num_tokens=8,
+        )
+        payload = AnchorStep(3, {"l": layer}).to_numpy()
+        assert isinstance(payload["layers"]["l"]["hidden"], np.ndarray)
+        back = AnchorStep.from_numpy(payload)
+        assert back.step == 3 and torch.equal(back.layers["l"].hidden, layer.hidden)
+        assert back.layers["l"].hidden.dtype == dtype
+
+    from storysync_dist.core.anchors import StreamedBundle
+
+    calls = []
+
+    def fetch(t):
+        calls.append(t)
+        return AnchorStep(t, {"l": layer}).to_numpy() if t > 0 else None
+
+    streamed = StreamedBundle({"num_anchors": 1}, fetch)
+    assert streamed.step(0) is None and streamed.step(0) is None
+    assert streamed.step(2).layers["l"].num_tokens == 8
+    streamed.step(2)
+    assert calls == [0, 2] and streamed.pulled_bytes == layer.nbytes()

@@ -13,9 +13,12 @@ A bundle of all steps can be saved to safetensors and reused by later jobs ("cha
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -63,6 +66,46 @@ class AnchorStep:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers.values())
+
+    def to_numpy(self) -> dict[str, Any]:
+        """Plain numpy payload: readers on one node share it zero-copy through Ray's object store."""
+        layers = {}
+        for name, layer in self.layers.items():
+            layers[name] = {
+                "index": layer.index.cpu().numpy(),
+                # numpy has no bfloat16: move its 16 bits as int16 and reinterpret on the way back.
+                "hidden": _to_numpy16(layer.hidden),
+                "features": _to_numpy16(layer.features),
+                "dtype": str(layer.hidden.dtype).removeprefix("torch."),
+                "num_tokens": layer.num_tokens,
+            }
+        return {"step": self.step, "layers": layers}
+
+    @classmethod
+    def from_numpy(cls, payload: dict[str, Any], device: torch.device | str = "cpu") -> AnchorStep:
+        """Inverse of :meth:`to_numpy`, moving the tensors to ``device`` once."""
+        step = cls(step=int(payload["step"]))
+        for name, layer in payload["layers"].items():
+            dtype = getattr(torch, layer["dtype"])
+            step.layers[name] = SharedLayerState(
+                index=_from_numpy(layer["index"]).to(device),
+                hidden=_from_numpy(layer["hidden"]).view(dtype).to(device),
+                features=_from_numpy(layer["features"]).view(dtype).to(device),
+                num_tokens=int(layer["num_tokens"]),
+            )
+        return step
+
+
+def _to_numpy16(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.view(torch.int16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # Arrays from Ray's object store are read-only; we never write to them.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 @dataclass
@@ -122,3 +165,38 @@ class AnchorBundle:
                 )
             bundle.steps[anchor_step.step] = anchor_step
         return bundle
+
+
+class StreamedBundle(AnchorBundle):
+    """An anchor bundle whose steps are fetched on first use (step t when a frame reaches step t)
+    and then kept, on ``device``, for every later frame: one pull per worker, not per frame.
+
+    ``fetch(t)`` returns :meth:`AnchorStep.to_numpy` payloads (or None for steps that publish
+    nothing); ``pulled_bytes`` counts what was fetched.
+    """
+
+    def __init__(
+        self,
+        meta: dict[str, Any],
+        fetch: Callable[[int], dict[str, Any] | None],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(meta=meta)
+        self._fetch = fetch
+        self._device = device
+        self._missing: set[int] = set()
+        self.pulled_bytes = 0
+
+    def step(self, t: int) -> AnchorStep | None:
+        if t in self.steps:
+            return self.steps[t]
+        if t in self._missing:
+            return None
+        payload = self._fetch(t)
+        if payload is None:
+            self._missing.add(t)
+            return None
+        anchor_step = AnchorStep.from_numpy(payload, self._device)
+        self.pulled_bytes += anchor_step.nbytes()
+        self.steps[t] = anchor_step
+        return anchor_step

@@ -53,6 +53,10 @@ class RenderOptions:
     config: StorySyncConfig = field(default_factory=StorySyncConfig)
     progress: bool = True
     storage_options: dict | None = None
+    # 0 renders in this process without Ray; N >= 1 uses N Ray FrameWorker actors.
+    workers: int = 0
+    # Ray cluster address; None uses RAY_ADDRESS, or starts an embedded local Ray.
+    address: str | None = None
 
 
 @dataclass
