@@ -56,12 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--anchors", help="reuse an anchor bundle (.safetensors) saved by an earlier job")
     render.add_argument("--save-anchors", action="store_true",
                         help="save the anchor bundle as <out>/anchors/<story>.safetensors")
+    render.add_argument("--workers", type=_non_negative_int, default=0,
+                        help="Ray frame workers (one pipeline per GPU); 0 renders in this process without Ray")
+    render.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     render.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def _render(args: argparse.Namespace) -> int:
-    from .engine.job import RenderOptions, render_story
+    from .api import RenderOptions, render_story
 
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     if args.only is not None and not only:
@@ -70,6 +73,7 @@ def _render(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, method=args.method, only=only, steps=args.steps,
         height=args.height, width=args.width, seed=args.seed, device=args.device, dtype=args.dtype,
         anchors=args.anchors, save_anchors=args.save_anchors, progress=not args.no_progress,
+        workers=args.workers, address=args.address,
     )
     result = render_story(args.story, options)
     print(f"rendered {len(result.rendered)} frame(s), skipped {len(result.skipped)} already present, "

@@ -20,6 +20,8 @@ A story is a YAML or JSON file (chosen by extension: ``.yaml``/``.yml``/``.json`
 ``validate_for_model`` adds the checks that need the model's tokenizer and latent size factor and
 returns the subject-token positions the engine needs for the masks. Every problem is reported as a
 one-line ``StorySpecError`` naming the file and, where relevant, the frame (id and 0-based index).
+``load_benchmark`` turns a benchmark prompt file (the ConsiStory+ shape: categories of subject sets)
+into many one-subject stories.
 
 Deliberately plain Python + pydantic + yaml: no torch, diffusers or ray here, so the CLI can validate
 a story before it starts anything heavy.
@@ -48,7 +50,9 @@ __all__ = [
     "StorySpec",
     "Subject",
     "is_valid_id",
+    "load_benchmark",
     "load_story",
+    "slug",
     "validate_for_model",
 ]
 
@@ -448,26 +452,20 @@ def _build(raw: _RawStory, source: str) -> StorySpec:
     )
 
 
-def load_story(path: str | os.PathLike[str]) -> StorySpec:
-    """Read, validate and resolve a story file (``.yaml``, ``.yml`` or ``.json``).
-
-    Raises ``StorySpecError`` with a one-line message naming the file for every problem: a missing or
-    unreadable file, invalid YAML/JSON, schema errors, no frames or subjects, bad or duplicate ids,
-    invalid steps/seeds/sizes, unknown anchors or too many of them, unknown ``{placeholders}``.
-    """
-    source = os.fspath(path)
+def _read_document(source: str, noun: str) -> Any:
+    """Read and parse a YAML/JSON file; ``noun`` ("story file", ...) names it in the errors."""
     kind = _EXTENSIONS.get(os.path.splitext(source)[1].lower())
     if kind is None:
-        raise StorySpecError(f"{source}: unsupported story file extension; use .yaml, .yml or .json")
+        raise StorySpecError(f"{source}: unsupported {noun} extension; use .yaml, .yml or .json")
     try:
         with open(source, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
-        raise StorySpecError(f"{source}: story file not found") from None
+        raise StorySpecError(f"{source}: {noun} not found") from None
     except IsADirectoryError:
-        raise StorySpecError(f"{source}: is a directory, not a story file") from None
+        raise StorySpecError(f"{source}: is a directory, not a {noun}") from None
     except OSError as exc:
-        raise StorySpecError(f"{source}: cannot read story file: {exc.strerror or exc}") from None
+        raise StorySpecError(f"{source}: cannot read {noun}: {exc.strerror or exc}") from None
     try:
         # utf-8-sig: editors on Windows like to start files with a byte-order mark.
         text = data.decode("utf-8-sig")
@@ -476,7 +474,19 @@ def load_story(path: str | os.PathLike[str]) -> StorySpec:
 
     document = _parse_text(text, kind, source)
     if document is None:
-        raise StorySpecError(f"{source}: the story file is empty")
+        raise StorySpecError(f"{source}: the {noun} is empty")
+    return document
+
+
+def load_story(path: str | os.PathLike[str]) -> StorySpec:
+    """Read, validate and resolve a story file (``.yaml``, ``.yml`` or ``.json``).
+
+    Raises ``StorySpecError`` with a one-line message naming the file for every problem: a missing or
+    unreadable file, invalid YAML/JSON, schema errors, no frames or subjects, bad or duplicate ids,
+    invalid steps/seeds/sizes, unknown anchors or too many of them, unknown ``{placeholders}``.
+    """
+    source = os.fspath(path)
+    document = _read_document(source, "story file")
     if not isinstance(document, dict):
         raise StorySpecError(
             f"{source}: the top level must be a mapping (id, subjects, frames, ...), got {type(document).__name__}"
@@ -486,6 +496,163 @@ def load_story(path: str | os.PathLike[str]) -> StorySpec:
     except ValidationError as exc:
         raise StorySpecError(_format_validation_error(source, exc)) from None
     return _build(raw, source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark prompt sets (ConsiStory+ shape): many one-subject stories in one file.
+
+StrictStr = Annotated[str, Strict()]
+# The subject's placeholder name in benchmark stories: frame templates read "{subject} <setting>".
+BENCHMARK_SUBJECT = "subject"
+
+
+class _RawBenchmarkSet(_Model):
+    concept_token: StrictStr
+    subject: StrictStr
+    style: StrictStr = ""
+    settings: list[StrictStr] = Field(min_length=1)
+
+    @field_validator("concept_token", "subject")
+    @classmethod
+    def _check_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("settings")
+    @classmethod
+    def _check_settings(cls, value: list[str]) -> list[str]:
+        for position, setting in enumerate(value):
+            if not setting.strip():
+                raise ValueError(f"must not contain an empty setting (item {position})")
+        return value
+
+
+def slug(text: str) -> str:
+    """Lowercase ``text`` and join its runs of letters and digits with ``-`` ("Caesar salad" -> "caesar-salad")."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _benchmark_story(
+    raw: _RawBenchmarkSet, category: str, index: int, defaults: Defaults, source: str
+) -> StorySpec:
+    where = f"{source}: {category}[{index}]"
+    prefix = f"{category}-{index:03d}-"
+    # Ids are capped at 64 characters by ID_PATTERN; a long concept token is cut, the prefix keeps
+    # the id unique.
+    story_id = (prefix + slug(raw.concept_token))[:64].rstrip("-_")
+    if not is_valid_id(story_id):
+        raise StorySpecError(
+            f"{where}: story id {story_id!r} does not match {ID_PATTERN}; rename the category "
+            "(lowercase letters, digits, '-' and '_')"
+        )
+    # Braces in a setting are literal text, not placeholders.
+    frames = [
+        _RawFrame(
+            id=f"s{position:02d}",
+            prompt="{" + BENCHMARK_SUBJECT + "} " + setting.replace("{", "{{").replace("}", "}}"),
+        )
+        for position, setting in enumerate(raw.settings)
+    ]
+    try:
+        story = _RawStory(
+            id=story_id,
+            style=raw.style,
+            subjects=[Subject(name=BENCHMARK_SUBJECT, description=raw.subject, tokens=[raw.concept_token])],
+            defaults=defaults,
+            frames=frames,
+        )
+    except ValidationError as exc:
+        raise StorySpecError(_format_validation_error(where, exc)) from None
+    # The story's source names the set, so later errors (e.g. validate_for_model) point at it.
+    return _build(story, f"{source}:{category}[{index}]")
+
+
+def load_benchmark(
+    path: str | os.PathLike[str],
+    *,
+    categories: list[str] | None = None,
+    limit: int | None = None,
+    defaults: dict[str, Any] | Defaults | None = None,
+) -> list[StorySpec]:
+    """Read a benchmark prompt file and return one one-subject story per subject set.
+
+    The file maps categories to lists of subject sets (the ConsiStory+ shape)::
+
+        animals:
+          - concept_token: phoenix                       # the subject-mask word
+            subject: A phoenix with bright orange feathers
+            style: A fiery and majestic illustration of
+            settings: [rising from a fiery ashes, soaring through a glowing sky]
+
+    Set ``i`` of ``category`` becomes story ``{category}-{i:03d}-{slug(concept_token)}`` with one
+    subject (``{subject}``, tokens ``[concept_token]``), the set's style, and one frame per setting
+    (ids ``s00``, ``s01``, ...; prompt ``"{style} {subject} {setting}"``); anchors are the first two
+    frames. ``categories`` keeps only those categories (file order), ``limit`` keeps the first
+    ``limit`` sets of each category, and ``defaults`` overrides the ``Defaults`` fields (steps,
+    height, width, guidance_scale, seed, negative_prompt) of every story.
+
+    Every entry of the file is checked, selected or not; a problem raises a one-line
+    ``StorySpecError`` naming the file and the category/index.
+    """
+    source = os.fspath(path)
+    document = _read_document(source, "benchmark file")
+    if not isinstance(document, dict):
+        raise StorySpecError(
+            f"{source}: the top level must map category names to lists of subject sets, "
+            f"got {type(document).__name__}"
+        )
+    if isinstance(defaults, Defaults):
+        resolved = defaults
+    else:
+        try:
+            resolved = Defaults.model_validate(dict(defaults or {}))
+        except ValidationError as exc:
+            raise StorySpecError(_format_validation_error(source, exc, loc_prefix="defaults.")) from None
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise StorySpecError(f"{source}: limit must be a whole number >= 1, got {limit!r}")
+
+    parsed: dict[str, list[_RawBenchmarkSet]] = {}
+    for category, entries in document.items():
+        if not isinstance(category, str) or not category:
+            raise StorySpecError(f"{source}: category {category!r}: category names must be non-empty text")
+        if not isinstance(entries, list) or not entries:
+            got = type(entries).__name__ if not isinstance(entries, list) else "an empty list"
+            raise StorySpecError(f"{source}: {category}: expected a non-empty list of subject sets, got {got}")
+        sets = []
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise StorySpecError(
+                    f"{source}: {category}[{index}]: expected a mapping with concept_token, subject, style "
+                    f"and settings, got {type(entry).__name__}"
+                )
+            try:
+                sets.append(_RawBenchmarkSet.model_validate(entry))
+            except ValidationError as exc:
+                raise StorySpecError(
+                    _format_validation_error(source, exc, loc_prefix=f"{category}[{index}].")
+                ) from None
+        parsed[category] = sets
+
+    if categories is not None:
+        wanted = list(dict.fromkeys(categories))
+        if not wanted:
+            raise StorySpecError(f"{source}: categories: the list is empty; name at least one or leave it out")
+        unknown = [name for name in wanted if name not in parsed]
+        if unknown:
+            raise StorySpecError(
+                f"{source}: unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))} "
+                f"(the file has: {', '.join(parsed)})"
+            )
+        selected = [name for name in parsed if name in set(wanted)]
+    else:
+        selected = list(parsed)
+
+    stories = []
+    for category in selected:
+        for index, raw in enumerate(parsed[category][:limit]):
+            stories.append(_benchmark_story(raw, category, index, resolved, source))
+    return stories
 
 
 # --------------------------------------------------------------------------------------------------

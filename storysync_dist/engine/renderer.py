@@ -8,6 +8,7 @@ read the same half-precision bundle that an export/import round trip gives, so b
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.anchors import AnchorBundle
+from ..core.anchors import AnchorBundle, AnchorStep
 from ..core.config import StorySyncConfig
 from ..core.state import ROLE_ANCHORS, ROLE_FRAMES, StorySyncState
 from ..models.unet import UNetAdapter
@@ -58,8 +59,55 @@ class RenderSettings:
     guidance_scale: float
 
 
+@dataclass
+class FrameOutput:
+    """A finished frame as plain data (what a worker sends back to the driver)."""
+
+    job: FrameJob
+    image_png: bytes
+    mask_png: bytes | None
+    width: int
+    height: int
+    seconds: float
+    is_anchor: bool
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """Lossless PNG encoding of a PIL image."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_frame(frame: RenderedFrame) -> FrameOutput:
+    """PNG-encode a rendered frame and its mask (done where the frame was rendered)."""
+    mask_png = None
+    if frame.mask is not None:
+        mask_png = png_bytes(Image.fromarray((frame.mask * 255).astype(np.uint8), mode="L"))
+    return FrameOutput(
+        job=frame.job, image_png=png_bytes(frame.image), mask_png=mask_png, width=frame.image.width,
+        height=frame.image.height, seconds=frame.seconds, is_anchor=frame.is_anchor,
+    )
+
+
 class BundleMismatchError(ValueError):
     """An imported anchor bundle was made with other settings than this job."""
+
+
+def bundle_meta(config: StorySyncConfig, settings: RenderSettings, anchors: list[FrameJob]) -> dict:
+    """What an anchor bundle records about how it was made."""
+    return {
+        "model": settings.model,
+        "steps": settings.steps,
+        "height": settings.height,
+        "width": settings.width,
+        "guidance_scale": settings.guidance_scale,
+        "config": config.to_dict(),
+        "num_anchors": len(anchors),
+        "anchor_ids": [a.frame_id for a in anchors],
+        "anchor_prompts": [a.prompt for a in anchors],
+        "anchor_seeds": [a.seed for a in anchors],
+    }
 
 
 class StoryRenderer:
@@ -80,29 +128,20 @@ class StoryRenderer:
         return self.settings.guidance_scale > 1.0
 
     def bundle_meta(self, anchors: list[FrameJob]) -> dict:
-        s = self.settings
-        return {
-            "model": s.model,
-            "steps": s.steps,
-            "height": s.height,
-            "width": s.width,
-            "guidance_scale": s.guidance_scale,
-            "config": self.config.to_dict(),
-            "num_anchors": len(anchors),
-            "anchor_ids": [a.frame_id for a in anchors],
-            "anchor_prompts": [a.prompt for a in anchors],
-            "anchor_seeds": [a.seed for a in anchors],
-        }
+        return bundle_meta(self.config, self.settings, anchors)
+
+    @staticmethod
+    def check_bundle_meta(bundle: AnchorBundle, config: StorySyncConfig, settings: RenderSettings) -> None:
+        """Refuse a bundle made with another model, size, step count, guidance or config."""
+        expected = bundle_meta(config, settings, [])
+        for key in ("model", "steps", "height", "width", "guidance_scale", "config"):
+            if bundle.meta.get(key) != expected[key]:
+                raise BundleMismatchError(
+                    f"anchor bundle was made with {key}={bundle.meta.get(key)!r}, this job uses {expected[key]!r}"
+                )
 
     def check_bundle(self, bundle: AnchorBundle) -> None:
-        """Refuse a bundle made with another model, size, step count, guidance or config."""
-        meta = bundle.meta
-        expected = self.bundle_meta([])
-        for key in ("model", "steps", "height", "width", "guidance_scale", "config"):
-            if meta.get(key) != expected[key]:
-                raise BundleMismatchError(
-                    f"anchor bundle was made with {key}={meta.get(key)!r}, this job uses {expected[key]!r}"
-                )
+        self.check_bundle_meta(bundle, self.config, self.settings)
 
     def _state(self, role: str, jobs: list[FrameJob], bundle: AnchorBundle | None) -> StorySyncState:
         pipe = self.adapter.pipe
@@ -141,12 +180,26 @@ class StoryRenderer:
         return result.images, result.masks
 
     def render_anchors(
-        self, anchors: list[FrameJob], on_step: Callable[[int], None] | None = None
+        self,
+        anchors: list[FrameJob],
+        on_step: Callable[[int], None] | None = None,
+        on_publish: Callable[[int, AnchorStep | None], None] | None = None,
     ) -> tuple[list[RenderedFrame], AnchorBundle]:
-        """Render the anchor frames together (they share among themselves) and record the bundle."""
+        """Render the anchor frames together (they share among themselves) and record the bundle.
+
+        ``on_publish(t, anchor_step)`` is called as soon as step t is published (None for a step
+        that publishes nothing, such as step 0).
+        """
         start = time.perf_counter()
         state = self._state(ROLE_ANCHORS, anchors, None)
-        images, masks = self._run(state, anchors, on_step)
+
+        def step_done(i: int) -> None:
+            if on_publish is not None:
+                on_publish(i, state.published.get(i))
+            if on_step is not None:
+                on_step(i)
+
+        images, masks = self._run(state, anchors, step_done)
         bundle = AnchorBundle(meta=self.bundle_meta(anchors), steps=state.published)
         seconds = (time.perf_counter() - start) / max(1, len(anchors))
         frames = [

@@ -1,0 +1,146 @@
+"""Ray job entrypoint: render a benchmark prompt file (e.g. ConsiStory+) into ONE Parquet dataset.
+
+    python jobs/make_dataset.py ../shared/benchmarks/consistory_plus.yaml --model tiny-sdxl \\
+        --out out/consistory --categories animals,foods --limit 2 --steps 2 --height 64 --width 64
+    ray job submit --working-dir . -- python jobs/make_dataset.py /data/consistory_plus.yaml \\
+        --model stabilityai/stable-diffusion-xl-base-1.0 --out s3://bucket/consistory --workers 8
+
+Every subject set becomes a story (``storysync_dist.spec.load_benchmark``); all of them render into
+the same ``--out``: the sink writes one part file per frame, named after the story id, so the
+stories never collide, and a rerun renders only the frames that are missing. Every story is
+checked against the model before anything renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from _common import add_cluster_arguments, positive_int, resolve_address, run, warn_if_driver_only
+
+from storysync_dist.errors import StorySpecError, StorySyncUserError
+from storysync_dist.spec import StorySpec
+
+PROG = "make_dataset"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Options: the benchmark file, model/out, selection, sampling overrides, cluster."""
+    parser = argparse.ArgumentParser(
+        prog="jobs/make_dataset.py",
+        description="Render every subject set of a benchmark prompt file as a story, into one Parquet dataset.",
+    )
+    parser.add_argument("benchmark", help="benchmark file: {category: [{concept_token, subject, style, settings}]}")
+    parser.add_argument("--model", required=True,
+                        help="a preset (tiny-sdxl, tiny-sd), a local diffusers folder, or a hub id in the HF cache")
+    parser.add_argument("--out", required=True, help="output folder or fsspec URL (file://, memory://, s3://, gs://)")
+    parser.add_argument("--method", choices=["storysync", "vanilla"], default="storysync")
+    parser.add_argument("--categories", help="comma-separated categories to render (default: all)")
+    parser.add_argument("--limit", type=positive_int, help="render only the first K subject sets of each category")
+    parser.add_argument("--steps", type=positive_int, help="denoising steps (default 20)")
+    parser.add_argument("--height", type=positive_int, help="image height in pixels (default 512)")
+    parser.add_argument("--width", type=positive_int, help="image width in pixels (default 512)")
+    parser.add_argument("--seed", type=int, help="base seed: frame i of every story gets seed + i (default 0)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on cuda")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="leave out subject sets that do not fit the model (e.g. a concept token that the "
+                        "subject text does not contain) instead of stopping")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_cluster_arguments(parser)
+    return parser
+
+
+def _check_against_model(stories: list[StorySpec], model: str) -> tuple[list[StorySpec], list[str]]:
+    """Split ``stories`` into those that fit the model's tokenizer and size factor, and the errors
+    of the others, without loading any weights (so a driver without a GPU can do it)."""
+    from storysync_dist.models.info import load_model_info
+    from storysync_dist.spec import validate_for_model
+
+    try:
+        info = load_model_info(model)
+    except (ValueError, TypeError) as exc:  # UnknownModelError, not a UNet pipeline folder
+        raise StorySyncUserError(f"--model: {exc}") from None
+    good, problems = [], []
+    for story in stories:
+        try:
+            validate_for_model(story, info.tokenizer, info.size_factor)
+        except StorySpecError as exc:
+            problems.append(str(exc))
+        else:
+            good.append(story)
+    return good, problems
+
+
+def _category(story: StorySpec) -> str:
+    # load_benchmark names a story's source "<file>:<category>[<index>]", and category names are
+    # id-safe (no ":" or "["), so the last ":" starts the category.
+    return story.source.rsplit(":", 1)[-1].rsplit("[", 1)[0]
+
+
+def _main(args: argparse.Namespace) -> int:
+    from storysync_dist.api import RenderOptions, render_story
+    from storysync_dist.spec import load_benchmark
+
+    categories = None
+    if args.categories is not None:
+        categories = [x.strip() for x in args.categories.split(",") if x.strip()]
+        if not categories:
+            raise StorySyncUserError("--categories: give at least one category")
+    overrides = {name: getattr(args, name) for name in ("steps", "height", "width", "seed")
+                 if getattr(args, name) is not None}
+    # The overrides go in as the stories' defaults, so a bad value fails here, naming the file.
+    stories = load_benchmark(args.benchmark, categories=categories, limit=args.limit, defaults=overrides)
+    stories, problems = _check_against_model(stories, args.model)
+    if problems:
+        for line in problems:
+            print(f"{PROG}: {'warning: skipping' if args.skip_invalid else 'error:'} {line}", file=sys.stderr)
+        if not args.skip_invalid:
+            print(f"{PROG}: error: {len(problems)} subject set(s) do not fit --model {args.model}; nothing was "
+                  "rendered (fix them, or pass --skip-invalid to leave them out)", file=sys.stderr)
+            return 2
+    warn_if_driver_only(PROG, args.workers)
+
+    pipe = None
+    if args.workers == 0 and stories:
+        # One pipeline for every story, instead of one load per story; the device/dtype defaults
+        # and checks are the engine's own, so both paths pick the same.
+        from storysync_dist.engine.job import _device_and_dtype
+        from storysync_dist.models.presets import load_pipeline
+
+        device, dtype = _device_and_dtype(args.device, args.dtype)
+        pipe = load_pipeline(args.model, device=device, dtype=dtype)
+
+    start = time.perf_counter()
+    rendered: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    for number, story in enumerate(stories, 1):
+        options = RenderOptions(
+            model=args.model, out=args.out, method=args.method, device=args.device, dtype=args.dtype,
+            progress=not args.no_progress, workers=args.workers, address=resolve_address(args.address),
+        )
+        result = render_story(story, options, **({"pipe": pipe} if pipe is not None else {}))
+        category = _category(story)
+        rendered[category] += len(result.rendered)
+        skipped[category] += len(result.skipped)
+        print(f"[{number}/{len(stories)}] {story.id}: rendered {len(result.rendered)}, "
+              f"skipped {len(result.skipped)} already present ({result.seconds:.1f}s)", flush=True)
+
+    print(f"{len(stories)} stories, {sum(rendered.values())} frame(s) rendered, {sum(skipped.values())} already "
+          f"present, {len(problems)} subject set(s) left out, in {time.perf_counter() - start:.1f}s")
+    for category in dict.fromkeys(_category(story) for story in stories):
+        print(f"  {category}: rendered {rendered[category]}, skipped {skipped[category]}")
+    print(f"dataset: {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the job; returns the exit code (0, or 2 for a user error)."""
+    return run(PROG, _main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

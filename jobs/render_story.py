@@ -1,0 +1,78 @@
+"""Ray job entrypoint: render one story into a Parquet dataset.
+
+    ray job submit --working-dir . -- python jobs/render_story.py examples/story.yaml \\
+        --model stabilityai/stable-diffusion-xl-base-1.0 --out s3://bucket/stories/cat --workers 8
+
+The options are those of ``storysync render`` plus ``--workers`` and ``--address``. Under
+``ray job submit`` RAY_ADDRESS is set, so the job joins the cluster it was submitted to. A user
+error (bad story, unknown model, bad option) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from _common import add_cluster_arguments, resolve_address, run, warn_if_driver_only
+
+from storysync_dist.cli import build_parser as build_cli_parser
+from storysync_dist.errors import StorySyncUserError
+
+PROG = "render_story"
+
+
+def _render_subparser() -> argparse.ArgumentParser:
+    # argparse has no public accessor for a sub-parser; reusing `storysync render`'s keeps the
+    # options of the job and of the CLI the same as the CLI grows.
+    for action in build_cli_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices["render"]
+    raise RuntimeError("storysync_dist.cli.build_parser() has no 'render' command")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``storysync render`` plus ``--workers``/``--address``/``-v``."""
+    parser = argparse.ArgumentParser(
+        prog="jobs/render_story.py",
+        description="Render a story (StorySync) into a Parquet dataset, on a Ray cluster or in this process.",
+        parents=[_render_subparser()],
+        add_help=False,  # the parent's -h/--help is inherited
+        # "resolve": our --workers/--address win should the CLI grow options of the same name.
+        conflict_handler="resolve",
+    )
+    add_cluster_arguments(parser)
+    return parser
+
+
+def _main(args: argparse.Namespace) -> int:
+    from storysync_dist.api import RenderOptions, render_story
+
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    if args.only is not None and not only:
+        raise StorySyncUserError("--only: give at least one frame id")
+    warn_if_driver_only(PROG, args.workers)
+    options = RenderOptions(
+        model=args.model, out=args.out, method=args.method, only=only, steps=args.steps,
+        height=args.height, width=args.width, seed=args.seed, device=args.device, dtype=args.dtype,
+        anchors=args.anchors, save_anchors=args.save_anchors, progress=not args.no_progress,
+        workers=args.workers, address=resolve_address(args.address),
+    )
+    result = render_story(args.story, options)
+    print(f"rendered {len(result.rendered)} frame(s), skipped {len(result.skipped)} already present, "
+          f"in {result.seconds:.1f}s")
+    print(f"dataset:    {result.out}")
+    print(f"storyboard: {result.storyboard}")
+    print(f"manifest:   {result.manifest}")
+    if result.anchor_bundle:
+        print(f"anchors:    {result.anchor_bundle}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the job; returns the exit code (0, or 2 for a user error)."""
+    return run(PROG, _main, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

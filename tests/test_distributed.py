@@ -1,0 +1,128 @@
+"""Rendering on Ray: same pixels as in-process, one pipeline per (fake) GPU, fail-fast resource
+checks, a worker killed mid-story, and resume. One local Ray cluster for the whole module."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+from PIL import Image
+
+from storysync_dist.api import RenderOptions, render_story
+from storysync_dist.cli import main
+from storysync_dist.distributed.executor import RayExecutor
+from storysync_dist.engine.job import prepare_job, run_job
+from storysync_dist.errors import StorySyncUserError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = str(ROOT / "examples" / "story.yaml")
+FAST = {"model": "tiny-sdxl", "steps": 5, "height": 128, "width": 128, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    # Two fake GPUs: actors are scheduled by GPU, and render on the CPU (no CUDA here).
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    out = tmp_path_factory.mktemp("w0") / "out"
+    render_story(EXAMPLE, RenderOptions(out=str(out), **FAST))
+    return images(out)
+
+
+def images(out: Path) -> dict[str, np.ndarray]:
+    rows = pq.read_table(out / "data").to_pylist()
+    return {r["frame_id"]: np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))).astype(np.int16) for r in rows}
+
+
+def assert_same_pixels(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    # Equal within float tolerance: a Ray worker runs torch with one thread, the test process
+    # with several, so CPU reductions may round differently in the last bit.
+    assert set(a) == set(b)
+    for frame_id in a:
+        diff = np.abs(a[frame_id] - b[frame_id])
+        assert diff.max() <= 2 and diff.mean() < 0.05, frame_id
+
+
+def test_two_workers_render_the_same_pixels_as_in_process(tmp_path: Path, in_process) -> None:
+    out = tmp_path / "w2"
+    result = render_story(EXAMPLE, RenderOptions(out=str(out), workers=2, **FAST))
+    assert sorted(result.rendered) == sorted(in_process)
+    assert_same_pixels(images(out), in_process)
+    # One pipeline per GPU: each worker got its own (fake) GPU.
+    gpu_ids = [tuple(s["gpu_ids"]) for s in result.stats["worker_stats"]]
+    assert len(gpu_ids) == 2 and all(len(g) == 1 for g in gpu_ids) and gpu_ids[0] != gpu_ids[1]
+    # Each worker pulled the anchor stream at most once, whatever the number of its frames.
+    for s in result.stats["worker_stats"]:
+        assert s["pulled_bytes"] <= result.stats["anchor_bytes"]
+    assert sum(s["frames"] for s in result.stats["worker_stats"]) == 4  # the 4 non-anchor frames
+
+
+def test_too_many_gpus_fails_fast_with_a_message(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "w3"
+    start = time.perf_counter()
+    with pytest.raises(StorySyncUserError, match=r"needs 3 GPUs.*has 2"):
+        render_story(EXAMPLE, RenderOptions(out=str(out), workers=3, **FAST))
+    code = main(["render", EXAMPLE, "--model", "tiny-sdxl", "--out", str(out), "--workers", "5", "--no-progress"])
+    assert code == 2 and "needs 5 GPUs" in capsys.readouterr().err
+    assert time.perf_counter() - start < 30
+    assert not out.exists()
+
+
+def long_story(tmp_path: Path, frames: int) -> str:
+    story = {
+        "id": "long-cat",
+        "subjects": [{"name": "cat", "description": "a ginger cat", "tokens": ["cat"]}],
+        "defaults": {"steps": 5, "height": 128, "width": 128, "seed": 3},
+        "frames": [{"prompt": f"{{cat}} in scene number {k}"} for k in range(frames)],
+    }
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(story))
+    return str(path)
+
+
+def test_killing_a_worker_mid_story_loses_only_its_frame(tmp_path: Path) -> None:
+    story = long_story(tmp_path, 10)
+    reference = tmp_path / "reference"
+    render_story(story, RenderOptions(out=str(reference), **FAST))
+
+    out = tmp_path / "faulty"
+    options = RenderOptions(out=str(out), workers=2, **FAST)
+    plan = prepare_job(story, options)
+    executor = RayExecutor(options)
+    killed: list[str] = []
+
+    def kill_a_busy_worker(frame) -> None:
+        if len(killed) < 2 and executor.busy:
+            w, frame_id = next(iter(executor.busy.items()))
+            killed.append(frame_id)
+            ray.kill(executor.workers[w], no_restart=False)  # Ray restarts it
+
+    result = run_job(plan, executor, on_frame=kill_a_busy_worker)
+    assert killed and set(killed) <= set(executor.retried)
+    table = pq.read_table(out / "data")
+    ids = table.column("frame_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 10  # every frame exactly once
+    assert sorted(result.rendered) == sorted(ids)
+    assert_same_pixels(images(out), images(reference))
+
+
+def test_resumed_job_renders_only_missing_frames(tmp_path: Path, in_process) -> None:
+    out = tmp_path / "resume"
+    first = render_story(EXAMPLE, RenderOptions(out=str(out), workers=1, only=["garden", "home"], **FAST))
+    assert sorted(first.rendered) == ["garden", "home"]
+    second = render_story(EXAMPLE, RenderOptions(out=str(out), workers=2, **FAST))
+    assert sorted(second.rendered) == ["beach", "kitchen", "market", "rooftop"]
+    assert sorted(second.skipped) == ["garden", "home"]
+    assert_same_pixels(images(out), in_process)
