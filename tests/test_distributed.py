@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -125,4 +126,26 @@ def test_resumed_job_renders_only_missing_frames(tmp_path: Path, in_process) -> 
     second = render_story(EXAMPLE, RenderOptions(out=str(out), workers=2, **FAST))
     assert sorted(second.rendered) == ["beach", "kitchen", "market", "rooftop"]
     assert sorted(second.skipped) == ["garden", "home"]
+    assert_same_pixels(images(out), in_process)
+
+
+def test_a_dead_anchor_actor_is_replaced_and_the_anchors_recomputed(tmp_path: Path, in_process) -> None:
+    out = tmp_path / "anchor-fault"
+    options = RenderOptions(out=str(out), workers=1, **FAST)
+    plan = prepare_job(EXAMPLE, options)
+    executor = RayExecutor(options)
+
+    def kill_anchor_actor_mid_render() -> None:
+        deadline = time.monotonic() + 120
+        while executor.anchor_actor is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # ready() has returned; the anchors are rendering
+        ray.kill(executor.anchor_actor)
+
+    killer = threading.Thread(target=kill_anchor_actor_mid_render, daemon=True)
+    killer.start()
+    result = run_job(plan, executor)
+    killer.join(timeout=5)
+    assert executor.anchor_attempts == 2
+    assert sorted(result.rendered) == sorted(in_process)
     assert_same_pixels(images(out), in_process)

@@ -43,6 +43,7 @@ class RayExecutor:
         self.resources = actor_resources(options.workers)  # fails fast when the cluster is too small
         self.workers: list[Any] = []
         self.anchor_actor: Any = None
+        self.anchor_attempts = 0
         self.busy: dict[int, str] = {}  # worker index -> frame id in flight (for tests and logs)
         self.retried: list[str] = []
 
@@ -64,6 +65,7 @@ class RayExecutor:
     def _render_anchors(self, plan: JobPlan) -> tuple[list[Any], dict]:
         """Run the anchors (retrying on a fresh actor if one dies); return step refs and the tail."""
         for attempt in range(1, MAX_ANCHOR_ATTEMPTS + 1):
+            self.anchor_attempts = attempt
             try:
                 refs = list(self.anchor_actor.render.remote(plan.anchor_jobs))
                 tail = ray.get(refs.pop())
