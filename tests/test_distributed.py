@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -135,17 +134,14 @@ def test_a_dead_anchor_actor_is_replaced_and_the_anchors_recomputed(tmp_path: Pa
     plan = prepare_job(EXAMPLE, options)
     executor = RayExecutor(options)
 
-    def kill_anchor_actor_mid_render() -> None:
-        deadline = time.monotonic() + 120
-        while executor.anchor_actor is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.3)  # ready() has returned; the anchors are rendering
-        ray.kill(executor.anchor_actor)
+    def kill_the_first_anchor_actor(index: int) -> None:
+        # Deterministic: the first actor dies as its second step object reaches the driver,
+        # before it has yielded the rest.
+        if executor.anchor_attempts == 1 and index == 1:
+            ray.kill(executor.anchor_actor)
 
-    killer = threading.Thread(target=kill_anchor_actor_mid_render, daemon=True)
-    killer.start()
+    executor.on_anchor_object = kill_the_first_anchor_actor
     result = run_job(plan, executor)
-    killer.join(timeout=5)
     assert executor.anchor_attempts == 2
     assert sorted(result.rendered) == sorted(in_process)
     assert_same_pixels(images(out), in_process)

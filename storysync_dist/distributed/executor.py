@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -44,6 +45,8 @@ class RayExecutor:
         self.workers: list[Any] = []
         self.anchor_actor: Any = None
         self.anchor_attempts = 0
+        # Called on the driver as each anchor object arrives (its index); for progress and tests.
+        self.on_anchor_object: Callable[[int], None] | None = None
         self.busy: dict[int, str] = {}  # worker index -> frame id in flight (for tests and logs)
         self.retried: list[str] = []
 
@@ -67,7 +70,11 @@ class RayExecutor:
         for attempt in range(1, MAX_ANCHOR_ATTEMPTS + 1):
             self.anchor_attempts = attempt
             try:
-                refs = list(self.anchor_actor.render.remote(plan.anchor_jobs))
+                refs = []
+                for ref in self.anchor_actor.render.remote(plan.anchor_jobs):
+                    refs.append(ref)
+                    if self.on_anchor_object is not None:
+                        self.on_anchor_object(len(refs) - 1)
                 tail = ray.get(refs.pop())
                 return refs, tail
             except (RayActorError, ActorUnavailableError) as exc:
