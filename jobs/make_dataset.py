@@ -108,10 +108,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.workers == 0 and stories:
         # One pipeline for every story, instead of one load per story; the device/dtype defaults
         # and checks are the engine's own, so both paths pick the same.
-        from storysync_dist.engine.job import _device_and_dtype
+        from storysync_dist.engine.job import device_and_dtype
         from storysync_dist.models.presets import load_pipeline
 
-        device, dtype = _device_and_dtype(args.device, args.dtype)
+        device, dtype = device_and_dtype(args.device, args.dtype)
         pipe = load_pipeline(args.model, device=device, dtype=dtype)
 
     start = time.perf_counter()

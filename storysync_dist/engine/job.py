@@ -44,6 +44,7 @@ from .renderer import (
 log = logging.getLogger("storysync")
 
 ANCHOR_DIR = "anchors"
+STORYBOARD_DIR = "storyboards"
 
 
 @dataclass
@@ -160,7 +161,7 @@ class JobContext:
 Executor = Callable[[JobPlan, JobContext], dict]
 
 
-def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise StorySyncUserError(f"--device {device}: CUDA is not available on this machine")
@@ -303,7 +304,7 @@ def local_executor(pipe: object | None = None) -> Executor:
         options = plan.options
         nonlocal pipe
         if pipe is None:
-            device, dtype = _device_and_dtype(options.device, options.dtype)
+            device, dtype = device_and_dtype(options.device, options.dtype)
             pipe = load_pipeline(options.model, device=device, dtype=dtype)
         renderer = StoryRenderer(UNetAdapter(pipe), plan.config, plan.settings)
         bundle = plan.bundle
@@ -338,13 +339,6 @@ def run_job(plan: JobPlan, executor: Executor, on_frame: Callable[[FrameOutput],
     )
 
 
-def render_story(story: str | StorySpec, options: RenderOptions, **kwargs: object) -> JobResult:
-    """Deprecated location; use :func:`storysync_dist.api.render_story`."""
-    from ..api import render_story as _render_story
-
-    return _render_story(story, options, **kwargs)
-
-
 def _finish(sink: ParquetFrameSink, plan: JobPlan) -> tuple[str, str]:
     """Write storyboard.png and manifest.json from what the dataset holds now."""
     spec, options = plan.spec, plan.options
@@ -355,21 +349,25 @@ def _finish(sink: ParquetFrameSink, plan: JobPlan) -> tuple[str, str]:
         image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
         mask = Image.open(io.BytesIO(row["mask"])).convert("L") if row["mask"] else None
         tiles.append((f"{row['frame_id']}: {row['prompt']}", image, mask))
-    storyboard = ""
-    if tiles:
-        storyboard = write_bytes(
-            options.out, "storyboard.png", storyboard_png(make_storyboard(tiles)),
-            storage_options=options.storage_options,
-        )
-    done = {row["frame_id"] for row in rows}
     previous = read_manifest(options.out, storage_options=options.storage_options) or {}
     stories = dict(previous.get("stories", {}))
+    storyboard = ""
+    if tiles:
+        # One storyboard per story (a dataset may hold many); storyboard.png at the root is the
+        # one of a single-story dataset, which is what `storysync render` makes.
+        data = storyboard_png(make_storyboard(tiles))
+        storyboard = write_bytes(options.out, f"{STORYBOARD_DIR}/{spec.id}.png", data,
+                                 storage_options=options.storage_options)
+        if set(stories) <= {spec.id}:
+            storyboard = write_bytes(options.out, "storyboard.png", data, storage_options=options.storage_options)
+    done = {row["frame_id"] for row in rows}
     stories[spec.id] = {
         "source": spec.source,
         "model": options.model,
         "method": options.method,
         "config": json.loads(plan.config_json),
         "anchors": plan.anchor_ids,
+        "storyboard": f"{STORYBOARD_DIR}/{spec.id}.png" if tiles else None,
         "complete": len(done) == len(spec.frames),
         "frames": [
             {"id": f.id, "index": f.index, "prompt": f.prompt, "seed": f.seed, "done": f.id in done,

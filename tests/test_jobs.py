@@ -1,0 +1,126 @@
+"""The ``jobs/*.py`` Ray-job entrypoints, run as subprocesses (workers 0, tiny-sdxl), and the
+dataset they write read back with Hugging Face ``datasets``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import datasets
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "story.yaml"
+SMALL = ["--model", "tiny-sdxl", "--steps", "2", "--height", "64", "--width", "64", "--no-progress"]
+
+BENCHMARK = """\
+animals:
+  - concept_token: fox
+    subject: A red fox with a bushy tail
+    style: A watercolor painting of
+    settings: [running through fresh snow, sleeping in a den]
+foods:
+  - concept_token: bagel
+    subject: A sesame bagel with cream cheese
+    style: A studio photo of
+    settings: [on a white plate, in a paper bag]
+"""
+
+
+def run_job(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    # Run as `ray job submit` would, but with no cluster: RAY_ADDRESS must not leak in from outside.
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / script), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+def load_parquet(out: Path, cache: Path) -> datasets.Dataset:
+    return datasets.load_dataset(
+        "parquet", data_files=str(out / "data" / "*.parquet"), split="train", cache_dir=str(cache)
+    )
+
+
+def test_make_dataset_writes_one_dataset_that_datasets_reads(tmp_path: Path) -> None:
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(BENCHMARK, encoding="utf-8")
+    out = tmp_path / "out"
+    proc = run_job("make_dataset.py", str(bench), "--out", str(out), "--workers", "0", "--limit", "2", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 stories, 4 frame(s) rendered" in proc.stdout
+    assert "animals: rendered 2" in proc.stdout and "foods: rendered 2" in proc.stdout
+
+    ds = load_parquet(out, tmp_path / "hf-cache")
+    assert ds.num_rows == 4
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert sorted(zip(ds["story_id"], ds["frame_id"])) == [
+        ("animals-000-fox", "s00"), ("animals-000-fox", "s01"), ("foods-000-bagel", "s00"), ("foods-000-bagel", "s01")
+    ]
+    image = ds[0]["image"]
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+    assert set(ds["prompt"]) >= {"A studio photo of A sesame bagel with cream cheese on a white plate"}
+
+    # A rerun into the same --out renders nothing.
+    again = run_job("make_dataset.py", str(bench), "--out", str(out), *SMALL)
+    assert again.returncode == 0, again.stderr
+    assert "0 frame(s) rendered, 4 already present" in again.stdout
+
+
+def test_make_dataset_checks_every_set_before_rendering(tmp_path: Path) -> None:
+    bench = tmp_path / "bench.yaml"
+    # "pretzel" is not in the subject text, so the subject mask has no token to come from.
+    bench.write_text(BENCHMARK + textwrap.dedent("""\
+        snacks:
+          - {concept_token: pretzel, subject: A salty knot, style: A photo of, settings: [on a table]}
+        """), encoding="utf-8")
+    out = tmp_path / "out"
+    proc = run_job("make_dataset.py", str(bench), "--out", str(out), *SMALL)
+    assert proc.returncode == 2
+    assert f"make_dataset: error: {bench}:snacks[0]: frame 's00' (#0): subject 'subject' token 'pretzel'" in proc.stderr
+    assert not out.exists()
+
+
+def test_render_story_job(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_job("render_story.py", str(EXAMPLE), "--out", str(out), "--only", "beach", *SMALL)
+    assert proc.returncode == 0, proc.stderr
+    assert "rendered 1 frame(s)" in proc.stdout
+    ds = load_parquet(out, tmp_path / "hf-cache")
+    assert ds.num_rows == 1 and ds[0]["frame_id"] == "beach"
+    assert ds[0]["image"].size == (64, 64)
+    assert (out / "storyboard.png").is_file() and (out / "manifest.json").is_file()
+
+
+def test_render_story_user_error_exits_2(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_job("render_story.py", str(EXAMPLE), "--only", "beach,nowhere", "--out", str(out), *SMALL)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("render_story:")]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"render_story: error: {EXAMPLE}: no frame has id 'nowhere'")
+    assert not out.exists()
+
+
+def test_address_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    import _common
+    import render_story
+
+    parse = render_story.build_parser().parse_args
+    assert parse([str(EXAMPLE), "--model", "m", "--out", "o"]).address is None
+    assert parse([str(EXAMPLE), "--model", "m", "--out", "o", "--address"]).address == "auto"
+    assert parse([str(EXAMPLE), "--model", "m", "--out", "o", "--address", "ray://h:10001"]).address == "ray://h:10001"
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _common.resolve_address(None) is None
+    assert _common.resolve_address("auto") == "auto"
+    # Under `ray job submit` RAY_ADDRESS is set: Ray joins that cluster itself.
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert _common.resolve_address("auto") is None
+    assert _common.resolve_address("10.0.0.1:6379") == "10.0.0.1:6379"
