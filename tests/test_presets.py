@@ -12,15 +12,19 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
 from PIL import Image
 from safetensors.torch import load_file
 
 from storysync_dist.models import presets
+from storysync_dist.models.info import load_model_info
 from storysync_dist.models.presets import PRESETS, UnknownModelError, load_pipeline, preset_path
 from storysync_dist.models.tokenizer import build_clip_tokenizer
 
 EXPECTED_CLASSES = {"tiny-sd": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
+# The presets that are saved and loaded back; random-sdxl (3.5B parameters) is only built in memory.
+SAVED = sorted(name for name, preset in PRESETS.items() if not preset.in_memory)
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +54,7 @@ def test_sdxl_second_tokenizer_pads_with_bang() -> None:
     assert tok("a cat", padding="max_length", max_length=6).input_ids == [49406, 320, 2368, 49407, 0, 0]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", SAVED)
 def test_preset_loads_real_pipeline(name: str) -> None:
     pipe = load_pipeline(name)
     assert type(pipe) is EXPECTED_CLASSES[name]
@@ -78,7 +82,7 @@ def _tensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", SAVED)
 def test_preset_build_is_bit_identical(
     name: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -105,7 +109,7 @@ def test_losing_a_build_race_keeps_the_winner(
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", SAVED)
 def test_stock_pipeline_renders(name: str) -> None:
     pipe = load_pipeline(name)
     out = pipe(
@@ -121,7 +125,7 @@ def test_stock_pipeline_renders(name: str) -> None:
     assert image.size == (128, 64)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", SAVED)
 def test_load_pipeline_from_saved_folder(name: str) -> None:
     pipe = load_pipeline(str(preset_path(name)))
     assert type(pipe) is EXPECTED_CLASSES[name]
@@ -131,7 +135,7 @@ def test_load_pipeline_from_saved_folder(name: str) -> None:
 def test_unknown_model_is_rejected(model: str) -> None:
     message = (
         f"unknown model or preset {model!r}: not a local folder, not a hub id, "
-        "and not one of the presets: tiny-sd, tiny-sdxl"
+        "and not one of the presets: random-sdxl, tiny-sd, tiny-sdxl"
     )
     with pytest.raises(UnknownModelError, match=re.escape(message)):
         load_pipeline(model)
@@ -142,3 +146,29 @@ def test_hub_id_shape() -> None:
     assert not presets.looks_like_hub_id("./models/sdxl")
     assert not presets.looks_like_hub_id("/abs/path")
     assert not presets.looks_like_hub_id("tiny-sd")
+
+
+def test_random_sdxl_has_sdxl_base_unet() -> None:
+    # On the meta device: the architecture without allocating its 10 GB of float32 weights.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**PRESETS["random-sdxl"].components["unet"])
+    cfg = unet.config
+    assert tuple(cfg.block_out_channels) == (320, 640, 1280)
+    assert tuple(cfg.transformer_layers_per_block) == (1, 2, 10)
+    assert tuple(cfg.attention_head_dim) == (5, 10, 20)
+    assert cfg.cross_attention_dim == 2048
+    assert cfg.addition_embed_type == "text_time" and cfg.addition_time_embed_dim == 256
+    assert cfg.projection_class_embeddings_input_dim == 2816
+    assert cfg.use_linear_projection and cfg.sample_size == 128
+    # SDXL base 1.0's UNet has 2,567,463,684 parameters.
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert PRESETS["random-sdxl"].in_memory and not PRESETS["tiny-sdxl"].in_memory
+
+
+def test_random_sdxl_folder_has_configs_but_no_weights() -> None:
+    folder = preset_path("random-sdxl")
+    assert (folder / "model_index.json").is_file() and (folder / "unet" / "config.json").is_file()
+    assert not list(folder.rglob("*.safetensors"))
+    info = load_model_info("random-sdxl")  # what a driver reads to validate prompts and sizes
+    assert info.size_factor == 32
+    assert info.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]

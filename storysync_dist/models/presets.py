@@ -6,6 +6,11 @@ checkpoint goes through (attention processors at two decoder resolutions, SDXL's
 two text encoders, `vae_scale_factor == 8`) without network access or a GPU. Each preset is built once,
 written with `save_pretrained` and always loaded back with `from_pretrained`, so the real loading path
 runs every time.
+
+`random-sdxl` is the exception: the full-size SDXL base architecture with seeded random weights, for
+benchmarks (real compute, noise pictures). At ~3.5B parameters (14 GB in float32) saving it would cost
+more than building it, so `load_pipeline` builds it in memory, directly in the requested dtype and on
+the requested device; only its configs and tokenizers are written to disk (for `load_model_info`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import accelerate
 import diffusers
 import diffusers.utils.deprecation_utils
 import diffusers.utils.logging
@@ -177,6 +183,95 @@ def _sdxl_components() -> dict[str, dict[str, Any]]:
     }
 
 
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0): unet/config.json, every key the class takes
+# (its 2,567,463,684 parameters are checked in tests/test_presets.py).
+_SDXL_BASE_UNET: dict[str, Any] = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + text_encoder_2's 1280
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+# SDXL base 1.0's vae/config.json.
+_SDXL_BASE_VAE: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+
+def _sdxl_base_components() -> dict[str, dict[str, Any]]:
+    # The special token ids stay those of _TEXT_BASE (the tokenizer's real ids); the hub configs'
+    # legacy ids (bos 0, eos 2) make transformers pool at the same <|endoftext|> position.
+    text = {  # CLIP ViT-L/14 text tower
+        **_TEXT_BASE, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+        "num_hidden_layers": 12, "projection_dim": 768, "hidden_act": "quick_gelu",
+    }
+    text_2 = {  # OpenCLIP ViT-bigG/14 text tower
+        **_TEXT_BASE, "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+        "num_hidden_layers": 32, "projection_dim": 1280, "hidden_act": "gelu",
+    }
+    return {
+        "unet": dict(_SDXL_BASE_UNET),
+        "vae": dict(_SDXL_BASE_VAE),
+        "text_encoder": text,
+        "text_encoder_2": text_2,
+        "tokenizer": {"pad_token": "<|endoftext|>"},
+        "tokenizer_2": {"pad_token": "!"},
+        "scheduler": dict(_SDXL_SCHEDULER),
+    }
+
+
 # ------------------------------------------------------------------------------------------------ presets
 
 _COMPONENT_BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -202,13 +297,18 @@ _SEEDS = {
 
 @dataclass(frozen=True)
 class Preset:
-    """A tiny, offline, deterministic stand-in for a real checkpoint of `pipeline_class`."""
+    """An offline, deterministic stand-in for a real checkpoint of `pipeline_class`.
+
+    ``in_memory`` presets are never saved with their weights: :func:`load_pipeline` builds them in
+    memory with :meth:`build_in_memory` (see ``random-sdxl``).
+    """
 
     name: str
     pipeline_class: type[DiffusionPipeline]
     scheduler_class: type
     components: Mapping[str, Mapping[str, Any]]
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    in_memory: bool = False
 
     def cache_key(self) -> str:
         """Short hash of everything that determines the saved weights and configs."""
@@ -252,9 +352,61 @@ class Preset:
         pipe = self.pipeline_class(**parts, **self.pipeline_kwargs)
         return pipe
 
+    def build_in_memory(
+        self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> DiffusionPipeline:
+        """Build the pipeline with seeded random weights, allocated on ``device`` in ``dtype``.
+
+        Each model is constructed on the meta device (no memory, no init work) and then gets its
+        parameters one tensor at a time from a per-component CPU generator: normal(0, 1/sqrt(fan_in))
+        for matrices and kernels, ones for norm scales, zeros for biases. The draws happen in float32
+        on the CPU, so the weights are the same on every device and differ across dtypes only by
+        rounding; the host never holds more than one float32 tensor besides the weights.
+        """
+        parts: dict[str, Any] = {}
+        caller_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            for role, cfg in self.components.items():
+                if role == "scheduler":
+                    parts[role] = self.scheduler_class(**cfg)
+                elif role.startswith("tokenizer"):
+                    parts[role] = _COMPONENT_BUILDERS[role](dict(cfg))
+                else:
+                    # Buffers stay real (CLIP's position ids are computed at construction).
+                    with accelerate.init_empty_weights(include_buffers=False):
+                        model = _COMPONENT_BUILDERS[role](dict(cfg))
+                    parts[role] = _materialize(model, _SEEDS[role], device, dtype)
+        finally:
+            torch.set_default_dtype(caller_dtype)
+        return self.pipeline_class(**parts, **self.pipeline_kwargs)
+
     def path(self) -> pathlib.Path:
         """Folder this preset is (or will be) saved to."""
         return cache_root() / "presets" / f"{self.name}-{self.cache_key()}"
+
+
+def _materialize(model: torch.nn.Module, seed: int, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Replace every meta parameter of ``model`` by a seeded random one on ``device`` in ``dtype``."""
+    generator = torch.Generator().manual_seed(seed)
+    done: dict[int, torch.nn.Parameter] = {}  # tied parameters stay tied
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in done:
+                values = torch.empty(param.shape, dtype=torch.float32)
+                if values.ndim >= 2:
+                    # Unit-variance activations through each layer, so 70 transformer blocks of
+                    # random weights still give finite, unsaturated numbers in half precision.
+                    values.normal_(0.0, (values[0].numel()) ** -0.5, generator=generator)
+                elif name == "weight":
+                    values.fill_(1.0)  # norm scales
+                else:
+                    values.zero_()
+                done[id(param)] = torch.nn.Parameter(values.to(device=device, dtype=dtype), requires_grad=False)
+            module._parameters[name] = done[id(param)]
+    return model.eval()
 
 
 PRESETS: dict[str, Preset] = {
@@ -271,6 +423,17 @@ PRESETS: dict[str, Preset] = {
         scheduler_class=EulerDiscreteScheduler,
         components=_sdxl_components(),
         pipeline_kwargs={"image_encoder": None, "feature_extractor": None},
+    ),
+    # For benchmarks: SDXL base 1.0's architecture and compute (UNet 2.57B, VAE, CLIP ViT-L and
+    # OpenCLIP bigG text towers, 3.47B parameters), seeded random weights, so its pictures are noise.
+    # Built in memory by load_pipeline (see Preset.build_in_memory); never saved with weights.
+    "random-sdxl": Preset(
+        name="random-sdxl",
+        pipeline_class=StableDiffusionXLPipeline,
+        scheduler_class=EulerDiscreteScheduler,
+        components=_sdxl_base_components(),
+        pipeline_kwargs={"image_encoder": None, "feature_extractor": None},
+        in_memory=True,
     ),
 }
 
@@ -321,6 +484,9 @@ def _unknown(model: str) -> UnknownModelError:
 def preset_path(name: str) -> pathlib.Path:
     """Return the saved folder of preset `name`, building and saving it first if needed.
 
+    For an ``in_memory`` preset the folder holds the configs and tokenizers only (what
+    ``load_model_info`` reads), no weights: load it with ``load_pipeline(name)``, not from the folder.
+
     The build happens in a temporary sibling folder that is atomically renamed into place, so
     concurrent processes (Ray workers on one node) never see a half-written preset; a process that
     loses the race just discards its own copy.
@@ -344,8 +510,11 @@ def _build_into(preset: Preset, target: pathlib.Path) -> None:
         # mkdtemp makes the folder 0700; a shared cache must stay readable by other users.
         tmp.chmod(0o755)
         with _quiet_progress_bars():
-            pipe = preset.build()
-            pipe.save_pretrained(tmp, safe_serialization=True)
+            if preset.in_memory:
+                _save_configs(preset, tmp)
+            else:
+                pipe = preset.build()
+                pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / _MANIFEST).write_text(json.dumps(preset._manifest(), indent=2, sort_keys=True, default=str))
         try:
             os.replace(tmp, target)
@@ -356,6 +525,26 @@ def _build_into(preset: Preset, target: pathlib.Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_configs(preset: Preset, folder: pathlib.Path) -> None:
+    """Write a pipeline folder without weights: model_index.json, every config, the tokenizers."""
+    parts: dict[str, Any] = {}
+    for role, cfg in preset.components.items():
+        if role == "scheduler":
+            parts[role] = preset.scheduler_class(**cfg)
+        else:
+            with torch.device("meta"):  # structure only: nothing is allocated or initialized
+                parts[role] = _COMPONENT_BUILDERS[role](dict(cfg))
+    pipe = preset.pipeline_class(**parts, **preset.pipeline_kwargs)
+    pipe.save_config(folder)  # model_index.json
+    for role, part in parts.items():
+        if role.startswith("tokenizer"):
+            part.save_pretrained(folder / role)
+        elif hasattr(part, "save_config"):  # diffusers models and schedulers
+            part.save_config(folder / role)
+        else:  # transformers models
+            part.config.save_pretrained(folder / role)
 
 
 # Hub repo ids: "org/name", alphanumerics plus - _ . (not leading), at most 96 characters per part.
@@ -376,10 +565,15 @@ def load_pipeline(
     """Load a diffusers pipeline from a preset name, a local pipeline folder, or a hub id.
 
     Resolution order: preset name, existing local directory, "org/name" hub id (through the normal HF
-    cache, never with remote code). Anything else raises `UnknownModelError`.
+    cache, never with remote code). Anything else raises `UnknownModelError`. An ``in_memory`` preset
+    (``random-sdxl``) is built here, on ``device`` in ``dtype``, without touching the disk.
     """
     dtype_kw = {_DTYPE_KWARG: dtype}
-    if model in PRESETS:
+    if model in PRESETS and PRESETS[model].in_memory:
+        # One build at a time: accelerate's empty-weights switch is process-global.
+        with _BUILD_LOCK, _quiet_progress_bars():
+            pipe = PRESETS[model].build_in_memory(device, dtype)
+    elif model in PRESETS:
         preset = PRESETS[model]
         path = preset_path(model)
         with _quiet_progress_bars():
