@@ -14,6 +14,7 @@ checked against the model before anything renders.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections import Counter
@@ -114,20 +115,27 @@ def _main(args: argparse.Namespace) -> int:
         device, dtype = device_and_dtype(args.device, args.dtype)
         pipe = load_pipeline(args.model, device=device, dtype=dtype)
 
+    options = RenderOptions(
+        model=args.model, out=args.out, method=args.method, device=args.device, dtype=args.dtype,
+        progress=not args.no_progress, workers=args.workers, address=resolve_address(args.address),
+    )
     start = time.perf_counter()
     rendered: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
-    for number, story in enumerate(stories, 1):
-        options = RenderOptions(
-            model=args.model, out=args.out, method=args.method, device=args.device, dtype=args.dtype,
-            progress=not args.no_progress, workers=args.workers, address=resolve_address(args.address),
-        )
-        result = render_story(story, options, **({"pipe": pipe} if pipe is not None else {}))
-        category = _category(story)
-        rendered[category] += len(result.rendered)
-        skipped[category] += len(result.skipped)
-        print(f"[{number}/{len(stories)}] {story.id}: rendered {len(result.rendered)}, "
-              f"skipped {len(result.skipped)} already present ({result.seconds:.1f}s)", flush=True)
+    with contextlib.ExitStack() as stack:
+        executor = None
+        if args.workers > 0 and stories:
+            # One pool of workers for every story: each loads its pipeline once.
+            from storysync_dist.distributed.executor import RayExecutor
+
+            executor = stack.enter_context(RayExecutor(options))
+        for number, story in enumerate(stories, 1):
+            result = render_story(story, options, pipe=pipe, executor=executor)
+            category = _category(story)
+            rendered[category] += len(result.rendered)
+            skipped[category] += len(result.skipped)
+            print(f"[{number}/{len(stories)}] {story.id}: rendered {len(result.rendered)}, "
+                  f"skipped {len(result.skipped)} already present ({result.seconds:.1f}s)", flush=True)
 
     print(f"{len(stories)} stories, {sum(rendered.values())} frame(s) rendered, {sum(skipped.values())} already "
           f"present, {len(problems)} subject set(s) left out, in {time.perf_counter() - start:.1f}s")

@@ -7,10 +7,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .engine.job import JobResult, RenderOptions, local_executor, prepare_job, run_job
 from .engine.renderer import FrameOutput
 from .spec import StorySpec
+
+if TYPE_CHECKING:
+    from .distributed.executor import RayExecutor
 
 __all__ = ["JobResult", "RenderOptions", "render_story"]
 
@@ -20,19 +24,37 @@ def render_story(
     options: RenderOptions,
     *,
     pipe: object | None = None,
+    executor: RayExecutor | None = None,
     on_frame: Callable[[FrameOutput], None] | None = None,
 ) -> JobResult:
     """Render ``story`` (a path or a loaded spec) into the dataset at ``options.out``.
 
     ``options.workers == 0`` renders in this process (``pipe`` may be a pipeline already loaded);
     ``workers >= 1`` renders on Ray actors (joining ``options.address``/RAY_ADDRESS or starting a
-    local Ray). ``on_frame`` is called on the driver for every frame written.
+    local Ray). ``executor`` is a pooled executor to reuse from story to story, so its workers load
+    their pipelines once::
+
+        with RayExecutor(options) as executor:
+            for story in stories:
+                render_story(story, options, executor=executor)
+
+    ``on_frame`` is called on the driver for every frame written.
     """
+    if options.workers == 0 and executor is not None:
+        raise ValueError("executor= is only for workers >= 1")
+    if options.workers > 0 and pipe is not None:
+        raise ValueError("pipe= is only for workers=0: Ray workers load their own pipelines")
     plan = prepare_job(story, options, pipe=pipe)
     if options.workers == 0:
         return run_job(plan, local_executor(pipe), on_frame)
-    if pipe is not None:
-        raise ValueError("pipe= is only for workers=0: Ray workers load their own pipelines")
-    from .distributed.executor import RayExecutor
+    if executor is None:
+        from .distributed.executor import RayExecutor
 
-    return run_job(plan, RayExecutor(options), on_frame)
+        executor = RayExecutor(options)
+    else:
+        pooled = executor.options
+        for name in ("model", "device", "dtype", "workers", "address"):
+            if getattr(pooled, name) != getattr(options, name):
+                raise ValueError(f"executor= was made for {name}={getattr(pooled, name)!r}, this story asks for "
+                                 f"{getattr(options, name)!r}")
+    return run_job(plan, executor, on_frame)

@@ -128,20 +128,64 @@ def test_resumed_job_renders_only_missing_frames(tmp_path: Path, in_process) -> 
     assert_same_pixels(images(out), in_process)
 
 
-def test_a_dead_anchor_actor_is_replaced_and_the_anchors_recomputed(tmp_path: Path, in_process) -> None:
-    out = tmp_path / "anchor-fault"
-    options = RenderOptions(out=str(out), workers=1, **FAST)
-    plan = prepare_job(EXAMPLE, options)
-    executor = RayExecutor(options)
+# Anchor-death tests kill the anchor actor as the driver receives its second step object. The
+# actor streams each step as it is published, so with many steps the kill lands while most of the
+# steps are still to render (about a second on this CPU, against milliseconds for the kill).
+SLOW = {**FAST, "steps": 30}
 
-    def kill_the_first_anchor_actor(index: int) -> None:
-        # Deterministic: the first actor dies as its second step object reaches the driver,
-        # before it has yielded the rest.
+
+@pytest.fixture(scope="module")
+def slow_story(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, np.ndarray]]:
+    folder = tmp_path_factory.mktemp("slow")
+    story = long_story(folder, 3)
+    render_story(story, RenderOptions(out=str(folder / "reference"), **SLOW))
+    return story, images(folder / "reference")
+
+
+def kill_first_anchor_actor_at_second_step(executor: RayExecutor) -> None:
+    def hook(index: int) -> None:
         if executor.anchor_attempts == 1 and index == 1:
-            ray.kill(executor.anchor_actor)
+            ray.kill(executor.anchor_actor, no_restart=False)  # a pooled worker restarts; an AnchorActor does not
 
-    executor.on_anchor_object = kill_the_first_anchor_actor
+    executor.on_anchor_object = hook
+
+
+def test_a_dead_anchor_actor_is_replaced_and_the_anchors_recomputed(tmp_path: Path, slow_story) -> None:
+    story, reference = slow_story
+    out = tmp_path / "anchor-fault"
+    options = RenderOptions(out=str(out), workers=1, **SLOW)
+    plan = prepare_job(story, options)
+    executor = RayExecutor(options)
+    kill_first_anchor_actor_at_second_step(executor)
     result = run_job(plan, executor)
     assert executor.anchor_attempts == 2
-    assert sorted(result.rendered) == sorted(in_process)
-    assert_same_pixels(images(out), in_process)
+    assert sorted(result.rendered) == sorted(reference)
+    assert_same_pixels(images(out), reference)
+
+
+def test_a_pooled_executor_keeps_its_workers_from_story_to_story(tmp_path: Path, in_process, slow_story) -> None:
+    story, slow_reference = slow_story
+    reference = tmp_path / "reference"
+    render_story(story, RenderOptions(out=str(reference), **FAST))
+
+    options = RenderOptions(out=str(tmp_path / "pooled"), workers=2, **FAST)
+    with RayExecutor(options) as executor:
+        first = render_story(EXAMPLE, options, executor=executor)
+        pids = sorted(s["pid"] for s in first.stats["worker_stats"])
+        second = render_story(story, options, executor=executor)
+        # The same two processes rendered both stories: no pipeline was loaded twice.
+        assert sorted(s["pid"] for s in second.stats["worker_stats"]) == pids
+        assert len(executor.workers) == 2
+        # A third story whose anchors' worker is killed halfway: the next worker renders them again.
+        kill_first_anchor_actor_at_second_step(executor)
+        third_out = tmp_path / "pooled-slow"
+        third = render_story(story, RenderOptions(out=str(third_out), workers=2, **SLOW), executor=executor)
+        assert executor.anchor_attempts == 2
+    assert executor.workers == []  # leaving the block stopped the pool
+    assert sum(s["frames"] for s in second.stats["worker_stats"]) == 4 + 1  # counted since the pool started
+    assert sorted(third.rendered) == sorted(slow_reference)
+
+    both = images(tmp_path / "pooled")
+    assert_same_pixels({k: v for k, v in both.items() if k in in_process}, in_process)
+    assert_same_pixels({k: v for k, v in both.items() if k not in in_process}, images(reference))
+    assert_same_pixels(images(third_out), slow_reference)

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -70,6 +71,26 @@ def test_make_dataset_writes_one_dataset_that_datasets_reads(tmp_path: Path) -> 
     again = run_job("make_dataset.py", str(bench), "--out", str(out), *SMALL)
     assert again.returncode == 0, again.stderr
     assert "0 frame(s) rendered, 4 already present" in again.stdout
+
+
+def test_make_dataset_on_two_ray_workers_matches_in_process(tmp_path: Path) -> None:
+    # Three scenes per subject: two anchors and one frame for the workers, in each story; one pool
+    # of workers serves both stories.
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(BENCHMARK.replace("sleeping in a den]", "sleeping in a den, crossing a river]")
+                     .replace("in a paper bag]", "in a paper bag, next to a coffee]"), encoding="utf-8")
+    frames = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}"
+        proc = run_job("make_dataset.py", str(bench), "--out", str(out), "--workers", workers, *SMALL)
+        assert proc.returncode == 0, proc.stderr
+        assert "2 stories, 6 frame(s) rendered" in proc.stdout
+        ds = load_parquet(out, tmp_path / f"hf-cache-{workers}")
+        frames[workers] = {(r["story_id"], r["frame_id"]): np.asarray(r["image"], dtype=np.int16) for r in ds}
+    assert sorted(frames["2"]) == sorted(frames["0"]) and len(frames["0"]) == 6
+    for key, image in frames["0"].items():
+        # Within float tolerance: a Ray worker runs torch with another thread count.
+        assert np.abs(image - frames["2"][key]).max() <= 2, key
 
 
 def test_make_dataset_checks_every_set_before_rendering(tmp_path: Path) -> None:

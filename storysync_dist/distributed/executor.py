@@ -8,6 +8,11 @@
    worker never holds a queue. Each worker pulls the anchor steps once and keeps them resident.
 3. A worker that dies mid-frame costs only that frame: it goes back to the queue for the next free
    worker while Ray restarts the actor. The driver writes each frame once, as it arrives.
+
+Used as a context manager (``with RayExecutor(options) as executor:``) the executor is *pooled*:
+its FrameWorkers stay up from one story to the next (a dataset of many short stories loads each
+pipeline once, not once per story), and each story's anchors render on one of them
+(``FrameWorker.render_anchors``) instead of on a separate AnchorActor.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class RayExecutor:
 
     def __init__(self, options: RenderOptions) -> None:
         self.options = options
+        self.pooled = False  # set by __enter__: keep the workers between jobs
         connect(options.address, options.workers)
         self.resources = actor_resources(options.workers)  # fails fast when the cluster is too small
         self.workers: list[Any] = []
@@ -50,20 +56,54 @@ class RayExecutor:
         self.busy: dict[int, str] = {}  # worker index -> frame id in flight (for tests and logs)
         self.retried: list[str] = []
 
-    def _actor_args(self, plan: JobPlan) -> tuple:
+    def __enter__(self) -> RayExecutor:
+        self.pooled = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every actor this executor started."""
+        for actor in [self.anchor_actor, *self.workers]:
+            if actor is not None:
+                ray.kill(actor)
+        self.workers, self.anchor_actor = [], None
+
+    def _actor_args(self) -> tuple:
+        return (self.options.model, self.options.device, self.options.dtype)
+
+    @staticmethod
+    def _story_args(plan: JobPlan) -> tuple[dict, dict]:
+        """What a job tells an actor with each call: the config and sampling settings (plain dicts)."""
         s = plan.settings
         settings = {"model": s.model, "steps": s.steps, "height": s.height, "width": s.width,
                     "guidance_scale": s.guidance_scale}
-        return (self.options.model, self.options.device, self.options.dtype, plan.config.to_dict(), settings)
+        return plan.config.to_dict(), settings
 
     def _options(self, **extra: Any) -> dict[str, Any]:
         return {**self.resources, "runtime_env": {"env_vars": WORKER_ENV}, **extra}
 
     # ---- anchors --------------------------------------------------------------------------
-    def _start_anchor_actor(self, plan: JobPlan) -> Any:
-        actor = ray.remote(AnchorActor).options(**self._options(max_restarts=0)).remote(*self._actor_args(plan))
+    def _start_anchor_actor(self) -> Any:
+        actor = ray.remote(AnchorActor).options(**self._options(max_restarts=0)).remote(*self._actor_args())
         ray.get(actor.ready.remote())
         return actor
+
+    def _anchor_stream(self, plan: JobPlan) -> Any:
+        if self.pooled:
+            return self.anchor_actor.render_anchors.remote(plan.anchor_jobs, *self._story_args(plan))
+        return self.anchor_actor.render.remote(plan.anchor_jobs, *self._story_args(plan))
+
+    def _replace_anchor_actor(self, attempt: int) -> None:
+        if self.pooled:
+            # The worker that died is restarting (or gone): the next worker takes the anchors.
+            worker = self.workers[attempt % len(self.workers)]
+            ray.get(worker.ready.remote())
+            self.anchor_actor = worker
+        else:
+            ray.kill(self.anchor_actor)
+            self.anchor_actor = self._start_anchor_actor()
 
     def _render_anchors(self, plan: JobPlan) -> tuple[list[Any], dict]:
         """Run the anchors (retrying on a fresh actor if one dies); return step refs and the tail."""
@@ -71,7 +111,7 @@ class RayExecutor:
             self.anchor_attempts = attempt
             try:
                 refs = []
-                for ref in self.anchor_actor.render.remote(plan.anchor_jobs):
+                for ref in self._anchor_stream(plan):
                     refs.append(ref)
                     if self.on_anchor_object is not None:
                         self.on_anchor_object(len(refs) - 1)
@@ -82,19 +122,25 @@ class RayExecutor:
                     raise
                 # The anchors are deterministic: render them again on a fresh actor.
                 log.warning("anchor actor died (%s); rendering the anchors again", type(exc).__name__)
-                ray.kill(self.anchor_actor)
-                self.anchor_actor = self._start_anchor_actor(plan)
+                self._replace_anchor_actor(attempt)
         raise AssertionError("unreachable")
 
     # ---- the job --------------------------------------------------------------------------
     def __call__(self, plan: JobPlan, ctx: JobContext) -> dict:
         stats: dict[str, Any] = {"workers": self.options.workers}
         try:
-            if plan.anchor_jobs:
-                # The anchor actor is placed first, so workers queued behind it on a full cluster
-                # cannot starve it.
-                self.anchor_actor = self._start_anchor_actor(plan)
-            self.workers = [self._new_worker(plan) for _ in range(self.options.workers)]
+            if self.pooled:
+                if not self.workers:
+                    self.workers = [self._new_worker() for _ in range(self.options.workers)]
+                if plan.anchor_jobs:
+                    self.anchor_actor = self.workers[0]
+                    ray.get(self.anchor_actor.ready.remote())
+            else:
+                if plan.anchor_jobs:
+                    # The anchor actor is placed first, so workers queued behind it on a full
+                    # cluster cannot starve it.
+                    self.anchor_actor = self._start_anchor_actor()
+                self.workers = [self._new_worker() for _ in range(self.options.workers)]
             step_refs, meta = None, None
             if plan.anchor_jobs:
                 t0 = time.perf_counter()
@@ -102,7 +148,8 @@ class RayExecutor:
                 stats["anchor_seconds"] = time.perf_counter() - t0
                 stats["anchor_bytes"] = tail["nbytes"]
                 meta = tail["meta"]
-                ray.kill(self.anchor_actor)  # its GPU goes to a waiting worker; the steps stay
+                if not self.pooled:
+                    ray.kill(self.anchor_actor)  # its GPU goes to a waiting worker; the steps stay
                 self.anchor_actor = None
                 for frame in tail["frames"]:
                     if frame.job.frame_id in plan.anchor_writes:
@@ -120,16 +167,18 @@ class RayExecutor:
             bundle_key = uuid.uuid4().hex if meta is not None else None
             self._dispatch(plan, ctx, bundle_key, meta, step_refs)
             stats["worker_stats"] = self._worker_stats()
+        except BaseException:
+            self.close()  # a failed job leaves no actors behind, pooled or not
+            raise
         finally:
-            for actor in [self.anchor_actor, *self.workers]:
-                if actor is not None:
-                    ray.kill(actor)
-            self.workers, self.anchor_actor = [], None
+            if not self.pooled:
+                self.close()
+            self.anchor_actor = None
         return stats
 
-    def _new_worker(self, plan: JobPlan) -> Any:
+    def _new_worker(self) -> Any:
         options = self._options(max_restarts=WORKER_RESTARTS, max_task_retries=0)
-        return ray.remote(FrameWorker).options(**options).remote(*self._actor_args(plan))
+        return ray.remote(FrameWorker).options(**options).remote(*self._actor_args())
 
     def _dispatch(
         self, plan: JobPlan, ctx: JobContext, bundle_key: str | None, meta: dict | None, step_refs: list | None
@@ -143,11 +192,12 @@ class RayExecutor:
         for w, worker in enumerate(self.workers):
             pending[worker.ready.remote()] = ("ready", w, None)
         written: set[str] = set()
+        story_args = self._story_args(plan)
 
         while queue or any(kind == "frame" for kind, _, _ in pending.values()):
             while idle and queue:
                 w, job = idle.pop(0), queue.popleft()
-                ref = self.workers[w].render.remote(job, bundle_key, meta, step_refs)
+                ref = self.workers[w].render.remote(job, *story_args, bundle_key, meta, step_refs)
                 pending[ref] = ("frame", w, job)
                 self.busy[w] = job.frame_id
             if not pending:
