@@ -1,0 +1,85 @@
+"""The benchmark harness in --quick mode: it runs, and writes the tables it promises."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+
+from bench import run
+
+
+def test_quick_bench_writes_its_tables(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\nHand-written notes stay.\n", encoding="utf-8")
+    # Sections a-c only: d and e start Ray, which a smoke test does not need.
+    assert run.main(["--quick", "--sections", "abc", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("# Benchmarks\n\nHand-written notes stay.\n")
+    assert text.count(run.START_MARK) == 1 and text.count(run.END_MARK) == 1
+    assert "not measured: child" not in text  # no child process failed
+    plan = run.QUICK
+
+    # a: one row per story length: frames, non-anchor frames, then measured seconds.
+    for frames in plan.lengths:
+        assert re.search(rf"^\| {frames} \| {frames - 2} \| [0-9.]+ \| [0-9.]+ \|", text, re.M), frames
+    # b: the bundle row (float16, subject tokens only) and bytes pulled per frame for 1 and 2 workers.
+    size = f"{plan.size}x{plan.size}"
+    assert re.search(rf"^\| tiny-sdxl {size} \| {plan.steps} \(\d+\) \| \d+ \| float16 \| [0-9.]+ % \|", text, re.M)
+    for frames in plan.lengths:
+        for workers in (1, 2):
+            assert re.search(rf"^\| {frames} \| {workers} \| \d+ \| [0-9.]+ k?B \|", text, re.M)
+    # c: the tiny-sdxl ratio row; random-sdxl is not run in quick mode, and says so.
+    model, px, steps, pairs = plan.ratio_runs[0]
+    assert re.search(rf"^\| {model} \| {px}x{px} \| {steps} \(\d+\) \| {pairs} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|",
+                     text, re.M)
+    assert "not measured: random-sdxl: --quick runs tiny-sdxl only" in text
+    # d, e, f: not selected, and the file says so rather than leaving them out.
+    assert text.count("not measured: section not selected (--sections abc)") == 3
+    assert "### Where the numbers stand against the budgets" in text
+
+
+def test_rerun_replaces_only_the_generated_section(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    run.write_report(out, f"{run.START_MARK}\nfirst\n{run.END_MARK}\n")
+    out.write_text(out.read_text(encoding="utf-8") + "\nNotes after the tables.\n", encoding="utf-8")
+    run.write_report(out, f"{run.START_MARK}\nsecond\n{run.END_MARK}\n")
+    text = out.read_text(encoding="utf-8")
+    assert "second" in text and "first" not in text
+    assert text.rstrip().endswith("Notes after the tables.")
+    assert text.startswith("# Benchmarks")
+
+
+def test_failed_ray_run_is_reported_not_dropped() -> None:
+    emits = [{"id": "f0000", "anchor": True, "t": 1.0}, {"id": "f0001", "anchor": True, "t": 1.0}]
+    emits += [{"id": f"f{k:04d}", "anchor": False, "t": 1.0 + k} for k in range(2, 6)]
+    stats = {"worker_stats": [{"frames": 4, "pulled_bytes": 10, "threads": 1, "peak_rss_bytes": 2**20}]}
+    report = run.Report(plan=run.QUICK, quick=True, sections="de", machine={"date": "now"})
+    report.ray = {"ray_start_seconds": 1.0, "runs": [
+        {"section": "d", "frames": 6, "workers": 1, "wall": 6.0, "emits": emits, "stats": stats},
+        {"section": "d", "frames": 6, "workers": 2, "error": "RuntimeError: boom"},
+        {"section": "e", "frames": 6, "workers": 2, "error": "RuntimeError: boom"},
+    ]}
+    text = run.render_markdown(report)
+    assert re.search(r"^\| 1 \| 1 \| 3 \| ", text, re.M)  # the run that finished keeps its row
+    assert "not measured: 6 frames on 2 workers: RuntimeError: boom" in text
+    assert text.count("RuntimeError: boom") == 2
+    # The raw dump (--json) renders the same section again (--from-json).
+    again = run.report_from_json(json.loads(json.dumps(dataclasses.asdict(report), default=str)))
+    assert run.render_markdown(again) == text
+
+
+def test_pooled_dataset_section_reports_both_modes() -> None:
+    report = run.Report(plan=run.QUICK, quick=True, sections="f", machine={"date": "now"})
+    report.ray = {"ray_start_seconds": 1.0, "runs": [], "pool": [
+        {"mode": "per-story", "stories": 2, "frames": 3, "workers": 2, "wall": 12.0, "per_story": [7.0, 5.0]},
+        {"mode": "pooled", "stories": 2, "frames": 3, "workers": 2, "wall": 4.0, "per_story": [3.0, 1.0]},
+    ]}
+    text = run.render_markdown(report)
+    assert re.search(r"^\| per-story \| 2 \| 3 \| 12 \| 6 \| 7 \| 5 \| 1 \|$", text, re.M)
+    assert re.search(r"^\| pooled \| 2 \| 3 \| 4 \| 2 \| 3 \| 1 \| 3 \|$", text, re.M)
+    assert "a pooled executor rendered 2 stories of 3 frames 3.00x as fast" in text
+    report.ray["pool"][1] = {"mode": "pooled", "error": "RuntimeError: boom"}
+    text = run.render_markdown(report)
+    assert "not measured: pooled: RuntimeError: boom" in text and "| per-story | 2 |" in text
