@@ -38,6 +38,7 @@ log = logging.getLogger("storysync")
 MAX_FRAME_ATTEMPTS = 3
 MAX_ANCHOR_ATTEMPTS = 2
 WORKER_RESTARTS = 3
+_RESOURCE_NAMES = {"num_gpus": "GPU", "num_cpus": "CPU"}
 
 
 class RayExecutor:
@@ -85,10 +86,18 @@ class RayExecutor:
         return {**self.resources, "runtime_env": {"env_vars": WORKER_ENV}, **extra}
 
     # ---- anchors --------------------------------------------------------------------------
+    def _new_anchor_actor(self) -> Any:
+        return ray.remote(AnchorActor).options(**self._options(max_restarts=0)).remote(*self._actor_args())
+
     def _start_anchor_actor(self) -> Any:
-        actor = ray.remote(AnchorActor).options(**self._options(max_restarts=0)).remote(*self._actor_args())
+        actor = self._new_anchor_actor()
         ray.get(actor.ready.remote())
         return actor
+
+    def _room_for(self, actors: int) -> bool:
+        """Whether the cluster has the resources of ``actors`` actors free right now."""
+        free = ray.available_resources()
+        return all(free.get(_RESOURCE_NAMES[name], 0) >= amount * actors for name, amount in self.resources.items())
 
     def _anchor_stream(self, plan: JobPlan) -> Any:
         if self.pooled:
@@ -135,10 +144,15 @@ class RayExecutor:
                 if plan.anchor_jobs:
                     self.anchor_actor = self.workers[0]
                     ray.get(self.anchor_actor.ready.remote())
+            elif plan.anchor_jobs and self._room_for(self.options.workers + 1):
+                # Room for the anchor actor and every worker at once: all load in parallel.
+                self.anchor_actor = self._new_anchor_actor()
+                self.workers = [self._new_worker() for _ in range(self.options.workers)]
+                ray.get(self.anchor_actor.ready.remote())
             else:
                 if plan.anchor_jobs:
-                    # The anchor actor is placed first, so workers queued behind it on a full
-                    # cluster cannot starve it.
+                    # The anchor actor is placed (and ready) first, so workers queued behind it on
+                    # a full cluster cannot starve it; they get its GPU once the anchors are done.
                     self.anchor_actor = self._start_anchor_actor()
                 self.workers = [self._new_worker() for _ in range(self.options.workers)]
             step_refs, meta = None, None
