@@ -128,6 +128,23 @@ def test_resumed_job_renders_only_missing_frames(tmp_path: Path, in_process) -> 
     assert_same_pixels(images(out), in_process)
 
 
+def test_saved_anchors_are_reused_by_ray_workers(tmp_path: Path, in_process) -> None:
+    bank = tmp_path / "bank"
+    first = render_story(EXAMPLE, RenderOptions(out=str(bank), workers=2, save_anchors=True, only=["beach"], **FAST))
+    bundle = bank / "anchors" / "ginger-cat.safetensors"
+    assert first.anchor_bundle and bundle.is_file()
+    # A second job with --anchors renders its frames on the workers without rendering anchors: the
+    # driver puts the bundle's steps in the object store itself.
+    reuse = tmp_path / "reuse"
+    second = render_story(
+        EXAMPLE, RenderOptions(out=str(reuse), workers=2, anchors=str(bundle), only=["market", "rooftop"], **FAST)
+    )
+    assert sorted(second.rendered) == ["market", "rooftop"] and "anchor_seconds" not in second.stats
+    assert sum(s["frames"] for s in second.stats["worker_stats"]) == 2
+    assert_same_pixels(images(reuse), {k: in_process[k] for k in ("market", "rooftop")})
+    assert_same_pixels(images(bank), {"beach": in_process["beach"]})
+
+
 # Anchor-death tests kill the anchor actor as the driver receives its second step object. The
 # actor streams each step as it is published, so with many steps the kill lands while most of the
 # steps are still to render (about a second on this CPU, against milliseconds for the kill).
