@@ -77,9 +77,24 @@ def _check_against_model(stories: list[StorySpec], model: str) -> tuple[list[Sto
 
 
 def _category(story: StorySpec) -> str:
-    # load_benchmark names a story's source "<file>:<category>[<index>]", and category names are
-    # id-safe (no ":" or "["), so the last ":" starts the category.
+    """The benchmark category of ``story``, which ``load_benchmark`` sets."""
+    if story.category is not None:
+        return story.category
+    # A story built some other way: its source reads "<file>:<category>[<index>]".
     return story.source.rsplit(":", 1)[-1].rsplit("[", 1)[0]
+
+
+def check_unique_ids(stories: Sequence[StorySpec]) -> None:
+    """Refuse two stories with the same id: the second would find the first one's frames "already
+    present" and silently render nothing. Raises a one-line ``StorySyncUserError`` naming both."""
+    first: dict[str, StorySpec] = {}
+    for story in stories:
+        if story.id in first:
+            raise StorySyncUserError(
+                f"{first[story.id].source} and {story.source} both have story id {story.id!r}; "
+                "nothing was rendered"
+            )
+        first[story.id] = story
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -103,6 +118,9 @@ def _main(args: argparse.Namespace) -> int:
             print(f"{PROG}: error: {len(problems)} subject set(s) do not fit --model {args.model}; nothing was "
                   "rendered (fix them, or pass --skip-invalid to leave them out)", file=sys.stderr)
             return 2
+    # load_benchmark already makes ids unique; checked again on what is about to render, since a
+    # clash would silently drop a story into the other one's "already present" frames.
+    check_unique_ids(stories)
     warn_if_driver_only(PROG, args.workers)
 
     pipe = None

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from _common import add_cluster_arguments, resolve_address, run, warn_if_driver_only
 
 from storysync_dist.cli import build_parser as build_cli_parser
+from storysync_dist.cli import print_result
 from storysync_dist.errors import StorySyncUserError
 
 PROG = "render_story"
@@ -56,16 +57,10 @@ def _main(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, method=args.method, only=only, steps=args.steps,
         height=args.height, width=args.width, seed=args.seed, device=args.device, dtype=args.dtype,
         anchors=args.anchors, save_anchors=args.save_anchors, progress=not args.no_progress,
-        workers=args.workers, address=resolve_address(args.address),
+        workers=args.workers, address=resolve_address(args.address), dry_run=args.dry_run,
+        start_timeout=args.start_timeout,
     )
-    result = render_story(args.story, options)
-    print(f"rendered {len(result.rendered)} frame(s), skipped {len(result.skipped)} already present, "
-          f"in {result.seconds:.1f}s")
-    print(f"dataset:    {result.out}")
-    print(f"storyboard: {result.storyboard}")
-    print(f"manifest:   {result.manifest}")
-    if result.anchor_bundle:
-        print(f"anchors:    {result.anchor_bundle}")
+    print_result(render_story(args.story, options))
     return 0
 
 

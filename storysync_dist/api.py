@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .engine.job import JobResult, RenderOptions, local_executor, prepare_job, run_job
 from .engine.renderer import FrameOutput
-from .spec import StorySpec
+from .spec import StorySpec, load_story
 
 if TYPE_CHECKING:
     from .distributed.executor import RayExecutor
@@ -38,23 +38,34 @@ def render_story(
             for story in stories:
                 render_story(story, options, executor=executor)
 
-    ``on_frame`` is called on the driver for every frame written.
+    ``on_frame`` is called on the driver for every frame written. With ``options.dry_run`` the
+    story is planned against the dataset and nothing is written: the result's ``notes`` say what
+    a real run would render, replace and remove.
     """
     if options.workers == 0 and executor is not None:
         raise ValueError("executor= is only for workers >= 1")
     if options.workers > 0 and pipe is not None:
         raise ValueError("pipe= is only for workers=0: Ray workers load their own pipelines")
-    plan = prepare_job(story, options, pipe=pipe)
-    if options.workers == 0:
-        return run_job(plan, local_executor(pipe), on_frame)
-    if executor is None:
-        from .distributed.executor import RayExecutor
+    spec = load_story(story) if isinstance(story, str) else story  # a bad story fails before Ray starts
+    device = None
+    if options.workers > 0:
+        if executor is None:
+            from .distributed.executor import RayExecutor
 
-        executor = RayExecutor(options)
-    else:
-        pooled = executor.options
-        for name in ("model", "device", "dtype", "workers", "address"):
-            if getattr(pooled, name) != getattr(options, name):
-                raise ValueError(f"executor= was made for {name}={getattr(pooled, name)!r}, this story asks for "
-                                 f"{getattr(options, name)!r}")
-    return run_job(plan, executor, on_frame)
+            executor = RayExecutor(options)
+        else:
+            pooled = executor.options
+            for name in ("model", "device", "dtype", "workers", "address"):
+                if getattr(pooled, name) != getattr(options, name):
+                    raise ValueError(f"executor= was made for {name}={getattr(pooled, name)!r}, this story asks "
+                                     f"for {getattr(options, name)!r}")
+        device = executor.device
+    plan = prepare_job(spec, options, pipe=pipe, device=device)
+    if options.dry_run:
+        return JobResult(
+            out=options.out, story_id=plan.spec.id, rendered=[], skipped=plan.skipped, storyboard="",
+            manifest="", seconds=0.0, replaced=list(plan.replace), removed=list(plan.remove),
+            stale=list(plan.stale), damaged=list(plan.damaged), dry_run=True,
+            notes=[*plan.notes, *plan.summary()],
+        )
+    return run_job(plan, executor if executor is not None else local_executor(pipe), on_frame)

@@ -9,8 +9,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from .errors import StorySyncUserError
+from .errors import RenderError, StorySyncUserError
+
+if TYPE_CHECKING:
+    from .engine.job import JobResult
 
 EXIT_USER_ERROR = 2
 
@@ -32,6 +36,16 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -59,8 +73,39 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--workers", type=_non_negative_int, default=0,
                         help="Ray frame workers (one pipeline per GPU); 0 renders in this process without Ray")
     render.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    render.add_argument("--dry-run", action="store_true",
+                        help="print what a run would render, replace and remove, and write nothing")
+    render.add_argument("--start-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                        help="with --workers: how long to wait for the cluster's resources (default 600)")
     render.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def print_result(result: JobResult) -> None:
+    """What ``storysync render`` (and ``jobs/render_story.py``) print when a job is done."""
+    if result.dry_run:
+        print(f"dry run of story {result.story_id!r} into {result.out}: nothing was written")
+        for line in result.notes:
+            print(f"  {line}")
+        return
+    print(f"rendered {len(result.rendered)} frame(s), skipped {len(result.skipped)} already present, "
+          f"in {result.seconds:.1f}s")
+    if result.replaced:
+        print(f"replaced:   {len(result.replaced)} frame(s) stored with other inputs ({', '.join(result.replaced)})")
+    if result.removed:
+        print(f"removed:    {len(result.removed)} frame(s) no longer in the story ({', '.join(result.removed)})")
+    if result.stale:
+        print(f"stale:      {len(result.stale)} frame(s) out of date, not selected by --only "
+              f"({', '.join(result.stale)})")
+    for damaged in result.damaged:
+        print(f"set aside:  damaged part file {damaged}")
+    for note in result.notes:
+        print(f"note:       {note}")
+    print(f"dataset:    {result.out}")
+    print(f"storyboard: {result.storyboard}")
+    print(f"manifest:   {result.manifest}")
+    if result.anchor_bundle:
+        print(f"anchors:    {result.anchor_bundle}")
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -73,16 +118,9 @@ def _render(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, method=args.method, only=only, steps=args.steps,
         height=args.height, width=args.width, seed=args.seed, device=args.device, dtype=args.dtype,
         anchors=args.anchors, save_anchors=args.save_anchors, progress=not args.no_progress,
-        workers=args.workers, address=args.address,
+        workers=args.workers, address=args.address, dry_run=args.dry_run, start_timeout=args.start_timeout,
     )
-    result = render_story(args.story, options)
-    print(f"rendered {len(result.rendered)} frame(s), skipped {len(result.skipped)} already present, "
-          f"in {result.seconds:.1f}s")
-    print(f"dataset:    {result.out}")
-    print(f"storyboard: {result.storyboard}")
-    print(f"manifest:   {result.manifest}")
-    if result.anchor_bundle:
-        print(f"anchors:    {result.anchor_bundle}")
+    print_result(render_story(args.story, options))
     return 0
 
 
@@ -95,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorySyncUserError as exc:
         print(f"storysync: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RenderError as exc:
+        print(f"storysync: error: {exc}", file=sys.stderr)
+        return 1
     return 1
 
 

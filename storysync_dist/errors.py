@@ -8,7 +8,7 @@ the file, and where relevant the frame (id and 0-based index) or the option.
 
 from __future__ import annotations
 
-__all__ = ["StorySpecError", "StorySyncUserError"]
+__all__ = ["NonFiniteOutputError", "RenderError", "StorySpecError", "StorySyncUserError"]
 
 
 class StorySyncUserError(Exception):
@@ -17,3 +17,11 @@ class StorySyncUserError(Exception):
 
 class StorySpecError(StorySyncUserError):
     """The story file is missing, unreadable, malformed, or does not fit the chosen model."""
+
+
+class RenderError(RuntimeError):
+    """A render that ran but produced no usable frame; reported as one line, exit code 1."""
+
+
+class NonFiniteOutputError(RenderError):
+    """The denoiser produced NaN or infinite latents (a black frame that must not be recorded)."""

@@ -29,11 +29,13 @@ a story before it starts anything heavy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import string
+import unicodedata
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Annotated, Any
 
@@ -189,6 +191,8 @@ class StorySpec(_Model):
     defaults: Defaults
     frames: list[Frame]
     source: str = "<story>"
+    # The benchmark category a story came from (``load_benchmark``); None for a story file.
+    category: str | None = None
 
     def frame_by_id(self, frame_id: str) -> Frame:
         """Return the frame with this id; ``StorySpecError`` (naming the file) if there is none."""
@@ -363,7 +367,7 @@ def _render(template: str, style: str, subjects: dict[str, Subject], where: str)
     return _collapse(f"{style} {''.join(out)}")
 
 
-def _build(raw: _RawStory, source: str) -> StorySpec:
+def _build(raw: _RawStory, source: str, category: str | None = None) -> StorySpec:
     """Resolve defaults (ids, seeds, anchors) and run the model-independent cross-field checks."""
     if not is_valid_id(raw.id):
         raise StorySpecError(
@@ -449,6 +453,7 @@ def _build(raw: _RawStory, source: str) -> StorySpec:
         defaults=defaults,
         frames=frames,
         source=source,
+        category=category,
     )
 
 
@@ -533,19 +538,40 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+# Readable parts of a benchmark story id; the hash at the end is what keeps ids apart.
+_ID_CATEGORY_CHARS = 24
+_ID_TOKEN_CHARS = 16
+_ID_HASH_CHARS = 8
+
+
+def _id_slug(text: str, limit: int) -> str:
+    """Like ``slug`` but keeping ``_`` ("fairy_tales") and folding accents ("Crème" -> "creme"),
+    cut to ``limit`` characters; "" when nothing id-safe is left."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^a-z0-9_]+", "-", folded.lower()).strip("-_")[:limit].strip("-_")
+
+
+def _benchmark_id(category: str, index: int, concept_token: str) -> str:
+    """The story id of set ``index`` of ``category``; see ``load_benchmark`` for the rule."""
+    digest = hashlib.sha256(json.dumps([category, index], ensure_ascii=False).encode("utf-8")).hexdigest()
+    readable = "-".join(
+        part
+        for part in (
+            _id_slug(category, _ID_CATEGORY_CHARS),
+            f"{index:03d}",
+            _id_slug(concept_token, _ID_TOKEN_CHARS),
+        )
+        if part
+    )
+    # Only a huge index could make this longer than 64; the hash is never cut.
+    readable = readable[: 64 - _ID_HASH_CHARS - 1].rstrip("-")
+    return f"{readable}-{digest[:_ID_HASH_CHARS]}"
+
+
 def _benchmark_story(
-    raw: _RawBenchmarkSet, category: str, index: int, defaults: Defaults, source: str
+    raw: _RawBenchmarkSet, category: str, index: int, defaults: Defaults, source: str, story_id: str
 ) -> StorySpec:
     where = f"{source}: {category}[{index}]"
-    prefix = f"{category}-{index:03d}-"
-    # Ids are capped at 64 characters by ID_PATTERN; a long concept token is cut, the prefix keeps
-    # the id unique.
-    story_id = (prefix + slug(raw.concept_token))[:64].rstrip("-_")
-    if not is_valid_id(story_id):
-        raise StorySpecError(
-            f"{where}: story id {story_id!r} does not match {ID_PATTERN}; rename the category "
-            "(lowercase letters, digits, '-' and '_')"
-        )
     # Braces in a setting are literal text, not placeholders.
     frames = [
         _RawFrame(
@@ -565,7 +591,7 @@ def _benchmark_story(
     except ValidationError as exc:
         raise StorySpecError(_format_validation_error(where, exc)) from None
     # The story's source names the set, so later errors (e.g. validate_for_model) point at it.
-    return _build(story, f"{source}:{category}[{index}]")
+    return _build(story, f"{source}:{category}[{index}]", category=category)
 
 
 def load_benchmark(
@@ -585,12 +611,26 @@ def load_benchmark(
             style: A fiery and majestic illustration of
             settings: [rising from a fiery ashes, soaring through a glowing sky]
 
-    Set ``i`` of ``category`` becomes story ``{category}-{i:03d}-{slug(concept_token)}`` with one
-    subject (``{subject}``, tokens ``[concept_token]``), the set's style, and one frame per setting
-    (ids ``s00``, ``s01``, ...; prompt ``"{style} {subject} {setting}"``); anchors are the first two
-    frames. ``categories`` keeps only those categories (file order), ``limit`` keeps the first
-    ``limit`` sets of each category, and ``defaults`` overrides the ``Defaults`` fields (steps,
-    height, width, guidance_scale, seed, negative_prompt) of every story.
+    Set ``i`` of ``category`` becomes a story with one subject (``{subject}``, tokens
+    ``[concept_token]``), the set's style, and one frame per setting (ids ``s00``, ``s01``, ...;
+    prompt ``"{style} {subject} {setting}"``); anchors are the first two frames. ``story.category``
+    is the category name as written in the file. ``categories`` keeps only those categories (file
+    order), ``limit`` keeps the first ``limit`` sets of each category, and ``defaults`` overrides
+    the ``Defaults`` fields (steps, height, width, guidance_scale, seed, negative_prompt) of every
+    story.
+
+    Story ids: ``{category slug}-{i:03d}-{token slug}-{hash}``. A slug is the name lowercased with
+    accents folded to ASCII, every run of characters other than ``a-z``, ``0-9`` and ``_`` replaced
+    by ``-``, ``-``/``_`` stripped from both ends, then cut to 24 (category) or 16 (concept token)
+    characters and stripped again; an empty slug is left out with its ``-``. ``hash`` is the first
+    8 hex digits of the SHA-256 of ``json.dumps([category, i], ensure_ascii=False)`` in UTF-8 (the
+    exact category name). Set 0 of ``animals`` with token ``Snow Leopard`` is
+    ``animals-000-snow-leopard-<8 hex>``. So an id always matches ``ID_PATTERN`` (at most 64
+    characters) whatever the category is called; it depends only on the set's category and
+    position, not on which sets are selected, so a rerun with other ``categories``/``limit`` finds
+    the frames it already rendered; and two sets never share an id (the hash tells apart names
+    that slug alike, such as ``animals`` set 0 with token ``000 cat`` and ``animals-000`` set 0
+    with token ``cat``). Ids are checked to be unique over the whole file, selected or not.
 
     Every entry of the file is checked, selected or not; a problem raises a one-line
     ``StorySpecError`` naming the file and the category/index.
@@ -648,10 +688,29 @@ def load_benchmark(
     else:
         selected = list(parsed)
 
+    # The ids of every set, selected or not, so a clash is found whatever the selection.
+    ids: dict[tuple[str, int], str] = {}
+    owner: dict[str, tuple[str, int]] = {}
+    for category, sets in parsed.items():
+        for index, raw in enumerate(sets):
+            story_id = _benchmark_id(category, index, raw.concept_token)
+            if not is_valid_id(story_id):  # cannot happen by construction; never write a bad path
+                raise StorySpecError(
+                    f"{source}: {category}[{index}]: story id {story_id!r} does not match {ID_PATTERN}"
+                )
+            if story_id in owner:
+                first = owner[story_id]
+                raise StorySpecError(
+                    f"{source}: {first[0]}[{first[1]}] and {category}[{index}] both get story id {story_id!r}; "
+                    "rename one of the categories"
+                )
+            owner[story_id] = (category, index)
+            ids[category, index] = story_id
+
     stories = []
     for category in selected:
         for index, raw in enumerate(parsed[category][:limit]):
-            stories.append(_benchmark_story(raw, category, index, resolved, source))
+            stories.append(_benchmark_story(raw, category, index, resolved, source, ids[category, index]))
     return stories
 
 

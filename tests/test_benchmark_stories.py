@@ -66,8 +66,10 @@ def test_consistory_plus_parses_into_192_stories() -> None:
     expected = [(category, i, entry) for category, entries in raw.items() for i, entry in enumerate(entries)]
     for story, (category, i, entry) in zip(stories, expected, strict=True):
         assert re.fullmatch(ID_PATTERN, story.id)
-        assert story.id == f"{category}-{i:03d}-{slug(entry['concept_token'])}"
+        token = slug(entry["concept_token"])[:16].strip("-")
+        assert re.fullmatch(rf"{category}-{i:03d}-{token}-[0-9a-f]{{8}}", story.id), story.id
         assert story.source == f"{CONSISTORY}:{category}[{i}]"
+        assert story.category == category
         [subject] = story.subjects
         assert subject.name == BENCHMARK_SUBJECT and subject.tokens == [entry["concept_token"]]
         assert story.style == collapse(entry["style"])
@@ -94,7 +96,9 @@ def test_categories_limit_and_defaults() -> None:
 
 def test_small_file(tmp_path: Path) -> None:
     stories = load_benchmark(write(tmp_path, SMALL))
-    assert [s.id for s in stories] == ["animals-000-fox", "animals-001-snow-leopard", "foods-000-bagel"]
+    assert [s.id.rsplit("-", 1)[0] for s in stories] == ["animals-000-fox", "animals-001-snow-leopard", "foods-000-bagel"]
+    assert all(re.fullmatch(r"[0-9a-f]{8}", s.id.rsplit("-", 1)[1]) for s in stories)
+    assert [s.category for s in stories] == ["animals", "animals", "foods"]
     fox, leopard, bagel = stories
     # Braces in a setting are text, not placeholders.
     assert fox.frames[2].prompt == "A watercolor painting of A red fox with a bushy tail jumping over a {log}"
@@ -130,7 +134,6 @@ def test_json_and_long_tokens(tmp_path: Path) -> None:
         ("animals:\n  - {concept_token: fox, subject: A fox, settings: [a, 1984]}\n", {},
          "animals[0].settings[1]: Input should be a valid string"),
         ("animals:\n  - {concept_token: fox, subject: A fox, setting: [a]}\n", {}, "animals[0].setting: Extra inputs"),
-        ("Big Cats:\n  - {concept_token: fox, subject: A fox, settings: [a]}\n", {}, "Big Cats[0]: story id"),
         ("animals:\n  - {concept_token: fox, subject: A fox, settings: [a]}\n", {"categories": ["plants"]},
          "unknown category 'plants' (the file has: animals)"),
         ("animals:\n  - {concept_token: fox, subject: A fox, settings: [a]}\n", {"categories": []},

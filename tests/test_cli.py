@@ -177,3 +177,21 @@ def test_console_script_exit_code_in_a_real_process(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith("storysync: error: bad_story.yaml") or (
         "bad_story.yaml" in proc.stderr.strip().splitlines()[-1]
     )
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("cuda", "CUDA is not available on this machine"), ("cuda:1", "CUDA is not available"),
+     ("tpu9", "not a torch device"), ("meta", "cannot render")],
+)
+def test_a_device_this_machine_lacks_is_a_user_error(tmp_path: Path, capsys, device: str, message: str) -> None:
+    import torch
+
+    if torch.cuda.is_available():  # on a GPU machine cuda:0 exists; ask for one past the last instead
+        device = device if not device.startswith("cuda") else f"cuda:{torch.cuda.device_count()}"
+        message = message if not device.startswith("cuda") else "CUDA device(s)"
+    out = tmp_path / "out"
+    assert render(EXAMPLE, out, "--device", device) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"storysync: error: --device {device}") and message in err[0], err
+    assert not out.exists()

@@ -315,7 +315,13 @@ def test_bundle_round_trip_is_exact_and_rejects_other_files() -> None:
         index=torch.tensor([0, 3, 17]), hidden=torch.randn(2, 3, 8, generator=gen).half(),
         features=torch.randn(2, 3, 4, generator=gen).half(), num_tokens=16,
     )
-    bundle = AnchorBundle(meta={"num_anchors": 2, "model": "m"}, steps={1: AnchorStep(1, {"a.b": layer})})
+    meta = {
+        "model": "m", "model_revision": None, "dtype": "float32", "steps": 2, "height": 64, "width": 64,
+        "guidance_scale": 5.0, "negative_prompt": "", "config": StorySyncConfig().to_dict(), "num_anchors": 2,
+        "anchor_ids": ["a", "b"], "anchor_prompts": ["p a", "p b"], "anchor_seeds": [1, 2],
+        "anchor_token_positions": [[[1]], [[2]]],
+    }
+    bundle = AnchorBundle(meta=meta, steps={1: AnchorStep(1, {"a.b": layer})})
     back = AnchorBundle.from_bytes(bundle.to_bytes())
     assert back.meta == bundle.meta
     got = back.steps[1].layers["a.b"]

@@ -17,7 +17,8 @@ from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from storysync_dist.api import JobResult, RenderOptions, render_story
-from storysync_dist.io.sink import FRAME_SCHEMA, ParquetFrameSink
+from storysync_dist.io.lease import Lease, LeaseHeldError
+from storysync_dist.io.sink import FRAME_SCHEMA, ParquetFrameSink, create_exclusive
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "story.yaml"
 BUCKET = "bucket"
@@ -134,3 +135,38 @@ def test_rerun_renders_nothing(endpoint: str, first_run: JobResult) -> None:
     assert sorted(again.skipped) == ["beach", "garden"]
     table = ParquetFrameSink(OUT, storage_options=storage_options(endpoint)).read_table()
     assert table.num_rows == 2
+
+
+def test_leases_are_exclusive_on_s3(endpoint: str) -> None:
+    # A conditional PUT (If-None-Match: *): the second create of the same key fails.
+    fs = s3fs.S3FileSystem(**storage_options(endpoint), skip_instance_cache=True)
+    path = f"{BUCKET}/leases/one.lock"
+    assert create_exclusive(fs, path, b"first")
+    assert not create_exclusive(fs, path, b"second")
+    assert fs.cat_file(path) == b"first"
+    lease = Lease(f"s3://{BUCKET}/leases", "story-x", storage_options=storage_options(endpoint))
+    lease.acquire()
+    with pytest.raises(LeaseHeldError):
+        Lease(f"s3://{BUCKET}/leases", "story-x", storage_options=storage_options(endpoint)).acquire()
+    lease.release()
+
+
+def test_a_bucket_that_does_not_exist_is_a_user_error(endpoint: str, capsys: pytest.CaptureFixture) -> None:
+    import storysync_dist.cli as cli
+
+    opts = options(endpoint)
+    out = "s3://no-such-bucket/stories/cat"
+    result = pytest.MonkeyPatch()
+    # The CLI has no --storage-options flag: point it at the moto server through the environment.
+    result.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    try:
+        code = cli.main(["render", str(EXAMPLE), "--out", out, "--model", "tiny-sdxl", "--steps", "2",
+                         "--height", "64", "--width", "64", "--no-progress", "--only", "beach"])
+    finally:
+        result.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"storysync: error: --out {out}: cannot write there")
+    assert opts.out == OUT
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == [BUCKET]

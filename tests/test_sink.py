@@ -30,7 +30,7 @@ STORY = "ginger-cat"
 
 
 def record(
-    index: int, *, config: str = '{"rfh_gamma": 0.3}', story: str = STORY, size=(48, 32)
+    index: int, *, config: str = '{"rfh_gamma": 0.3}', story: str = STORY, size=(48, 32), fingerprint: str = ""
 ) -> FrameRecord:
     width, height = size
     image = Image.new("RGB", (width, height), (10 * index % 256, 120, 200))
@@ -50,6 +50,7 @@ def record(
         mask_png=png_bytes(mask) if mask is not None else None,
         is_anchor=index < 2,
         render_seconds=0.25 * index,
+        fingerprint=fingerprint or f"fp-{index}",
     )
 
 
@@ -76,7 +77,7 @@ def visible_files(root: str) -> list[str]:
 def test_schema_and_hf_metadata() -> None:
     assert FRAME_SCHEMA.names == [
         "story_id", "frame_id", "frame_index", "prompt", "seed", "image", "width", "height",
-        "model", "method", "config", "mask", "is_anchor", "render_seconds",
+        "model", "method", "config", "mask", "is_anchor", "render_seconds", "fingerprint",
     ]  # fmt: skip
     assert FRAME_SCHEMA.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     assert FRAME_SCHEMA.field("frame_index").type == pa.int32()
@@ -125,36 +126,57 @@ def test_round_trip(root: str) -> None:
     assert [p.split("/")[-1].startswith("part-") for p in visible_files(root)] == [True, True]
 
 
-def test_existing_and_duplicate_refusal(root: str) -> None:
+def test_existing_and_writes_replace_older_rows(root: str) -> None:
     sink = ParquetFrameSink(root)
     assert sink.existing(STORY) == {}
-    part_a = sink.write([record(0), record(1)])
-    part_b = sink.write([record(2, config="{}")])
+    part_a = sink.write([record(0, fingerprint="a0"), record(1, fingerprint="a1")])
+    part_b = sink.write([record(2, fingerprint="a2")])
     # Another story in the same dataset, whose id shares a prefix, is kept apart.
-    sink.write([record(0, story=f"{STORY}-2")])
+    sink.write([record(0, story=f"{STORY}-2", fingerprint="x")])
 
     # A fresh sink (a rerun) sees the same thing from the files alone.
-    found = ParquetFrameSink(root).existing(STORY)
-    assert found == {
-        "frame-0000": {"config": record(0).config, "part": part_a},
-        "frame-0001": {"config": record(1).config, "part": part_a},
-        "frame-0002": {"config": "{}", "part": part_b},
-    }
-    assert list(ParquetFrameSink(root).existing(f"{STORY}-2")) == ["frame-0000"]
+    def stored(story: str = STORY) -> dict[str, list[tuple[str | None, str]]]:
+        found = ParquetFrameSink(root).existing(story)
+        return {f: [(r.fingerprint, ParquetFrameSink(root).url(r.part)) for r in rows] for f, rows in found.items()}
 
-    with pytest.raises(ValueError, match="already written"):
-        sink.write([record(3), record(1)])
+    assert stored() == {"frame-0000": [("a0", part_a)], "frame-0001": [("a1", part_a)], "frame-0002": [("a2", part_b)]}
+    assert list(stored(f"{STORY}-2")) == ["frame-0000"]
     with pytest.raises(ValueError, match="occurs twice"):
         sink.write([record(4), record(4)])
-    assert ParquetFrameSink(root).read_table(STORY).num_rows == 3
 
-    # overwrite=True replaces frame 1: its old row disappears, frame 0 (same old part) survives.
-    part_c = sink.write([record(1, config='{"new": true}')], overwrite=True)
-    found = ParquetFrameSink(root).existing(STORY)
-    assert found["frame-0001"] == {"config": '{"new": true}', "part": part_c}
-    assert found["frame-0000"]["config"] == record(0).config
+    # Writing frame 1 again (a new render) replaces its old row; frame 0, which shared the old
+    # part, survives in a rewritten part.
+    part_c = sink.write([record(1, fingerprint="b1")])
+    now = stored()
+    assert now["frame-0001"] == [("b1", part_c)]
+    assert [fp for fp, _ in now["frame-0000"]] == ["a0"] and now["frame-0000"][0][1] != part_a
     table = ParquetFrameSink(root).read_table(STORY)
     assert table["frame_id"].to_pylist() == ["frame-0000", "frame-0001", "frame-0002"]
+    assert table["fingerprint"].to_pylist() == ["a0", "b1", "a2"]
+
+    # The same frame with the same fingerprint lands on the same part name: written once.
+    assert sink.write([record(2, fingerprint="a2")]) == part_b
+    assert ParquetFrameSink(root).read_table(STORY).num_rows == 3
+
+    # remove_frames drops frames that left the story.
+    assert sink.remove_frames(STORY, {"frame-0002"}) == ["frame-0002"]
+    assert sorted(stored()) == ["frame-0000", "frame-0001"]
+
+
+def test_a_damaged_part_is_set_aside(root: str) -> None:
+    sink = ParquetFrameSink(root)
+    sink.write([record(0, fingerprint="a0")])
+    fs, path = fsspec.core.url_to_fs(root)
+    bad = f"{path.rstrip('/')}/data/part-{STORY}-00001-00000000deadbeef.parquet"
+    fs.pipe_file(bad, b"PAR1 garbage")
+    looking = ParquetFrameSink(root, read_only=True)
+    assert list(looking.existing(STORY)) == ["frame-0000"]
+    assert len(looking.damaged) == 1 and "part-ginger-cat-00001" in looking.damaged[0]
+    assert fs.exists(bad)  # a read-only look moves nothing
+    writing = ParquetFrameSink(root)
+    assert list(writing.existing(STORY)) == ["frame-0000"]
+    assert not fs.exists(bad) and fs.exists(f"{path.rstrip('/')}/quarantine/part-{STORY}-00001-00000000deadbeef.parquet")
+    assert writing.read_table().num_rows == 1
 
 
 def test_invalid_records_are_refused(root: str) -> None:

@@ -8,22 +8,71 @@ subject tokens only and in half precision:
     own ``to_k``/``to_v``: one tensor travels instead of two),
   - ``features``: the RFH features R there (attention output before the output projection).
 A bundle of all steps can be saved to safetensors and reused by later jobs ("character bank").
+
+A bundle file comes from the user (``--anchors FILE``), so :meth:`AnchorBundle.from_bytes` checks
+everything it reads, cheapest first (size, header, metadata schema, tensor shapes from the header,
+then the tensors themselves) and reports any problem as one :class:`BundleError` line. The checks,
+limits and :class:`BundleError` live in :mod:`storysync_dist.core.bundle_format`; they are
+re-exported here.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-BUNDLE_FORMAT = "storysync-anchor-bundle/1"
+from .bundle_format import (
+    ANCHOR_DTYPES,
+    BUNDLE_FORMAT,
+    DEFAULT_MAX_BUNDLE_BYTES,
+    LEGACY_BUNDLE_FORMATS,
+    MAX_ANCHORS,
+    MAX_HEADER_BYTES,
+    MAX_LAYER_TOKENS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    BundleError,
+    _check_entries,
+    _check_layout,
+    _check_meta,
+    _check_values,
+    _clip,
+    _few,
+    _parse_json_object,
+    _read_entries,
+    _read_header,
+    _read_metadata,
+    _show,
+)
+
+__all__ = [
+    "ANCHOR_DTYPES",
+    "BUNDLE_FORMAT",
+    "DEFAULT_MAX_BUNDLE_BYTES",
+    "LEGACY_BUNDLE_FORMATS",
+    "MAX_ANCHORS",
+    "MAX_HEADER_BYTES",
+    "MAX_LAYER_TOKENS",
+    "MAX_SEED",
+    "MAX_SIDE",
+    "MAX_STEPS",
+    "AnchorBundle",
+    "AnchorStep",
+    "BundleError",
+    "SharedLayerState",
+    "StreamedBundle",
+]
 
 
 @dataclass
@@ -141,30 +190,90 @@ class AnchorBundle:
         return save_safetensors(tensors, metadata=metadata)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> AnchorBundle:
-        """Inverse of :meth:`to_bytes`; raises ValueError on anything that is not a bundle."""
+    def from_bytes(cls, data: bytes, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> AnchorBundle:
+        """Inverse of :meth:`to_bytes`, checking everything it reads.
+
+        In order, cheapest first: the size (at most ``max_bytes``), the safetensors header (length,
+        UTF-8 JSON object, ``__metadata__`` strings ``format``/``meta``/``layout``), the format, each
+        tensor entry (dtype, shape, data offsets), the ``meta`` schema, the ``layout`` (step ->
+        layer -> num_tokens), the tensor names, dtypes and shapes against the layout (index (M,)
+        int64; hidden (G, M, C) and features (G, M, C_inner) in the config's ``anchor_dtype``), and
+        only then the tensors: indices strictly increasing within [0, num_anchors * num_tokens),
+        hidden and features finite.
+
+        Raises:
+            BundleError: (a ValueError) with a one-line message on anything that is not a valid
+                bundle of :data:`BUNDLE_FORMAT`; no other exception escapes.
+        """
         try:
-            header_len = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8 : 8 + header_len])
-            metadata = header.get("__metadata__", {})
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"not a safetensors file: {exc}") from None
-        if metadata.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"not a StorySync anchor bundle (format {metadata.get('format')!r})")
-        tensors = load_safetensors(data)
-        bundle = cls(meta=json.loads(metadata["meta"]))
-        for t_str, layers in json.loads(metadata["layout"]).items():
-            anchor_step = AnchorStep(step=int(t_str))
+            return cls._from_bytes(data, max_bytes)
+        except BundleError:
+            raise
+        except (
+            KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError,
+            struct.error, SafetensorError, ValueError, RuntimeError,
+        ) as exc:  # a safety net: every check above should have caught it first
+            raise BundleError(f"malformed anchor bundle ({type(exc).__name__}: {_clip(str(exc))})") from None
+
+    @classmethod
+    def _from_bytes(cls, data: bytes, max_bytes: int) -> AnchorBundle:
+        header, data_start = _read_header(data, max_bytes)
+        metadata = _read_metadata(header)
+        entries = _read_entries(header, len(data) - data_start)
+        meta = _parse_json_object(metadata["meta"], "__metadata__ 'meta'")
+        config = _check_meta(meta)
+        num_anchors = meta["num_anchors"]
+        layout = _check_layout(_parse_json_object(metadata["layout"], "__metadata__ 'layout'"), meta["steps"])
+        _check_entries(entries, layout, num_anchors, config.anchor_dtype)
+        try:
+            tensors = load_safetensors(data if isinstance(data, bytes) else bytes(data))
+        except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
+            raise BundleError(f"cannot read the tensors: {_clip(str(exc))}") from None
+        bundle = cls(meta=meta)
+        for t, layers in layout.items():
+            anchor_step = AnchorStep(step=t)
             for name, num_tokens in layers.items():
-                key = f"{t_str}|{name}"
-                anchor_step.layers[name] = SharedLayerState(
+                key = f"{t}|{name}"
+                layer = SharedLayerState(
                     index=tensors[f"{key}|index"],
                     hidden=tensors[f"{key}|hidden"],
                     features=tensors[f"{key}|features"],
-                    num_tokens=int(num_tokens),
+                    num_tokens=num_tokens,
                 )
-            bundle.steps[anchor_step.step] = anchor_step
+                _check_values(layer, f"step {t} layer {_show(name)}", num_anchors)
+                anchor_step.layers[name] = layer
+            bundle.steps[t] = anchor_step
         return bundle
+
+    def check_coverage(self, steps: Iterable[int]) -> None:
+        """Refuse a bundle that cannot serve a render sharing at ``steps``.
+
+        Raises BundleError when the bundle holds no steps at all, lacks one of ``steps``, or its
+        steps do not all hold the same shared layers.
+        """
+        if not self.steps:
+            raise BundleError("holds no anchor steps: it would render every frame without sharing")
+        expected = list(dict.fromkeys(int(t) for t in steps))
+        missing = [t for t in expected if t not in self.steps]
+        if missing:
+            raise BundleError(
+                f"holds no anchor state for step(s) {_few(missing)}: {len(missing)} of the "
+                f"{len(expected)} steps this render shares"
+            )
+        ordered = sorted(self.steps)
+        first = ordered[0]
+        names = set(self.steps[first].layers)
+        if not names:
+            raise BundleError(f"step {first} holds no shared layers")
+        for t in ordered[1:]:
+            other = set(self.steps[t].layers)
+            if other != names:
+                parts = []
+                if names - other:
+                    parts.append(f"lacks layer(s) {_few(sorted(names - other))}")
+                if other - names:
+                    parts.append(f"has extra layer(s) {_few(sorted(other - names))}")
+                raise BundleError(f"step {t} does not hold the layers of step {first}: it {' and '.join(parts)}")
 
 
 class StreamedBundle(AnchorBundle):

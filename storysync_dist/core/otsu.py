@@ -23,6 +23,9 @@ def otsu_threshold(values: torch.Tensor, nbins: int = 256) -> torch.Tensor:
     squeeze = values.ndim == 1
     x = values.reshape(1, -1) if squeeze else values
     x64 = x.to(torch.float64)
+    # Non-finite values (a diverging fp16 render) count as 0 so binning cannot index out of range;
+    # such a render is refused when it ends (NonFiniteOutputError), never recorded.
+    x64 = torch.where(torch.isfinite(x64), x64, torch.zeros_like(x64))
     lo = x64.amin(dim=1, keepdim=True)
     hi = x64.amax(dim=1, keepdim=True)
     span = hi - lo

@@ -82,8 +82,16 @@ def shared_attention(
         shared_valid: (B, M) boolean, False on padding; None when every shared token is valid.
     Returns:
         (B, H, N, d) attention output h_i.
+
+    With no shared key at all (None, zero width, or every slot padding) this is exactly stock
+    attention over the own tokens. A row of a mixed batch whose slots are all padding sees only
+    -inf bias on them, so it too attends to its own tokens only.
     """
     if shared_key is None or shared_key.shape[2] == 0:
+        return F.scaled_dot_product_attention(query, key, value)
+    if shared_value is None:
+        raise ValueError("shared_attention: shared_key given without shared_value")
+    if shared_valid is not None and not bool(shared_valid.any()):
         return F.scaled_dot_product_attention(query, key, value)
     keys = torch.cat([key, shared_key], dim=2)
     values = torch.cat([value, shared_value], dim=2)

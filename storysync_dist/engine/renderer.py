@@ -20,6 +20,7 @@ from PIL import Image
 from ..core.anchors import AnchorBundle, AnchorStep
 from ..core.config import StorySyncConfig
 from ..core.state import ROLE_ANCHORS, ROLE_FRAMES, StorySyncState
+from ..errors import NonFiniteOutputError
 from ..models.unet import UNetAdapter
 
 METHODS = ("storysync", "vanilla")
@@ -57,6 +58,10 @@ class RenderSettings:
     height: int
     width: int
     guidance_scale: float
+    # What else an anchor bundle records about how it was made (and is checked against).
+    dtype: str = "float32"
+    model_revision: str | None = None
+    negative_prompt: str | None = None
 
 
 @dataclass
@@ -95,19 +100,27 @@ class BundleMismatchError(ValueError):
 
 
 def bundle_meta(config: StorySyncConfig, settings: RenderSettings, anchors: list[FrameJob]) -> dict:
-    """What an anchor bundle records about how it was made."""
+    """What an anchor bundle records about how it was made (``storysync-anchor-bundle/2``)."""
     return {
         "model": settings.model,
+        "model_revision": settings.model_revision,
+        "dtype": settings.dtype,
         "steps": settings.steps,
         "height": settings.height,
         "width": settings.width,
         "guidance_scale": settings.guidance_scale,
+        "negative_prompt": settings.negative_prompt,
         "config": config.to_dict(),
         "num_anchors": len(anchors),
         "anchor_ids": [a.frame_id for a in anchors],
         "anchor_prompts": [a.prompt for a in anchors],
         "anchor_seeds": [a.seed for a in anchors],
+        "anchor_token_positions": [[list(p) for p in a.token_positions] for a in anchors],
     }
+
+
+# The settings an imported bundle must share with the job that uses it.
+BUNDLE_SETTINGS = ("model", "dtype", "steps", "height", "width", "guidance_scale", "negative_prompt", "config")
 
 
 class StoryRenderer:
@@ -132,13 +145,17 @@ class StoryRenderer:
 
     @staticmethod
     def check_bundle_meta(bundle: AnchorBundle, config: StorySyncConfig, settings: RenderSettings) -> None:
-        """Refuse a bundle made with another model, size, step count, guidance or config."""
+        """Refuse a bundle made with another model (or revision of it), precision, size, step
+        count, guidance, negative prompt or config."""
         expected = bundle_meta(config, settings, [])
-        for key in ("model", "steps", "height", "width", "guidance_scale", "config"):
+        for key in BUNDLE_SETTINGS:
             if bundle.meta.get(key) != expected[key]:
                 raise BundleMismatchError(
                     f"anchor bundle was made with {key}={bundle.meta.get(key)!r}, this job uses {expected[key]!r}"
                 )
+        made, ours = bundle.meta.get("model_revision"), settings.model_revision
+        if made is not None and ours is not None and made != ours:
+            raise BundleMismatchError(f"anchor bundle was made with model revision {made!r}, this job uses {ours!r}")
 
     def check_bundle(self, bundle: AnchorBundle) -> None:
         self.check_bundle_meta(bundle, self.config, self.settings)
@@ -199,7 +216,10 @@ class StoryRenderer:
             if on_step is not None:
                 on_step(i)
 
-        images, masks = self._run(state, anchors, step_done)
+        try:
+            images, masks = self._run(state, anchors, step_done)
+        except NonFiniteOutputError as exc:
+            raise NonFiniteOutputError(f"anchors {[a.frame_id for a in anchors]}: {exc}") from None
         bundle = AnchorBundle(meta=self.bundle_meta(anchors), steps=state.published)
         seconds = (time.perf_counter() - start) / max(1, len(anchors))
         frames = [
@@ -216,7 +236,10 @@ class StoryRenderer:
             self.check_bundle(bundle)
         start = time.perf_counter()
         state = self._state(ROLE_FRAMES, [job], bundle)
-        images, masks = self._run(state, [job], on_step)
+        try:
+            images, masks = self._run(state, [job], on_step)
+        except NonFiniteOutputError as exc:
+            raise NonFiniteOutputError(f"frame {job.frame_id!r}: {exc}") from None
         return RenderedFrame(job, images[0], self._mask_image(masks, 0), time.perf_counter() - start, False)
 
     def _mask_image(self, masks: torch.Tensor | None, i: int) -> np.ndarray | None:

@@ -1,13 +1,19 @@
-"""A labelled contact sheet of a story's frames (``storyboard.png``)."""
+"""Labelled contact sheets of a story's frames (``storyboard.png``).
+
+``make_storyboard`` lays out tiles that are already decoded; ``storyboard_sheets`` takes the
+frames' PNG bytes as a lazy stream and yields one sheet per ``per_sheet`` frames, holding only
+that many thumbnails at a time, so a story of any length fits in a bounded amount of memory.
+"""
 
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterable, Iterator
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-__all__ = ["make_storyboard", "png_bytes"]
+__all__ = ["make_storyboard", "png_bytes", "storyboard_sheets"]
 
 _PAD = 8
 _LABEL_LINES = 2
@@ -149,3 +155,66 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _decode(data: bytes, label: str, what: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"storyboard tile {label!r}: the {what} is not a readable image ({exc})") from None
+    return image
+
+
+def _thumbnail(
+    label: str, image_png: bytes, mask_png: bytes | None, thumb_side: int, show_masks: bool
+) -> tuple[str, Image.Image, Image.Image | None]:
+    """Decode one tile and shrink it at once (longest side <= ``thumb_side``, aspect kept)."""
+    image = _to_rgb(_decode(image_png, label, "image"))
+    image.thumbnail((thumb_side, thumb_side), Image.Resampling.LANCZOS)
+    mask = None
+    if show_masks and mask_png is not None:
+        # The inset is at most a quarter of the thumbnail, so the thumbnail's size is plenty.
+        mask = _decode(mask_png, label, "mask").convert("L").resize(image.size, Image.Resampling.NEAREST)
+    return label, image, mask
+
+
+def storyboard_sheets(
+    tiles: Iterable[tuple[str, bytes, bytes | None]],
+    *,
+    per_sheet: int = 48,
+    thumb_side: int = 256,
+    columns: int | None = None,
+    show_masks: bool = True,
+) -> Iterator[bytes]:
+    """Yield one PNG sheet per ``per_sheet`` tiles, in reading order; the last one may be partial.
+
+    ``tiles`` are ``(label, image PNG bytes, mask PNG bytes or None)`` and are consumed lazily: each
+    is decoded and shrunk to a thumbnail (longest side at most ``thumb_side``, aspect kept, never
+    enlarged) as soon as it is read, and a sheet is yielded as soon as its ``per_sheet`` tiles are
+    in, so at most ``per_sheet`` thumbnails (and one full-size image) are held at any time however
+    long the story is. Each sheet is laid out by ``make_storyboard`` (``columns`` and
+    ``show_masks`` as there). No tiles, no sheets. A tile that is not a readable image raises a
+    one-line ``ValueError`` naming its label.
+    """
+    if isinstance(per_sheet, bool) or not isinstance(per_sheet, int) or per_sheet < 1:
+        raise ValueError(f"per_sheet must be a whole number >= 1, got {per_sheet!r}")
+    if isinstance(thumb_side, bool) or not isinstance(thumb_side, int) or thumb_side < 1:
+        raise ValueError(f"thumb_side must be a whole number of pixels >= 1, got {thumb_side!r}")
+    if columns is not None and columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+
+    def finish(batch: list[tuple[str, Image.Image, Image.Image | None]]) -> bytes:
+        return png_bytes(make_storyboard(batch, columns=columns, show_masks=show_masks, max_tile_side=thumb_side))
+
+    batch: list[tuple[str, Image.Image, Image.Image | None]] = []
+    for label, image_png, mask_png in tiles:
+        batch.append(_thumbnail(label, image_png, mask_png, thumb_side, show_masks))
+        if len(batch) == per_sheet:
+            sheet = finish(batch)
+            batch = []  # the thumbnails go before the consumer gets the sheet
+            yield sheet
+    if batch:
+        sheet = finish(batch)
+        batch = []
+        yield sheet

@@ -13,7 +13,14 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-from .presets import PRESETS, UnknownModelError, looks_like_hub_id, preset_path
+from .presets import (
+    PRESETS,
+    UnknownModelError,
+    cached_snapshot,
+    check_model_index,
+    looks_like_hub_id,
+    preset_path,
+)
 
 _INFO_FILES = ["model_index.json", "tokenizer/*", "unet/config.json", "vae/config.json"]
 
@@ -33,15 +40,23 @@ def size_factor_from_configs(unet_config: dict[str, Any], vae_config: dict[str, 
 
 
 def model_folder(model: str) -> pathlib.Path:
-    """The local folder of a preset, a local pipeline folder, or a hub id's cached snapshot."""
+    """The local folder of a preset, a local pipeline folder, or a hub id's cached snapshot.
+
+    Never touches the network: a hub id must already be in the Hugging Face cache. A local folder
+    or snapshot whose ``model_index.json`` names custom code is refused here too
+    (``check_model_index``), so a driver stops before any worker starts. ``UnknownModelError``
+    (one line) for every problem.
+    """
     if model in PRESETS:
         return preset_path(model)
     if os.path.isdir(os.path.expanduser(model)):
-        return pathlib.Path(os.path.expanduser(model))
+        folder = pathlib.Path(os.path.expanduser(model))
+        check_model_index(folder)
+        return folder
     if looks_like_hub_id(model):
-        from huggingface_hub import snapshot_download
-
-        return pathlib.Path(snapshot_download(model, allow_patterns=_INFO_FILES))
+        folder = cached_snapshot(model, allow_patterns=_INFO_FILES)
+        check_model_index(folder)
+        return folder
     raise UnknownModelError(
         f"unknown model or preset {model!r}: not a local folder, not a hub id, and not one of the presets: "
         + ", ".join(sorted(PRESETS))

@@ -32,6 +32,7 @@ from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
 from ..core.sharing import cross_image_tokens, pad_token_sets, shared_attention
 from ..core.state import CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
+from ..errors import NonFiniteOutputError
 
 SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
 
@@ -103,6 +104,8 @@ class StorySyncSelfAttnProcessor:
         if sharing and cfg.share_attention:
             for branch, rows in enumerate(shared_rows):
                 k_sh, v_sh, valid = self._shared_tokens(attn, hidden_states, key, value, rows, branch, masks)
+                if k_sh is None:
+                    continue  # nothing to share with any image here: the stock output stands
                 out[rows] = shared_attention(query[rows], key[rows], value[rows], k_sh, v_sh, valid)
         features = _merge_heads(out).to(query.dtype)  # R, the RFH features
 
@@ -136,7 +139,14 @@ class StorySyncSelfAttnProcessor:
         branch: int,
         masks: torch.Tensor,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Keys/values each consistent image shares with (padded), Eq. 5-8 and 13."""
+        """Keys/values each consistent image shares with (padded), Eq. 5-8 and 13.
+
+        Returns ``(B, H, M, d)`` keys and values and the ``(B, M)`` validity of each slot (False on
+        padding), or three Nones when no image has a single token to share with at this layer and
+        step: the subject masks are empty (a small layer, an early step) or dropout removed every
+        key. An image whose own set is empty while others' are not gets only padding, which
+        ``shared_attention`` masks out, so it attends to its own tokens alone.
+        """
         st, cfg = self.state, self.state.config
         heads = attn.heads
         sets_k: list[torch.Tensor] = []
@@ -164,6 +174,8 @@ class StorySyncSelfAttnProcessor:
                 keep = keep.to(k_all.device)
                 sets_k.append(k_all[0][keep])
                 sets_v.append(v_all[0][keep])
+        if all(s.shape[0] == 0 for s in sets_k):
+            return None, None, None
         k_pad, valid = pad_token_sets(sets_k)
         v_pad, _ = pad_token_sets(sets_v)
         return _split_heads(k_pad, heads), _split_heads(v_pad, heads), valid
@@ -380,7 +392,14 @@ class UNetAdapter:
             if on_step is not None:
                 on_step(i)
 
-        images = self._decode(branch_latents[CONSISTENT], generators)
+        final = branch_latents[CONSISTENT]
+        if not bool(torch.isfinite(final).all()):  # one sync per render, not per step
+            bad = [i for i in range(final.shape[0]) if not bool(torch.isfinite(final[i]).all())]
+            raise NonFiniteOutputError(
+                f"the denoiser produced NaN/inf latents for image(s) {bad} of the batch "
+                f"({final.dtype}; float16 overflows on some models: try --dtype bfloat16 or float32)"
+            )
+        images = self._decode(final, generators)
         return RenderResult(images=images, masks=state.final_masks())
 
     def _decode(self, latents: torch.Tensor, generators: list[torch.Generator]) -> list[Image.Image]:

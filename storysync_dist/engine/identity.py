@@ -1,0 +1,84 @@
+"""A frame's identity: everything that determines its pixels, hashed into one fingerprint.
+
+A frame is a pure function of (model, dtype, sampling settings, config, its own prompt, negative
+prompt, seed and subject tokens, and, for StorySync, the anchors it was rendered against). The
+fingerprint is the SHA-256 of that description as canonical JSON; the dataset stores it per row,
+and a rerun keeps a row only when its fingerprint equals the one the story gives now. Where a frame
+renders (which worker, which host, CPU or GPU of the same dtype) is deliberately not part of it:
+those give the same pixels within float tolerance (tests/test_distributed.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["FINGERPRINT_VERSION", "AnchorIdentity", "RenderIdentity", "frame_fingerprint"]
+
+# Bump when the renderer changes pixels for the same inputs, so old rows are redone.
+FINGERPRINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AnchorIdentity:
+    """One anchor as the frames see it: its prompt, seed and subject-token positions."""
+
+    frame_id: str
+    prompt: str
+    seed: int
+    token_positions: tuple[tuple[int, ...], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.frame_id, "prompt": self.prompt, "seed": self.seed,
+                "token_positions": [list(p) for p in self.token_positions]}
+
+
+@dataclass(frozen=True)
+class RenderIdentity:
+    """What every frame of one job shares: model, precision, sampling settings, config, anchors."""
+
+    model: str
+    model_revision: str | None
+    dtype: str
+    method: str
+    steps: int
+    height: int
+    width: int
+    guidance_scale: float
+    negative_prompt: str | None
+    config: dict[str, Any]
+    subjects: tuple[tuple[str, tuple[str, ...]], ...]  # (description, tokens) per subject
+    anchors: tuple[AnchorIdentity, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "model_revision": self.model_revision, "dtype": self.dtype,
+            "method": self.method, "steps": self.steps, "height": self.height, "width": self.width,
+            "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt,
+            "config": self.config,
+            "subjects": [{"description": d, "tokens": list(t)} for d, t in self.subjects],
+            "anchors": [a.to_dict() for a in self.anchors],
+        }
+
+
+def frame_fingerprint(
+    identity: RenderIdentity,
+    *,
+    frame_id: str,
+    prompt: str,
+    seed: int,
+    token_positions: list[list[int]],
+    is_anchor: bool,
+) -> str:
+    """SHA-256 hex of the canonical JSON of one frame's identity."""
+    description = {
+        "version": FINGERPRINT_VERSION,
+        "render": identity.to_dict(),
+        "frame": {"id": frame_id, "prompt": prompt, "seed": int(seed),
+                  "token_positions": [list(p) for p in token_positions],
+                  "role": "anchor" if is_anchor else "frame"},
+    }
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
