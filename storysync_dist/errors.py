@@ -8,7 +8,7 @@ the file, and where relevant the frame (id and 0-based index) or the option.
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteOutputError", "RenderError", "StorySpecError", "StorySyncUserError"]
+__all__ = ["NonFiniteOutputError", "RenderError", "StorySpecError", "StorySyncUserError", "one_line"]
 
 
 class StorySyncUserError(Exception):
@@ -25,3 +25,8 @@ class RenderError(RuntimeError):
 
 class NonFiniteOutputError(RenderError):
     """The denoiser produced NaN or infinite latents (a black frame that must not be recorded)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (for errors that quote a library's message)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

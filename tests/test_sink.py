@@ -25,6 +25,7 @@ from storysync_dist.io import (
     write_manifest,
 )
 from storysync_dist.io import sink as sink_module
+from storysync_dist.io import storage as storage_module
 
 STORY = "ginger-cat"
 
@@ -219,7 +220,7 @@ def test_failure_while_committing_local_leaves_nothing(
         assert os.path.getsize(src) > 0
         raise OSError("rename failed")
 
-    monkeypatch.setattr(sink_module.os, "replace", broken_replace)
+    monkeypatch.setattr(storage_module.os, "replace", broken_replace)
     with pytest.raises(OSError, match="rename failed"):
         sink.write([record(0)])
     monkeypatch.undo()

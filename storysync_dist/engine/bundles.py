@@ -15,7 +15,7 @@ import fsspec
 
 from ..core.anchors import DEFAULT_MAX_BUNDLE_BYTES, AnchorBundle
 from ..core.config import StorySyncConfig
-from ..errors import StorySyncUserError
+from ..errors import StorySyncUserError, one_line
 from ..spec import StorySpec
 from .renderer import BundleMismatchError, FrameJob, RenderSettings, StoryRenderer
 
@@ -47,11 +47,11 @@ def read_bundle(url: str, storage_options: dict | None, max_bytes: int = MAX_BUN
     except IsADirectoryError:
         raise StorySyncUserError(f"--anchors {url}: is a folder, not an anchor bundle") from None
     except OSError as exc:
-        raise StorySyncUserError(f"--anchors {url}: cannot read it ({_one_line(exc)})") from None
+        raise StorySyncUserError(f"--anchors {url}: cannot read it ({one_line(exc)})") from None
     try:
         return AnchorBundle.from_bytes(data, max_bytes=max_bytes)
     except ValueError as exc:
-        raise StorySyncUserError(f"--anchors {url}: {_one_line(exc)}") from None
+        raise StorySyncUserError(f"--anchors {url}: {one_line(exc)}") from None
 
 
 def read_bundle_meta(url: str, storage_options: dict | None) -> dict[str, Any] | None:
@@ -82,7 +82,7 @@ def check_bundle_for_job(
         StoryRenderer.check_bundle_meta(bundle, config, settings)
         bundle.check_coverage(publish_steps(config, settings.steps))
     except (BundleMismatchError, ValueError) as exc:
-        raise StorySyncUserError(f"--anchors {url}: {_one_line(exc)}") from None
+        raise StorySyncUserError(f"--anchors {url}: {one_line(exc)}") from None
     meta = bundle.meta
     for position, anchor_id in enumerate(meta["anchor_ids"]):
         job = jobs.get(anchor_id)
@@ -97,7 +97,3 @@ def check_bundle_for_job(
                                      f"{meta['anchor_seeds'][position]}, the story says {job.seed}")
         if [list(p) for p in meta["anchor_token_positions"][position]] != [list(p) for p in job.token_positions]:
             raise StorySyncUserError(f"{where} its subject tokens sit elsewhere in the bundle's prompt")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

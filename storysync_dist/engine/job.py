@@ -20,7 +20,6 @@ driver alone writes, one atomic part file per frame, as frames arrive.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..core.anchors import AnchorBundle
 from ..core.config import StorySyncConfig
-from ..errors import StorySyncUserError
+from ..errors import StorySyncUserError, one_line
 from ..io.lease import Lease, LeaseHeldError
 from ..io.sink import FrameRecord, ParquetFrameSink, write_bytes
 from ..models.info import load_model_info
@@ -41,11 +40,12 @@ from ..models.presets import load_pipeline
 from ..models.revision import model_revision
 from ..models.unet import UNetAdapter
 from ..spec import StorySpec, load_story, validate_for_model
-from .bundles import check_bundle_for_job, read_bundle, read_bundle_meta
+from .bundles import check_bundle_for_job, read_bundle
 from .devices import default_dtype, device_and_dtype
 from .identity import AnchorIdentity, RenderIdentity, frame_fingerprint
-from .outputs import now_iso, update_manifest, write_storyboards
-from .renderer import METHODS, FrameJob, FrameOutput, RenderSettings, StoryRenderer, encode_frame
+from .outputs import write_story_outputs
+from .plan import JobPlan, bundle_relpath, frame_config_json, plan_jobs, plan_work
+from .renderer import METHODS, FrameOutput, RenderSettings, StoryRenderer, encode_frame
 
 __all__ = [
     "JobContext", "JobPlan", "JobResult", "RenderOptions", "device_and_dtype", "local_executor",
@@ -54,7 +54,6 @@ __all__ = [
 
 log = logging.getLogger("storysync")
 
-ANCHOR_DIR = "anchors"
 
 
 @dataclass
@@ -110,75 +109,6 @@ class JobResult:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass
-class JobPlan:
-    """The work of one job, decided before anything renders.
-
-    ``anchor_jobs`` are rendered together first when the frames need their bundle, anchor frames
-    must be (re)written, or ``--save-anchors`` needs a bundle; ``anchor_writes`` says which of them
-    go into the dataset; ``frame_jobs`` are rendered one by one against the bundle (or plainly, for
-    ``--method vanilla``). ``fingerprints`` holds the current identity of every frame of the story.
-    """
-
-    spec: StorySpec
-    options: RenderOptions
-    config: StorySyncConfig
-    settings: RenderSettings
-    config_json: str
-    identity: RenderIdentity
-    fingerprints: dict[str, str]
-    jobs: dict[str, FrameJob]
-    anchor_ids: list[str]
-    anchor_jobs: list[FrameJob]
-    anchor_writes: set[str]
-    frame_jobs: list[FrameJob]
-    bundle: AnchorBundle | None
-    skipped: list[str]
-    replace: list[str] = field(default_factory=list)
-    remove: list[str] = field(default_factory=list)
-    stale: list[str] = field(default_factory=list)
-    damaged: list[str] = field(default_factory=list)
-    # Rows of frames whose current render is stored but which also have older rows (a crash
-    # between a replacement's commit and the removal of the old row): removed by the job.
-    leftovers: list[str] = field(default_factory=list)
-    save_bundle: bool = False
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        """Frames this job writes."""
-        return len(self.anchor_writes) + len(self.frame_jobs)
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.total or self.anchor_jobs or self.remove or self.leftovers or self.save_bundle)
-
-    def summary(self) -> list[str]:
-        """What the job does to the dataset, one line per kind of change (for ``--dry-run``)."""
-        def ids(items: list[str]) -> str:
-            shown = ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
-            return f" ({shown})" if items else ""
-
-        new = [f.id for f in self.spec.frames if f.id in self._writes and f.id not in self.replace]
-        lines = [
-            f"render:  {len(new)}{ids(new)}",
-            f"replace: {len(self.replace)}{ids(self.replace)}  (stored with other inputs: rendered again)",
-            f"remove:  {len(self.remove)}{ids(self.remove)}  (no longer in the story)",
-            f"skip:    {len(self.skipped)} already present",
-        ]
-        if self.stale:
-            lines.append(f"stale:   {len(self.stale)}{ids(self.stale)}  (out of date, not selected by --only)")
-        if self.anchor_jobs and not self.anchor_writes:
-            lines.append(f"anchors: render {len(self.anchor_jobs)} for their bundle (not written as frames)")
-        if self.damaged:
-            lines.append(f"damaged: {len(self.damaged)} part file(s) to set aside: {'; '.join(self.damaged)}")
-        return lines
-
-    @property
-    def _writes(self) -> set[str]:
-        return set(self.anchor_writes) | {job.frame_id for job in self.frame_jobs}
-
-
 class JobContext:
     """What an executor calls back into: write a finished frame, report a step, save a bundle."""
 
@@ -225,46 +155,6 @@ class JobContext:
 
 
 Executor = Callable[[JobPlan, JobContext], dict]
-
-
-def bundle_relpath(story_id: str) -> str:
-    return f"{ANCHOR_DIR}/{story_id}.safetensors"
-
-
-def frame_config_json(options: RenderOptions, settings: RenderSettings, config: StorySyncConfig,
-                      anchors: list[str]) -> str:
-    """The ``config`` column: how the frames were rendered, besides their prompt and seed."""
-    return json.dumps(
-        {
-            "method": options.method,
-            "model": settings.model,
-            "model_revision": settings.model_revision,
-            "dtype": settings.dtype,
-            "steps": settings.steps,
-            "height": settings.height,
-            "width": settings.width,
-            "guidance_scale": settings.guidance_scale,
-            "negative_prompt": settings.negative_prompt,
-            "anchors": anchors,
-            "storysync": config.to_dict(),
-        },
-        sort_keys=True,
-    )
-
-
-def plan_jobs(spec: StorySpec, token_positions: list[list[list[int]]]) -> list[FrameJob]:
-    """One :class:`FrameJob` per frame of the story, in frame order."""
-    return [
-        FrameJob(
-            frame_id=frame.id,
-            index=frame.index,
-            prompt=frame.prompt,
-            negative_prompt=spec.defaults.negative_prompt,
-            seed=frame.seed,
-            token_positions=token_positions[frame.index],
-        )
-        for frame in spec.frames
-    ]
 
 
 def _record(plan: JobPlan, output: FrameOutput) -> FrameRecord:
@@ -385,76 +275,7 @@ def prepare_job(
         frame_jobs=[], bundle=bundle, skipped=[],
     )
     sink = ParquetFrameSink(options.out, storage_options=options.storage_options, read_only=True)
-    return _plan_work(plan, sink)
-
-
-def _plan_work(plan: JobPlan, sink: ParquetFrameSink) -> JobPlan:
-    """Compare the story with what the dataset holds and fill in the work (see the module doc)."""
-    spec, options = plan.spec, plan.options
-    try:
-        stored = sink.existing(spec.id)
-    except OSError as exc:
-        raise StorySyncUserError(f"--out {options.out}: cannot read the dataset there ({_one_line(exc)})") from None
-    selected = [spec.frame_by_id(i) for i in dict.fromkeys(options.only)] if options.only else spec.frames
-    selected_ids = {frame.id for frame in selected}
-    current = plan.fingerprints
-    todo, skipped, replace, stale, leftovers = [], [], [], [], []
-    for frame in spec.frames:
-        rows = stored.get(frame.id, [])
-        fresh = any(row.fingerprint == current[frame.id] for row in rows)
-        if fresh and len(rows) > 1:
-            leftovers.append(frame.id)
-        if frame.id not in selected_ids:
-            if rows and not fresh:
-                stale.append(frame.id)
-        elif fresh:
-            skipped.append(frame.id)
-        else:
-            todo.append(frame.id)
-            if rows:
-                replace.append(frame.id)
-    remove = sorted(frame_id for frame_id in stored if frame_id not in plan.jobs)
-
-    storysync = options.method == "storysync"
-    anchor_writes = {i for i in todo if i in plan.anchor_ids} if storysync else set()
-    frame_jobs = [plan.jobs[i] for i in todo if i not in anchor_writes]
-    anchors_in_story = [a for a in plan.anchor_ids if a in plan.jobs]
-    save_bundle = False
-    notes: list[str] = []
-    if options.save_anchors and storysync:
-        saved = read_bundle_meta(_join(options.out, bundle_relpath(spec.id)), options.storage_options)
-        if plan.bundle is not None or saved is None or not _same_bundle(saved, plan):
-            save_bundle = True
-        else:
-            notes.append(f"--save-anchors: {bundle_relpath(spec.id)} already holds these anchors; kept")
-    needs_bundle = storysync and bool(frame_jobs) and plan.bundle is None
-    # Anchors render (together, as one batch) to write anchor frames, to give the frames their
-    # bundle, or for --save-anchors on a finished dataset; only anchors that are frames of this
-    # story can be rendered (an imported bank from another story is used as it is).
-    render_anchors = storysync and bool(anchor_writes or needs_bundle or (save_bundle and plan.bundle is None))
-    render_anchors = render_anchors and len(anchors_in_story) == len(plan.anchor_ids)
-    plan.anchor_jobs = [plan.jobs[a] for a in plan.anchor_ids] if render_anchors else []
-    plan.anchor_writes = anchor_writes
-    plan.frame_jobs = frame_jobs
-    plan.skipped, plan.replace, plan.remove, plan.stale = skipped, replace, remove, stale
-    plan.leftovers, plan.save_bundle, plan.notes = leftovers, save_bundle, notes
-    plan.damaged = list(sink.damaged)
-    return plan
-
-
-def _same_bundle(saved_meta: dict, plan: JobPlan) -> bool:
-    from .renderer import bundle_meta
-
-    expected = bundle_meta(plan.config, plan.settings, [plan.jobs[a] for a in plan.anchor_ids])
-    return all(saved_meta.get(key) == value for key, value in expected.items())
-
-
-def _join(root: str, relpath: str) -> str:
-    return root.rstrip("/") + "/" + relpath
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return plan_work(plan, sink)
 
 
 def local_executor(pipe: object | None = None) -> Executor:
@@ -501,7 +322,7 @@ def _lease_story(plan: JobPlan) -> Lease:
             "to finish, or rerun once its lease has expired"
         ) from None
     except (OSError, ValueError) as exc:  # no such bucket, no permission, a file where a folder goes
-        raise StorySyncUserError(f"--out {options.out}: cannot write there ({_one_line(exc)})") from None
+        raise StorySyncUserError(f"--out {options.out}: cannot write there ({one_line(exc)})") from None
 
 
 def _out_exists(options: RenderOptions) -> bool | None:
@@ -521,7 +342,7 @@ def run_job(plan: JobPlan, executor: Executor, on_frame: Callable[[FrameOutput],
     lease = _lease_story(plan)
     try:
         sink = ParquetFrameSink(options.out, storage_options=options.storage_options)
-        plan = _plan_work(plan, sink)  # what changed between planning and taking the lease
+        plan = plan_work(plan, sink)  # what changed between planning and taking the lease
         ctx = JobContext(plan, sink, on_frame)
         try:
             stats = executor(plan, ctx) if (plan.total or plan.anchor_jobs or plan.save_bundle) else {}
@@ -535,7 +356,7 @@ def run_job(plan: JobPlan, executor: Executor, on_frame: Callable[[FrameOutput],
         stats = dict(stats or {})
         stats["first_frame_seconds"] = ctx.first_frame_seconds
         changed = bool(ctx.rendered or removed or plan.leftovers or sink.damaged)
-        storyboard, manifest = _finish(sink, plan, stats, changed=changed, removed=removed)
+        storyboard, manifest = write_story_outputs(sink, plan, stats, changed=changed, removed=removed)
     except BaseException:
         lease.release()
         if existed is False:
@@ -559,59 +380,3 @@ def _remove_if_empty(options: RenderOptions) -> None:
     for folder in (os.path.join(root, "_locks"), os.path.join(root, "data"), root):
         with contextlib.suppress(OSError):
             os.rmdir(folder)
-
-
-def _finish(sink: ParquetFrameSink, plan: JobPlan, stats: dict, *, changed: bool,
-            removed: list[str]) -> tuple[str, str]:
-    """Write the storyboard sheets and this story's manifest entry from what the dataset holds."""
-    spec, options = plan.spec, plan.options
-    stored = sink.existing(spec.id)
-    done = {f.id for f in spec.frames if any(r.fingerprint == plan.fingerprints[f.id] for r in stored.get(f.id, []))}
-    root_url = sink.url(sink._fs_root)
-    board: dict[str, str] = {}
-
-    def entry_for(previous: dict | None, stories: dict) -> dict:
-        previous = previous or {}
-        sheets = list(previous.get("storyboards") or [])
-        before = {f.get("id"): (f.get("fingerprint"), f.get("done")) for f in previous.get("frames", [])}
-        now = {f.id: (plan.fingerprints[f.id], f.id in done) for f in spec.frames}
-        if changed or not sheets or before != now:
-            try:
-                sheets = write_storyboards(sink, plan, sheets)
-            except Exception as exc:  # the manifest matters more than the picture
-                log.warning("storyboard of %s not written: %s", spec.id, _one_line(exc))
-                sheets = []
-        if sheets and set(stories) <= {spec.id}:
-            # storyboard.png at the root is the first sheet of a single-story dataset.
-            first = sink.fs.cat_file(f"{sink._fs_root}/{sheets[0]}")
-            board["url"] = write_bytes(options.out, "storyboard.png", first, storage_options=options.storage_options)
-        elif sheets:
-            board["url"] = _join(root_url, sheets[0])
-        return {
-            "source": spec.source,
-            "model": options.model,
-            "model_revision": plan.settings.model_revision,
-            "dtype": plan.settings.dtype,
-            "method": options.method,
-            "config": json.loads(plan.config_json),
-            "anchors": plan.anchor_ids,
-            "storyboard": sheets[0] if sheets else None,
-            "storyboards": sheets,
-            "complete": len(done) == len(spec.frames),
-            "frames": [
-                {"id": f.id, "index": f.index, "prompt": f.prompt, "seed": f.seed, "done": f.id in done,
-                 "stale": f.id in stored and f.id not in done, "is_anchor": f.id in plan.anchor_ids,
-                 "fingerprint": plan.fingerprints[f.id]}
-                for f in spec.frames
-            ],
-            "removed": removed,
-            "devices": stats.get("devices", previous.get("devices", [])),
-            "damaged": list(sink.damaged),
-            "updated": now_iso(),
-        }
-
-    try:
-        manifest = update_manifest(plan, entry_for)
-    except OSError as exc:
-        raise StorySyncUserError(f"--out {options.out}: cannot write the manifest ({_one_line(exc)})") from None
-    return board.get("url", ""), manifest

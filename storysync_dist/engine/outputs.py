@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import posixpath
 from typing import TYPE_CHECKING, Any
 
+from ..errors import StorySyncUserError, one_line
 from ..io.lease import Lease, LeaseHeldError
 from ..io.sink import ParquetFrameSink, read_manifest, write_bytes, write_manifest
 from ..io.storyboard import storyboard_sheets
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("storysync")
 
-__all__ = ["MANIFEST_FORMAT", "STORYBOARD_DIR", "update_manifest", "write_storyboards"]
+__all__ = ["MANIFEST_FORMAT", "STORYBOARD_DIR", "update_manifest", "write_story_outputs", "write_storyboards"]
 
 MANIFEST_FORMAT = "storysync-dataset/2"
 STORYBOARD_DIR = "storyboards"
@@ -87,3 +89,59 @@ def update_manifest(plan: JobPlan, entry_for: Any) -> str:
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_story_outputs(sink: ParquetFrameSink, plan: JobPlan, stats: dict, *, changed: bool,
+                        removed: list[str]) -> tuple[str, str]:
+    """Write the storyboard sheets and this story's manifest entry from what the dataset holds."""
+    spec, options = plan.spec, plan.options
+    stored = sink.existing(spec.id)
+    done = {f.id for f in spec.frames if any(r.fingerprint == plan.fingerprints[f.id] for r in stored.get(f.id, []))}
+    root_url = sink.url(sink._fs_root)
+    board: dict[str, str] = {}
+
+    def entry_for(previous: dict | None, stories: dict) -> dict:
+        previous = previous or {}
+        sheets = list(previous.get("storyboards") or [])
+        before = {f.get("id"): (f.get("fingerprint"), f.get("done")) for f in previous.get("frames", [])}
+        now = {f.id: (plan.fingerprints[f.id], f.id in done) for f in spec.frames}
+        if changed or not sheets or before != now:
+            try:
+                sheets = write_storyboards(sink, plan, sheets)
+            except Exception as exc:  # the manifest matters more than the picture
+                log.warning("storyboard of %s not written: %s", spec.id, one_line(exc))
+                sheets = []
+        if sheets and set(stories) <= {spec.id}:
+            # storyboard.png at the root is the first sheet of a single-story dataset.
+            first = sink.fs.cat_file(f"{sink._fs_root}/{sheets[0]}")
+            board["url"] = write_bytes(options.out, "storyboard.png", first, storage_options=options.storage_options)
+        elif sheets:
+            board["url"] = posixpath.join(root_url, sheets[0])
+        return {
+            "source": spec.source,
+            "model": options.model,
+            "model_revision": plan.settings.model_revision,
+            "dtype": plan.settings.dtype,
+            "method": options.method,
+            "config": json.loads(plan.config_json),
+            "anchors": plan.anchor_ids,
+            "storyboard": sheets[0] if sheets else None,
+            "storyboards": sheets,
+            "complete": len(done) == len(spec.frames),
+            "frames": [
+                {"id": f.id, "index": f.index, "prompt": f.prompt, "seed": f.seed, "done": f.id in done,
+                 "stale": f.id in stored and f.id not in done, "is_anchor": f.id in plan.anchor_ids,
+                 "fingerprint": plan.fingerprints[f.id]}
+                for f in spec.frames
+            ],
+            "removed": removed,
+            "devices": stats.get("devices", previous.get("devices", [])),
+            "damaged": list(sink.damaged),
+            "updated": now_iso(),
+        }
+
+    try:
+        manifest = update_manifest(plan, entry_for)
+    except OSError as exc:
+        raise StorySyncUserError(f"--out {options.out}: cannot write the manifest ({one_line(exc)})") from None
+    return board.get("url", ""), manifest

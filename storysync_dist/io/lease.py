@@ -27,7 +27,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from .sink import _commit, _resolve, create_exclusive
+from .storage import commit, create_exclusive, resolve
 
 __all__ = ["LOCK_DIR", "Lease", "LeaseHeldError"]
 
@@ -72,7 +72,7 @@ class Lease:
         ttl: float = DEFAULT_TTL,
         purpose: str = "",
     ) -> None:
-        self.fs, fs_root = _resolve(root, storage_options)
+        self.fs, fs_root = resolve(root, storage_options)
         self.root = root
         self.path = posixpath.join(fs_root, LOCK_DIR, f"{name}.lock")
         self.ttl = float(ttl)
@@ -171,7 +171,7 @@ class Lease:
                     log.warning("lease %s was taken by another job (%s)", self.path,
                                 self.describe(holder or {}))
                     return
-                _commit(self.fs, self.path, self._content())
+                commit(self.fs, self.path, self._content())
             except Exception as exc:  # a missed renewal is retried; the ttl leaves room
                 log.warning("could not renew lease %s: %s", self.path, exc)
 

@@ -33,23 +33,29 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import posixpath
 import re
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 
 from ..spec import ID_PATTERN, is_valid_id
+from .storage import (
+    MANIFEST_NAME,
+    commit,
+    create_exclusive,
+    is_local,
+    is_object_store,
+    read_manifest,
+    resolve,
+    write_bytes,
+    write_manifest,
+)
 
 log = logging.getLogger("storysync")
 
@@ -74,7 +80,6 @@ __all__ = [
 
 DATA_DIR = "data"
 QUARANTINE_DIR = "quarantine"
-MANIFEST_NAME = "manifest.json"
 STORYBOARD_NAME = "storyboard.png"
 
 # The struct layout (field order included) that `datasets.Image` uses as its Arrow storage type.
@@ -125,12 +130,6 @@ FRAME_SCHEMA = pa.schema(
 _PART_RE = re.compile(
     r"^part-(?P<story>[a-z0-9][a-z0-9_-]{0,63})-(?P<index>\d{5,})-(?P<hash>[0-9a-f]{8,32})\.parquet$"
 )
-# Relative paths accepted by write_bytes: plain names joined by "/", no hidden files, no "..".
-_REL_COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Filesystems whose single PUT (``pipe_file``) makes an object visible complete or not at all, and
-# whose rename is a copy: they commit with one ``pipe_file``. Every other non-local filesystem
-# (SFTP, HDFS, SMB, ...) commits by writing a hidden temporary and renaming it.
-OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2", "memory"})
 # The columns a rerun reads to learn what a dataset holds.
 _INDEX_COLUMNS = ("story_id", "frame_id", "fingerprint")
 
@@ -213,94 +212,6 @@ def part_name(story_id: str, first_index: int, identities: list[tuple[str, str]]
     return f"part-{story_id}-{first_index:05d}-{digest}.parquet"
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
-    protocol = fs.protocol
-    return {protocol} if isinstance(protocol, str) else set(protocol)
-
-
-def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
-    """Whether ``fs`` commits an object with one atomic PUT (S3, GCS, Azure, memory, ...)."""
-    return bool(_protocols(fs) & OBJECT_STORE_PROTOCOLS)
-
-
-def _local_temp(path: str) -> str:
-    folder, name = posixpath.split(path)
-    return posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-
-
-def _write_local_temp(path: str, data: bytes) -> str:
-    folder = posixpath.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    temp = _local_temp(path)
-    try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temp)
-        raise
-    return temp
-
-
-def _commit(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Make ``data`` visible at ``path`` all at once (see the module docstring)."""
-    if _is_local(fs):
-        temp = _write_local_temp(path, data)
-        try:
-            os.replace(temp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(temp)
-            raise
-    elif is_object_store(fs):
-        # One PUT. Never `with fs.open(path, "wb")`: on S3 an exception inside the block still
-        # commits whatever was buffered, i.e. a truncated object under the final name.
-        fs.pipe_file(path, bytes(data))
-    else:
-        # A filesystem with real renames (SFTP, HDFS, ...): pipe_file there streams into the final
-        # name, so write a hidden temporary next to it and rename it into place.
-        folder, name = posixpath.split(path)
-        temp = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        fs.makedirs(folder, exist_ok=True)
-        try:
-            fs.pipe_file(temp, bytes(data))
-            fs.mv(temp, path)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                fs.rm(temp)
-            raise
-
-
-def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
-    """Create ``path`` holding ``data`` only if nothing is there; True when this call created it.
-
-    Local: a complete hidden temporary is hard-linked to the name (atomic, fails if it exists).
-    Object stores: a conditional PUT (``If-None-Match: *`` on S3). Elsewhere fsspec's
-    ``mode="create"`` (check then write; not atomic on every filesystem, see docs/distributed.md).
-    """
-    if _is_local(fs):
-        temp = _write_local_temp(path, data)
-        try:
-            os.link(temp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            with contextlib.suppress(OSError):
-                os.remove(temp)
-    try:
-        fs.pipe_file(path, bytes(data), mode="create")
-        return True
-    except FileExistsError:
-        return False
-
-
 class ParquetFrameSink:
     """Writes frames as Parquet part files under ``<root>/data`` on any fsspec filesystem.
 
@@ -331,7 +242,7 @@ class ParquetFrameSink:
         self.rows_per_part = rows_per_part
         self.storage_options = dict(storage_options or {})
         self.read_only = read_only
-        self.fs, self._fs_root = _resolve(self.root, self.storage_options)
+        self.fs, self._fs_root = resolve(self.root, self.storage_options)
         self._data_dir = posixpath.join(self._fs_root, DATA_DIR)
         self._buffer: list[FrameRecord] = []
         # Part files are immutable (committed once, only ever deleted), so their index rows are
@@ -345,7 +256,7 @@ class ParquetFrameSink:
 
     def url(self, fs_path: str) -> str:
         """The user-facing form of a filesystem path: absolute path locally, ``proto://...`` otherwise."""
-        return fs_path if _is_local(self.fs) else self.fs.unstrip_protocol(fs_path)
+        return fs_path if is_local(self.fs) else self.fs.unstrip_protocol(fs_path)
 
     def part_paths(self, story_id: str | None = None) -> list[str]:
         """Filesystem paths of the committed part files (of one story, or all), sorted by name.
@@ -445,7 +356,7 @@ class ParquetFrameSink:
         """
         paths = sorted(self._parts_of(story_id))
         missing = [path for path in paths if path not in self._index_cache]
-        if len(missing) > 1 and not _is_local(self.fs):
+        if len(missing) > 1 and not is_local(self.fs):
             # Remote reads are latency-bound: fetch the small footers/columns concurrently.
             with ThreadPoolExecutor(max_workers=min(8, len(missing))) as pool:
                 list(pool.map(self._index_of, missing))
@@ -535,7 +446,7 @@ class ParquetFrameSink:
         first_index = min(record.frame_index for record in records)
         name = part_name(story_id, first_index, [(r.frame_id, r.fingerprint) for r in records])
         path = posixpath.join(self._data_dir, name)
-        _commit(self.fs, path, data)
+        commit(self.fs, path, data)
         self._index_cache[path] = [(r.story_id, r.frame_id, r.fingerprint) for r in records]
         parts.add(path)
         self.remove_frames(story_id, set(frame_ids), keep=path)
@@ -563,7 +474,7 @@ class ParquetFrameSink:
                 first = min(remaining["frame_index"].to_pylist())
                 identities = [(f, fp or "") for _, f, fp in survivors]
                 new_path = posixpath.join(self._data_dir, part_name(story_id, first, identities))
-                _commit(self.fs, new_path, buffer.getvalue().to_pybytes())
+                commit(self.fs, new_path, buffer.getvalue().to_pybytes())
                 self._index_cache[new_path] = survivors
                 self._parts_of(story_id).add(new_path)
             if path != keep:
@@ -599,43 +510,3 @@ class ParquetFrameSink:
             # Keep the records so the caller can retry the flush.
             self._buffer = records + self._buffer
             raise
-
-
-def _resolve(root: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = url_to_fs(str(root), **(storage_options or {}))
-    return fs, path.rstrip("/") or "/"
-
-
-def _check_relpath(relpath: str) -> str:
-    parts = relpath.split("/")
-    if not relpath or any(not _REL_COMPONENT_RE.fullmatch(part) for part in parts):
-        raise ValueError(f"unsafe relative output path {relpath!r}")
-    return relpath
-
-
-def write_bytes(root: str, relpath: str, data: bytes, storage_options: dict[str, Any] | None = None) -> str:
-    """Atomically write ``data`` to ``<root>/<relpath>`` (e.g. ``storyboard.png``); return its URL."""
-    fs, fs_root = _resolve(root, storage_options)
-    path = posixpath.join(fs_root, _check_relpath(relpath))
-    _commit(fs, path, bytes(data))
-    return path if _is_local(fs) else fs.unstrip_protocol(path)
-
-
-def write_manifest(root: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None) -> str:
-    """Atomically write ``manifest`` as ``<root>/manifest.json`` (sorted keys, indented); return its URL."""
-    data = (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-    return write_bytes(root, MANIFEST_NAME, data, storage_options)
-
-
-def read_manifest(root: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Return the parsed ``<root>/manifest.json``, or None when there is none yet."""
-    fs, fs_root = _resolve(root, storage_options)
-    path = posixpath.join(fs_root, MANIFEST_NAME)
-    try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-    manifest = json.loads(data.decode("utf-8"))
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: manifest is not a JSON object")
-    return manifest

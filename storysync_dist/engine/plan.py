@@ -1,0 +1,195 @@
+"""The work of one job: the plan prepared from a story, and how it is decided against the dataset.
+
+See ``engine/job.py`` for the rules (skip, replace, remove, stale) and ``docs/datasets.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..core.anchors import AnchorBundle
+from ..core.config import StorySyncConfig
+from ..errors import StorySyncUserError, one_line
+from ..io.sink import ParquetFrameSink
+from ..spec import StorySpec
+from .bundles import read_bundle_meta
+from .identity import RenderIdentity
+from .renderer import FrameJob, RenderSettings, bundle_meta
+
+if TYPE_CHECKING:
+    from .job import RenderOptions
+
+__all__ = ["ANCHOR_DIR", "JobPlan", "bundle_relpath", "frame_config_json", "plan_jobs", "plan_work"]
+
+ANCHOR_DIR = "anchors"
+
+
+@dataclass
+class JobPlan:
+    """The work of one job, decided before anything renders.
+
+    ``anchor_jobs`` are rendered together first when the frames need their bundle, anchor frames
+    must be (re)written, or ``--save-anchors`` needs a bundle; ``anchor_writes`` says which of them
+    go into the dataset; ``frame_jobs`` are rendered one by one against the bundle (or plainly, for
+    ``--method vanilla``). ``fingerprints`` holds the current identity of every frame of the story.
+    """
+
+    spec: StorySpec
+    options: RenderOptions
+    config: StorySyncConfig
+    settings: RenderSettings
+    config_json: str
+    identity: RenderIdentity
+    fingerprints: dict[str, str]
+    jobs: dict[str, FrameJob]
+    anchor_ids: list[str]
+    anchor_jobs: list[FrameJob]
+    anchor_writes: set[str]
+    frame_jobs: list[FrameJob]
+    bundle: AnchorBundle | None
+    skipped: list[str]
+    replace: list[str] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    # Rows of frames whose current render is stored but which also have older rows (a crash
+    # between a replacement's commit and the removal of the old row): removed by the job.
+    leftovers: list[str] = field(default_factory=list)
+    save_bundle: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Frames this job writes."""
+        return len(self.anchor_writes) + len(self.frame_jobs)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.total or self.anchor_jobs or self.remove or self.leftovers or self.save_bundle)
+
+    def summary(self) -> list[str]:
+        """What the job does to the dataset, one line per kind of change (for ``--dry-run``)."""
+        def ids(items: list[str]) -> str:
+            shown = ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
+            return f" ({shown})" if items else ""
+
+        new = [f.id for f in self.spec.frames if f.id in self._writes and f.id not in self.replace]
+        lines = [
+            f"render:  {len(new)}{ids(new)}",
+            f"replace: {len(self.replace)}{ids(self.replace)}  (stored with other inputs: rendered again)",
+            f"remove:  {len(self.remove)}{ids(self.remove)}  (no longer in the story)",
+            f"skip:    {len(self.skipped)} already present",
+        ]
+        if self.stale:
+            lines.append(f"stale:   {len(self.stale)}{ids(self.stale)}  (out of date, not selected by --only)")
+        if self.anchor_jobs and not self.anchor_writes:
+            lines.append(f"anchors: render {len(self.anchor_jobs)} for their bundle (not written as frames)")
+        if self.damaged:
+            lines.append(f"damaged: {len(self.damaged)} part file(s) to set aside: {'; '.join(self.damaged)}")
+        return lines
+
+    @property
+    def _writes(self) -> set[str]:
+        return set(self.anchor_writes) | {job.frame_id for job in self.frame_jobs}
+
+
+def bundle_relpath(story_id: str) -> str:
+    return f"{ANCHOR_DIR}/{story_id}.safetensors"
+
+
+def frame_config_json(options: RenderOptions, settings: RenderSettings, config: StorySyncConfig,
+                      anchors: list[str]) -> str:
+    """The ``config`` column: how the frames were rendered, besides their prompt and seed."""
+    return json.dumps(
+        {
+            "method": options.method,
+            "model": settings.model,
+            "model_revision": settings.model_revision,
+            "dtype": settings.dtype,
+            "steps": settings.steps,
+            "height": settings.height,
+            "width": settings.width,
+            "guidance_scale": settings.guidance_scale,
+            "negative_prompt": settings.negative_prompt,
+            "anchors": anchors,
+            "storysync": config.to_dict(),
+        },
+        sort_keys=True,
+    )
+
+
+def plan_jobs(spec: StorySpec, token_positions: list[list[list[int]]]) -> list[FrameJob]:
+    """One :class:`FrameJob` per frame of the story, in frame order."""
+    return [
+        FrameJob(
+            frame_id=frame.id,
+            index=frame.index,
+            prompt=frame.prompt,
+            negative_prompt=spec.defaults.negative_prompt,
+            seed=frame.seed,
+            token_positions=token_positions[frame.index],
+        )
+        for frame in spec.frames
+    ]
+
+
+def plan_work(plan: JobPlan, sink: ParquetFrameSink) -> JobPlan:
+    """Compare the story with what the dataset holds and fill in the work (see the module doc)."""
+    spec, options = plan.spec, plan.options
+    try:
+        stored = sink.existing(spec.id)
+    except OSError as exc:
+        raise StorySyncUserError(f"--out {options.out}: cannot read the dataset there ({one_line(exc)})") from None
+    selected = [spec.frame_by_id(i) for i in dict.fromkeys(options.only)] if options.only else spec.frames
+    selected_ids = {frame.id for frame in selected}
+    current = plan.fingerprints
+    todo, skipped, replace, stale, leftovers = [], [], [], [], []
+    for frame in spec.frames:
+        rows = stored.get(frame.id, [])
+        fresh = any(row.fingerprint == current[frame.id] for row in rows)
+        if fresh and len(rows) > 1:
+            leftovers.append(frame.id)
+        if frame.id not in selected_ids:
+            if rows and not fresh:
+                stale.append(frame.id)
+        elif fresh:
+            skipped.append(frame.id)
+        else:
+            todo.append(frame.id)
+            if rows:
+                replace.append(frame.id)
+    remove = sorted(frame_id for frame_id in stored if frame_id not in plan.jobs)
+
+    storysync = options.method == "storysync"
+    anchor_writes = {i for i in todo if i in plan.anchor_ids} if storysync else set()
+    frame_jobs = [plan.jobs[i] for i in todo if i not in anchor_writes]
+    anchors_in_story = [a for a in plan.anchor_ids if a in plan.jobs]
+    save_bundle = False
+    notes: list[str] = []
+    if options.save_anchors and storysync:
+        saved = read_bundle_meta(posixpath.join(options.out, bundle_relpath(spec.id)), options.storage_options)
+        if plan.bundle is not None or saved is None or not _same_bundle(saved, plan):
+            save_bundle = True
+        else:
+            notes.append(f"--save-anchors: {bundle_relpath(spec.id)} already holds these anchors; kept")
+    needs_bundle = storysync and bool(frame_jobs) and plan.bundle is None
+    # Anchors render (together, as one batch) to write anchor frames, to give the frames their
+    # bundle, or for --save-anchors on a finished dataset; only anchors that are frames of this
+    # story can be rendered (an imported bank from another story is used as it is).
+    render_anchors = storysync and bool(anchor_writes or needs_bundle or (save_bundle and plan.bundle is None))
+    render_anchors = render_anchors and len(anchors_in_story) == len(plan.anchor_ids)
+    plan.anchor_jobs = [plan.jobs[a] for a in plan.anchor_ids] if render_anchors else []
+    plan.anchor_writes = anchor_writes
+    plan.frame_jobs = frame_jobs
+    plan.skipped, plan.replace, plan.remove, plan.stale = skipped, replace, remove, stale
+    plan.leftovers, plan.save_bundle, plan.notes = leftovers, save_bundle, notes
+    plan.damaged = list(sink.damaged)
+    return plan
+
+
+def _same_bundle(saved_meta: dict, plan: JobPlan) -> bool:
+    expected = bundle_meta(plan.config, plan.settings, [plan.jobs[a] for a in plan.anchor_ids])
+    return all(saved_meta.get(key) == value for key, value in expected.items())
