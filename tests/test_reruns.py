@@ -43,6 +43,7 @@ def write_story(path: Path, story: dict) -> str:
 
 
 _PIPE: list = []
+BASE_STORIES: dict[str, Path] = {}  # where the base render's story file lives (its manifest "source")
 
 
 def render(story: dict, out: Path, tmp: Path, **extra) -> JobResult:
@@ -99,7 +100,7 @@ def assert_manifest_true(out: Path, story: dict) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("base") / "out"
-    result = render(STORY, out, tmp_path_factory.mktemp("stories"))
+    result = render(STORY, out, BASE_STORIES.setdefault("dir", tmp_path_factory.mktemp("stories")))
     assert sorted(result.rendered) == ["den", "moon", "river", "snow"]
     return out
 
@@ -288,3 +289,11 @@ def test_nan_latents_fail_the_frame_instead_of_recording_a_black_one(tmp_path: P
     with pytest.raises(NonFiniteOutputError, match=r"anchors \['den', 'river'\]: the denoiser produced NaN"):
         render_story(path, RenderOptions(out=str(out), **FAST), pipe=pipe)
     assert not out.exists()  # nothing recorded, no empty folder left behind
+
+
+def test_a_rerun_into_a_finished_dataset_writes_nothing(base: Path, tmp_path: Path) -> None:
+    out = copy_dataset(base, tmp_path / "rerun")
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    result = render(STORY, out, BASE_STORIES["dir"])  # the same story file
+    assert result.rendered == [] and len(result.skipped) == 4
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before

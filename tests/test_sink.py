@@ -307,3 +307,25 @@ def test_storyboard_layout() -> None:
     assert make_storyboard(tiles, columns=5).width == 5 * 64 + 6 * 8
     big = make_storyboard([("big", Image.new("RGB", (2048, 1024)), None)], max_tile_side=256)
     assert big.width == 256 + 2 * 8
+
+
+def test_other_filesystems_commit_through_a_hidden_temporary_and_a_rename(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A filesystem that is neither local nor an object store (DirFileSystem stands in for SFTP or
+    # HDFS here): its pipe_file streams into the name it is given, so the final name must only
+    # appear through a rename.
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs = DirFileSystem(path=str(tmp_path), fs=LocalFileSystem())
+    assert not storage_module.is_local(fs) and not storage_module.is_object_store(fs)
+    piped, moved = [], []
+    original_pipe, original_mv = type(fs).pipe_file, type(fs).mv
+    monkeypatch.setattr(type(fs), "pipe_file", lambda self, p, v, **kw: (piped.append(p), original_pipe(self, p, v, **kw)))
+    monkeypatch.setattr(type(fs), "mv", lambda self, a, b, **kw: (moved.append((a, b)), original_mv(self, a, b, **kw)))
+    storage_module.commit(fs, "data/part.parquet", b"complete")
+    assert len(piped) == 1 and piped[0].startswith("data/.part.parquet.") and piped[0].endswith(".tmp")
+    assert moved == [(piped[0], "data/part.parquet")]
+    assert (tmp_path / "data" / "part.parquet").read_bytes() == b"complete"
+    assert os.listdir(tmp_path / "data") == ["part.parquet"]

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import StorySyncUserError, one_line
 from ..io.lease import Lease, LeaseHeldError
-from ..io.sink import ParquetFrameSink, read_manifest, write_bytes, write_manifest
+from ..io.sink import (
+    MANIFEST_NAME,
+    STORYBOARD_NAME,
+    ParquetFrameSink,
+    read_manifest,
+    write_bytes,
+    write_manifest,
+)
+from ..io.storage import url_of
 from ..io.storyboard import storyboard_sheets
 
 if TYPE_CHECKING:
@@ -79,12 +87,20 @@ def update_manifest(plan: JobPlan, entry_for: Any) -> str:
     try:
         manifest = read_manifest(options.out, storage_options=options.storage_options) or {}
         stories = dict(manifest.get("stories", {}))
-        entry = entry_for(stories.get(plan.spec.id), stories)
+        previous = stories.get(plan.spec.id)
+        entry = entry_for(previous, stories)
+        if previous is not None and manifest.get("format") == MANIFEST_FORMAT and _same_entry(previous, entry):
+            # Nothing changed (a rerun into a finished dataset): leave the file alone.
+            return url_of(options.out, MANIFEST_NAME, options.storage_options)
         stories[plan.spec.id] = entry
         return write_manifest(options.out, {"format": MANIFEST_FORMAT, "stories": stories},
                               storage_options=options.storage_options)
     finally:
         lease.release()
+
+
+def _same_entry(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k != "updated"} == {k: v for k, v in b.items() if k != "updated"}
 
 
 def now_iso() -> str:
@@ -105,16 +121,20 @@ def write_story_outputs(sink: ParquetFrameSink, plan: JobPlan, stats: dict, *, c
         sheets = list(previous.get("storyboards") or [])
         before = {f.get("id"): (f.get("fingerprint"), f.get("done")) for f in previous.get("frames", [])}
         now = {f.id: (plan.fingerprints[f.id], f.id in done) for f in spec.frames}
-        if changed or not sheets or before != now:
+        redrawn = changed or not sheets or before != now
+        if redrawn:
             try:
                 sheets = write_storyboards(sink, plan, sheets)
             except Exception as exc:  # the manifest matters more than the picture
                 log.warning("storyboard of %s not written: %s", spec.id, one_line(exc))
                 sheets = []
-        if sheets and set(stories) <= {spec.id}:
+        root_board = posixpath.join(sink._fs_root, STORYBOARD_NAME)
+        if sheets and set(stories) <= {spec.id} and (redrawn or not sink.fs.exists(root_board)):
             # storyboard.png at the root is the first sheet of a single-story dataset.
             first = sink.fs.cat_file(f"{sink._fs_root}/{sheets[0]}")
-            board["url"] = write_bytes(options.out, "storyboard.png", first, storage_options=options.storage_options)
+            board["url"] = write_bytes(options.out, STORYBOARD_NAME, first, storage_options=options.storage_options)
+        elif sheets and set(stories) <= {spec.id}:
+            board["url"] = sink.url(root_board)
         elif sheets:
             board["url"] = posixpath.join(root_url, sheets[0])
         return {

@@ -30,6 +30,7 @@ __all__ = [
     "is_object_store",
     "read_manifest",
     "resolve",
+    "url_of",
     "write_bytes",
     "write_manifest",
 ]
@@ -139,6 +140,13 @@ def _check_relpath(relpath: str) -> str:
     if not relpath or any(not _REL_COMPONENT_RE.fullmatch(part) for part in parts):
         raise ValueError(f"unsafe relative output path {relpath!r}")
     return relpath
+
+
+def url_of(root: str, relpath: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The user-facing URL of ``<root>/<relpath>``: an absolute path locally, ``proto://...`` otherwise."""
+    fs, fs_root = resolve(root, storage_options)
+    path = posixpath.join(fs_root, _check_relpath(relpath))
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def write_bytes(root: str, relpath: str, data: bytes, storage_options: dict[str, Any] | None = None) -> str:
