@@ -142,12 +142,18 @@ class Lease:
         deadline = time.monotonic() + wait
         self._acquired = time.time()
         delay = 0.05
+        vanished = 0
         while True:
             if create_exclusive(self.fs, self.path, self._content()):
                 break
             holder = self._read()
             if holder is None:
-                continue  # released between our attempt and the read: try again
+                # Released between our attempt and the read: try again (a filesystem that keeps
+                # saying "exists" for a file it cannot show would otherwise spin here).
+                vanished += 1
+                if vanished > 100:
+                    raise OSError(f"{self.path}: exclusive create keeps failing, yet the file is not there")
+                continue
             if self._stale(holder):
                 log.warning("breaking the stale lease %s (%s)", self.path, self.describe(holder))
                 with contextlib.suppress(FileNotFoundError):
