@@ -13,14 +13,8 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-from .presets import (
-    PRESETS,
-    UnknownModelError,
-    cached_snapshot,
-    check_model_index,
-    looks_like_hub_id,
-    preset_path,
-)
+from .loading import cached_snapshot, check_model_index, looks_like_hub_id
+from .presets import PRESETS, UnknownModelError, preset_path
 
 _INFO_FILES = ["model_index.json", "tokenizer/*", "unet/config.json", "vae/config.json"]
 

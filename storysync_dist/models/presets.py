@@ -1,4 +1,4 @@
-"""Offline model presets and the one entry point that turns a model name into a loaded pipeline.
+"""Offline model presets: their configs, how they are built, and their on-disk cache.
 
 The presets (`tiny-sd`, `tiny-sdxl`) are the real diffusers pipeline classes with tiny configs and
 seeded random weights. They exist so that tests, CI and laptops exercise exactly the code paths a real
@@ -11,6 +11,9 @@ runs every time.
 benchmarks (real compute, noise pictures). At ~3.5B parameters (14 GB in float32) saving it would cost
 more than building it, so `load_pipeline` builds it in memory, directly in the requested dtype and on
 the requested device; only its configs and tokenizers are written to disk (for `load_model_info`).
+
+`load_pipeline`, which turns any model string (preset, local folder, cached hub id) into a pipeline, and
+the safety checks it runs live in `storysync_dist.models.loading`; they stay importable from here.
 """
 
 from __future__ import annotations
@@ -19,19 +22,16 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 import shutil
 import tempfile
 import threading
-import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import accelerate
 import diffusers
-import diffusers.utils.deprecation_utils
 import diffusers.utils.logging
 import huggingface_hub.utils
 import torch
@@ -50,28 +50,23 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from storysync_dist.models.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
 
+if TYPE_CHECKING:
+    from storysync_dist.models.loading import (
+        cached_snapshot,
+        check_model_index,
+        load_pipeline,
+        looks_like_hub_id,
+    )
+
 __all__ = [
-    "PRESETS",
-    "PRESET_VERSION",
-    "Preset",
-    "UnknownModelError",
-    "cache_root",
-    "cached_snapshot",
-    "check_model_index",
-    "load_pipeline",
-    "looks_like_hub_id",
-    "preset_path",
+    "PRESETS", "PRESET_VERSION", "Preset", "UnknownModelError", "cache_root", "cached_snapshot",
+    "check_model_index", "load_pipeline", "looks_like_hub_id", "preset_path",
 ]
 
 # Bump when a preset changes in a way its config dicts do not capture (e.g. how weights are seeded).
 PRESET_VERSION = 1
 _MANIFEST = "storysync_preset.json"
 _BUILD_LOCK = threading.Lock()
-
-
-# Recent diffusers (0.42 here) renamed from_pretrained's `torch_dtype` to `dtype` and warns on the old
-# name; older releases (pyproject allows >= 0.30) only know `torch_dtype`.
-_DTYPE_KWARG = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
 class UnknownModelError(ValueError):
@@ -83,14 +78,9 @@ class UnknownModelError(ValueError):
 # Four VAE levels so vae_scale_factor == 8 as in every real SD/SDXL checkpoint; channels stay tiny because
 # the decoder's last level runs at full image resolution and dominates CPU render time.
 _VAE_BASE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [16, 16, 32, 32],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
+    "in_channels": 3, "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 16, 32, 32], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8,
     "sample_size": 256,
 }
 
@@ -108,43 +98,23 @@ _UNET_BASE: dict[str, Any] = {
 }
 
 _TEXT_BASE: dict[str, Any] = {
-    "vocab_size": CLIP_VOCAB_SIZE,
-    "max_position_embeddings": CLIP_MAX_LENGTH,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "layer_norm_eps": 1e-5,
-    "projection_dim": 32,
+    "vocab_size": CLIP_VOCAB_SIZE, "max_position_embeddings": CLIP_MAX_LENGTH,
+    "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+    "layer_norm_eps": 1e-5, "projection_dim": 32,
     # Same special ids as the real CLIP configs, so pooling finds the <|endoftext|> position.
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-    "pad_token_id": 1,
+    "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
 }
 
 # The schedulers are SD 1.5's and SDXL base's scheduler_config.json, minus keys the class does not take.
 _SD15_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "trained_betas": None,
-    "skip_prk_steps": True,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "trained_betas": None, "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1,
 }
 
 _SDXL_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "trained_betas": None,
-    "prediction_type": "epsilon",
-    "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "trained_betas": None, "prediction_type": "epsilon", "interpolation_type": "linear",
+    "use_karras_sigmas": False, "timestep_spacing": "leading", "steps_offset": 1,
 }
 
 _SDXL_TIME_EMBED_DIM = 8
@@ -189,67 +159,31 @@ def _sdxl_components() -> dict[str, dict[str, Any]]:
 # SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0): unet/config.json, every key the class takes
 # (its 2,567,463,684 parameters are checked in tests/test_presets.py).
 _SDXL_BASE_UNET: dict[str, Any] = {
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "class_embed_type": None,
-    "class_embeddings_concat": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "cross_attention_dim": 2048,
-    "cross_attention_norm": None,
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False, "class_embed_type": None, "class_embeddings_concat": False,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048, "cross_attention_norm": None,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_attention_heads": None,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
+    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+    "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False, "out_channels": 4,
     "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + text_encoder_2's 1280
-    "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default",
-    "sample_size": 128,
-    "time_cond_proj_dim": None,
-    "time_embedding_act_fn": None,
-    "time_embedding_dim": None,
-    "time_embedding_type": "positional",
-    "timestep_post_act": None,
+    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "resnet_time_scale_shift": "default",
+    "sample_size": 128, "time_cond_proj_dim": None, "time_embedding_act_fn": None,
+    "time_embedding_dim": None, "time_embedding_type": "positional", "timestep_post_act": None,
     "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": None,
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
     "use_linear_projection": True,
 }
 
 # SDXL base 1.0's vae/config.json.
 _SDXL_BASE_VAE: dict[str, Any] = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "force_upcast": True,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3,
+    "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+    "sample_size": 1024, "scaling_factor": 0.13025, "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
 
@@ -288,12 +222,7 @@ _COMPONENT_BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
 
 
 _SEEDS = {
-    "unet": 0,
-    "vae": 1,
-    "text_encoder": 2,
-    "text_encoder_2": 3,
-    "tokenizer": 4,
-    "tokenizer_2": 5,
+    "unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "tokenizer": 4, "tokenizer_2": 5,
     "scheduler": 6,
 }
 
@@ -550,183 +479,18 @@ def _save_configs(preset: Preset, folder: pathlib.Path) -> None:
             part.config.save_pretrained(folder / role)
 
 
-# Hub repo ids: "org/name", alphanumerics plus - _ . (not leading), at most 96 characters per part.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+# The loading entry point and its safety checks moved to `loading`, which imports this module; they are
+# re-exported on first access, so that neither module imports the other while it is being loaded.
+_MOVED_TO_LOADING = frozenset({
+    "load_pipeline", "check_model_index", "cached_snapshot", "looks_like_hub_id", "_HUB_ID",
+    "_COMPONENT_LIBRARIES", "_DTYPE_KWARG", "_entry_text", "_library_module", "_class_of", "_not_cached",
+    "_first_line",
+})
 
 
-def looks_like_hub_id(model: str) -> bool:
-    """True for strings shaped like a Hugging Face hub repo id ("org/name")."""
-    return bool(_HUB_ID.match(model)) and ".." not in model and "--" not in model and not model.endswith(".")
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_LOADING:
+        from storysync_dist.models import loading
 
-
-# The libraries a model_index.json component may come from. Anything else names a Python module
-# that diffusers would import, or load from the folder itself: custom code.
-_COMPONENT_LIBRARIES = ("diffusers", "transformers")
-
-
-def _entry_text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _library_module(library: str) -> types.ModuleType | None:
-    """The module a component's library name resolves to: diffusers, transformers, or one of
-    diffusers' own pipeline packages (SD 1.x folders name ``["stable_diffusion",
-    "StableDiffusionSafetyChecker"]``); None for anything else."""
-    if library == "diffusers":
-        return diffusers
-    if library == "transformers":
-        return transformers
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", library):
-        return None
-    try:
-        module = getattr(diffusers.pipelines, library, None)
-    except (ImportError, RuntimeError, AttributeError):
-        return None
-    if isinstance(module, types.ModuleType) and module.__name__ == f"diffusers.pipelines.{library}":
-        return module
-    return None
-
-
-def _class_of(module: types.ModuleType, name: str) -> type | None:
-    if module is transformers:
-        from diffusers.pipelines import pipeline_loading_utils
-
-        # diffusers renames a few deprecated transformers classes (CLIPFeatureExtractor) on load.
-        remap = getattr(pipeline_loading_utils, "_maybe_remap_transformers_class", None)
-        name = (remap(name) if remap is not None else None) or name
-    if name.startswith("_"):
-        return None
-    try:
-        found = getattr(module, name, None)
-    except (ImportError, RuntimeError, AttributeError):
-        return None
-    return found if isinstance(found, type) else None
-
-
-def check_model_index(folder: str | os.PathLike[str]) -> None:
-    """Refuse a pipeline folder whose ``model_index.json`` would make diffusers run code of its own.
-
-    ``_class_name`` must be a string naming a pipeline class that ``diffusers`` exports (a list
-    ``[module, class]`` names a custom pipeline file), and every component entry
-    ``[library, class]`` must name a class of ``diffusers`` or ``transformers`` (or of one of
-    diffusers' pipeline packages, like ``stable_diffusion``), with no ``<component>/<library>.py``
-    file in the folder (diffusers would load that file instead); ``[null, null]`` entries (absent
-    components) are fine. Nothing is imported from the folder. Raises ``UnknownModelError`` with
-    one line naming the folder and the entry.
-    """
-    root = pathlib.Path(folder)
-    index_path = root / "model_index.json"
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UnknownModelError(f"{root}: not a diffusers pipeline folder (no model_index.json)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UnknownModelError(f"{index_path}: unreadable model_index.json ({exc})") from None
-    if not isinstance(index, dict):
-        raise UnknownModelError(f"{index_path}: expected a JSON object, got {type(index).__name__}")
-    where = f"{root}: model_index.json"
-
-    class_name = index.get("_class_name")
-    pipeline_class = _class_of(diffusers, class_name) if isinstance(class_name, str) else None
-    if pipeline_class is None or not issubclass(pipeline_class, DiffusionPipeline):
-        raise UnknownModelError(
-            f"{where}: _class_name {_entry_text(class_name)} is not a pipeline class of diffusers; "
-            "custom pipeline code is never loaded"
-        )
-    for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2:
-            continue  # bookkeeping (_diffusers_version, ...) and plain config values
-        library, component_class = value
-        if library is None:
-            continue  # an absent component: diffusers loads nothing for it
-        entry = f'{where}: entry "{name}": {_entry_text(value)}'
-        module = _library_module(library) if isinstance(library, str) else None
-        if module is None:
-            raise UnknownModelError(
-                f"{entry} names library {_entry_text(library)}; only {' and '.join(_COMPONENT_LIBRARIES)} "
-                "components are loaded, never custom code"
-            )
-        if not isinstance(component_class, str) or _class_of(module, component_class) is None:
-            raise UnknownModelError(f"{entry}: {library} has no class {_entry_text(component_class)}")
-        if (root / name / f"{library}.py").exists():
-            raise UnknownModelError(
-                f"{entry}: the folder has {name}/{library}.py, which diffusers would load as custom code"
-            )
-
-
-def _not_cached(model: str, detail: str = "") -> UnknownModelError:
-    more = f" ({detail})" if detail else ""
-    return UnknownModelError(
-        f"{model!r} is not in the Hugging Face cache{more}; models are never downloaded here: fetch it "
-        f"first with `hf download {model}` (or `huggingface-cli download {model}`)"
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def cached_snapshot(model: str, allow_patterns: list[str] | None = None) -> pathlib.Path:
-    """The folder of hub id ``model`` in the Hugging Face cache, without touching the network.
-
-    Raises ``UnknownModelError`` (one line, saying how to fetch it) when it is not cached.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        return pathlib.Path(snapshot_download(model, allow_patterns=allow_patterns, local_files_only=True))
-    except HFValidationError as exc:
-        raise UnknownModelError(f"{model!r} is not a valid Hugging Face hub id: {_first_line(exc)}") from None
-    except OSError:  # LocalEntryNotFoundError (also a FileNotFoundError), an unreadable cache
-        raise _not_cached(model) from None
-
-
-def load_pipeline(
-    model: str,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> DiffusionPipeline:
-    """Load a diffusers pipeline from a preset name, a local pipeline folder, or a cached hub id.
-
-    Resolution order: preset name, existing local directory, "org/name" hub id already in the
-    Hugging Face cache. Nothing is downloaded, no remote or custom code runs (``trust_remote_code``
-    and ``custom_pipeline`` are never passed, and ``check_model_index`` refuses a folder that names
-    code of its own), and only safetensors weights are read. Anything else raises
-    `UnknownModelError`: an unknown name, a hub id not in the cache (the message says how to fetch
-    it), a folder that is not a plain diffusers pipeline. An ``in_memory`` preset
-    (``random-sdxl``) is built here, on ``device`` in ``dtype``, without touching the disk.
-    """
-    dtype_kw = {_DTYPE_KWARG: dtype}
-    if model in PRESETS and PRESETS[model].in_memory:
-        # One build at a time: accelerate's empty-weights switch is process-global.
-        with _BUILD_LOCK, _quiet_progress_bars():
-            pipe = PRESETS[model].build_in_memory(device, dtype)
-    elif model in PRESETS:
-        preset = PRESETS[model]
-        path = preset_path(model)
-        with _quiet_progress_bars():
-            pipe = preset.pipeline_class.from_pretrained(path, use_safetensors=True, **dtype_kw)
-    else:
-        if os.path.isdir(os.path.expanduser(model)):
-            folder, hub = pathlib.Path(os.path.expanduser(model)), False
-        elif looks_like_hub_id(model):
-            folder, hub = cached_snapshot(model), True
-        else:
-            raise _unknown(model)
-        check_model_index(folder)
-        try:
-            with _quiet_progress_bars():
-                # The validated folder itself (for a hub id: its cached snapshot) is what loads.
-                pipe = DiffusionPipeline.from_pretrained(
-                    folder, use_safetensors=True, local_files_only=True, **dtype_kw
-                )
-        except OSError as exc:  # missing files: weights not cached, only .bin weights, ...
-            if hub:
-                raise _not_cached(model, f"not completely: {_first_line(exc)}") from None
-            raise UnknownModelError(f"{folder}: cannot load the pipeline: {_first_line(exc)}") from None
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

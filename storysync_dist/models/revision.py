@@ -13,7 +13,8 @@ import hashlib
 import os
 import pathlib
 
-from .presets import PRESET_VERSION, PRESETS, looks_like_hub_id
+from .loading import looks_like_hub_id
+from .presets import PRESET_VERSION, PRESETS
 
 __all__ = ["model_revision"]
 
