@@ -43,7 +43,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     """``--workers N`` and ``--address [ADDR]`` (plus ``-v``), the options every job takes."""
     parser.add_argument(
         "--workers", type=non_negative_int, default=0,
-        help="Ray FrameWorker actors, one GPU each (0: render in this process, without Ray)",
+        help="Ray FrameWorker actors, one GPU each (one CPU each with --device cpu or on a cluster without "
+        "GPUs; 0: render in this process, without Ray)",
     )
     parser.add_argument(
         "--address", nargs="?", const="auto", default=None,

@@ -55,7 +55,7 @@ def render_story(
             executor = RayExecutor(options)
         else:
             pooled = executor.options
-            for name in ("model", "device", "dtype", "workers", "address"):
+            for name in ("model", "device", "dtype", "workers", "address", "resources_per_worker"):
                 if getattr(pooled, name) != getattr(options, name):
                     raise ValueError(f"executor= was made for {name}={getattr(pooled, name)!r}, this story asks "
                                      f"for {getattr(options, name)!r}")

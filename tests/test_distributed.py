@@ -99,8 +99,8 @@ def test_killing_a_worker_mid_story_loses_only_its_frame(tmp_path: Path) -> None
 
     out = tmp_path / "faulty"
     options = RenderOptions(out=str(out), workers=2, **FAST)
-    plan = prepare_job(story, options)
     executor = RayExecutor(options)
+    plan = prepare_job(story, options, device=executor.device)
     killed: list[str] = []
 
     def kill_a_busy_worker(frame) -> None:
@@ -171,8 +171,8 @@ def test_a_dead_anchor_actor_is_replaced_and_the_anchors_recomputed(tmp_path: Pa
     story, reference = slow_story
     out = tmp_path / "anchor-fault"
     options = RenderOptions(out=str(out), workers=1, **SLOW)
-    plan = prepare_job(story, options)
     executor = RayExecutor(options)
+    plan = prepare_job(story, options, device=executor.device)
     kill_first_anchor_actor_at_second_step(executor)
     result = run_job(plan, executor)
     assert executor.anchor_attempts == 2

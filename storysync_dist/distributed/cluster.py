@@ -1,24 +1,40 @@
-"""Joining or starting Ray, and checking that the cluster can hold the job before it starts.
+"""Joining or starting Ray, and deciding what each actor asks the cluster for.
 
-Ray waits silently on a request it cannot satisfy, so the resource check fails at once with a
-message instead.
+Ray waits silently on a request it cannot satisfy, so the resource check here fails at once with
+a message when the cluster is too small, and the executor gives up with one (``start_timeout``)
+when the cluster is big enough but busy.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import ray
+import torch
 
+from ..engine.devices import DTYPES, default_dtype
 from ..errors import StorySyncUserError
 
-# Quiet the worker processes: they import diffusers and transformers, which warn about optional
-# packages (torchvision) that a renderer does not need.
+log = logging.getLogger("storysync")
+
 # Ray's switch for its single-machine mode (named for macOS/Windows, where it is the default).
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
+# Quiet the worker processes: they import diffusers and transformers, which warn about optional
+# packages (torchvision) that a renderer does not need.
 WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+
+# Ray gives a node whose GPUs it detected (NVML) a resource "accelerator_type:<model>", e.g.
+# "accelerator_type:A10G"; GPUs only declared (`ray start --num-gpus 2`, `ray.init(num_gpus=2)`)
+# have none.
+ACCELERATOR_TYPE_PREFIX = "accelerator_type:"
+
+# Keyword arguments of ``.options()`` for Ray's predefined resources; the rest go in ``resources=``.
+_OPTION_NAMES = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}
 
 
 def connect(address: str | None, workers: int) -> None:
@@ -61,23 +77,158 @@ def _loopback_only() -> None:
         pass
 
 
-def actor_resources(workers: int) -> dict[str, float]:
-    """Resources of one actor (one pipeline): a whole GPU on a GPU cluster, else one CPU.
+@dataclass(frozen=True)
+class ActorResources:
+    """What every actor of a job (the AnchorActor and each FrameWorker) asks Ray for, and the
+    device it renders on.
 
-    Raises StorySyncUserError at once when the cluster cannot hold ``workers`` of them.
+    ``amounts`` uses Ray's resource names (``GPU``, ``CPU``, ``memory``, custom ones); ``device``
+    is ``"cuda"``, ``"cpu"`` or the explicit ``--device``; ``dtype`` the pipeline's dtype name.
     """
+
+    amounts: dict[str, float]
+    device: str
+    dtype: str
+
+    def ray_options(self) -> dict[str, Any]:
+        """The ``.options()`` keywords: num_gpus/num_cpus/memory, the rest in ``resources``."""
+        options: dict[str, Any] = {}
+        custom: dict[str, float] = {}
+        for name, amount in self.amounts.items():
+            if name in _OPTION_NAMES:
+                options[_OPTION_NAMES[name]] = amount
+            else:
+                custom[name] = amount
+        if custom:
+            options["resources"] = custom
+        return options
+
+    def describe(self) -> str:
+        """``"1 GPU, 1 CPU"``."""
+        return ", ".join(f"{amount:g} {name}" for name, amount in self.amounts.items()) or "no resources"
+
+    def fits(self, available: dict[str, float], actors: int) -> bool:
+        """Whether ``available`` holds the resources of ``actors`` actors."""
+        return all(available.get(name, 0) >= amount * actors for name, amount in self.amounts.items())
+
+
+def cluster_usage(names: list[str]) -> str:
+    """``"GPU 0 of 2 free, CPU 3 of 4 free"`` for the resource ``names``, right now."""
+    free, total = ray.available_resources(), ray.cluster_resources()
+    return ", ".join(f"{name} {free.get(name, 0):g} of {total.get(name, 0):g} free" for name in names)
+
+
+def gpus_are_physical(total: dict[str, float] | None = None) -> bool:
+    """Whether the cluster's GPUs were detected by Ray (a node reports an accelerator type) rather
+    than only declared (``--num-gpus`` on a machine without them, as the tests do)."""
+    total = ray.cluster_resources() if total is None else total
+    return any(name.startswith(ACCELERATOR_TYPE_PREFIX) for name in total)
+
+
+def actor_resources(
+    workers: int,
+    device: str | None = None,
+    resources_per_worker: dict[str, float] | None = None,
+    dtype: str | None = None,
+) -> ActorResources:
+    """Resources and device of one actor (one pipeline), following ``--device``:
+
+    - ``--device cpu``: one CPU, even on a cluster with GPUs;
+    - ``--device cuda``: one GPU (an error at once when the cluster has none); with Ray each
+      worker sees only its own GPU (CUDA_VISIBLE_DEVICES), so an index (``cuda:1``) is an error;
+    - no ``--device``: one GPU (and one CPU) when the cluster has GPUs, else one CPU. The actors
+      render on CUDA when Ray detected the GPUs, and on the CPU when the GPUs are only declared;
+    - ``resources_per_worker`` (``{"GPU": 1, "CPU": 2}``, custom resources) replaces the request.
+
+    Raises StorySyncUserError at once when the cluster, idle, could not hold ``workers`` actors.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise StorySyncUserError(f"--dtype {dtype!r}: choose float16, bfloat16 or float32")
+    device = _check_device(device)
     total = ray.cluster_resources()
-    gpus = int(total.get("GPU", 0))
-    if gpus > 0:
-        if workers > gpus:
+    gpus = total.get("GPU", 0)
+    if resources_per_worker is not None:
+        amounts = _check_amounts(resources_per_worker)
+    elif device is None:
+        amounts = {"GPU": 1.0, "CPU": 1.0} if gpus > 0 else {"CPU": 1.0}
+    elif device.startswith("cuda"):
+        if gpus <= 0:
             raise StorySyncUserError(
-                f"--workers {workers} needs {workers} GPUs (one pipeline per GPU), "
-                f"but the Ray cluster has {gpus}"
+                f"--device {device}: the Ray cluster has no GPUs ({cluster_usage(['CPU'])}); "
+                "pass --device cpu, or use a cluster with GPUs"
             )
-        return {"num_gpus": 1, "num_cpus": 1}
-    cpus = int(total.get("CPU", 0))
-    if workers > cpus:
+        amounts = {"GPU": 1.0, "CPU": 1.0}
+    else:
+        amounts = {"CPU": 1.0}
+
+    wants_gpu = amounts.get("GPU", 0) > 0
+    if device is not None and device.startswith("cuda") and not wants_gpu:
         raise StorySyncUserError(
-            f"--workers {workers} needs {workers} CPUs (the cluster has no GPUs), but it has {cpus}"
+            f"--device {device}: resources_per_worker {resources_per_worker} reserves no GPU for the actors; "
+            "add \"GPU\": 1, or pass --device cpu"
         )
-    return {"num_cpus": 1}
+    if device is None:
+        device = "cpu"
+        if wants_gpu:
+            if gpus_are_physical(total):
+                device = "cuda"
+            else:
+                log.warning("the Ray cluster's GPUs are declared, not detected (no node reports an accelerator "
+                            "type): each actor holds a GPU and renders on the CPU; pass --device cuda to insist")
+    _check_totals(workers, amounts, total, device, explicit=resources_per_worker is not None)
+    return ActorResources(amounts=amounts, device=device, dtype=dtype or default_dtype(device))
+
+
+def _check_device(device: str | None) -> str | None:
+    """``--device`` as the actors get it (``cuda:0`` is ``cuda``); an index other than 0 is an error."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise StorySyncUserError(f"--device {device!r}: not a torch device (e.g. cpu, cuda)") from None
+    if parsed.type == "cuda":
+        if parsed.index not in (None, 0):
+            raise StorySyncUserError(
+                f"--device {device}: with --workers, Ray assigns each worker its own GPU (through "
+                "CUDA_VISIBLE_DEVICES, so every worker sees it as cuda:0); pass --device cuda"
+            )
+        return "cuda"
+    return device
+
+
+def _check_amounts(resources: dict[str, float]) -> dict[str, float]:
+    amounts: dict[str, float] = {}
+    for name, amount in resources.items():
+        if not isinstance(name, str) or not name:
+            raise StorySyncUserError(f"resources_per_worker: {name!r} is not a resource name")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
+                or amount < 0:
+            raise StorySyncUserError(f"resources_per_worker: {name!r} must be a number >= 0, got {amount!r}")
+        amounts[name] = float(amount)
+    if not any(amounts.values()):
+        raise StorySyncUserError("resources_per_worker: ask for at least one resource (e.g. {\"GPU\": 1})")
+    return amounts
+
+
+def _check_totals(workers: int, amounts: dict[str, float], total: dict[str, float], device: str,
+                  *, explicit: bool) -> None:
+    """Whether an idle cluster could hold ``workers`` actors at once (the anchor actor borrows a
+    worker's share before the workers start, so ``workers`` is the peak)."""
+    for name, amount in amounts.items():
+        need, have = amount * workers, total.get(name, 0)
+        if need <= have:
+            continue
+        if explicit:
+            raise StorySyncUserError(
+                f"--workers {workers} with resources_per_worker {amounts} needs {need:g} {name}, "
+                f"but the Ray cluster has {have:g}"
+            )
+        if name == "GPU":
+            raise StorySyncUserError(
+                f"--workers {workers} needs {need:g} GPUs (one pipeline per GPU), but the Ray cluster has {have:g}"
+            )
+        reason = "--device cpu" if device == "cpu" and total.get("GPU", 0) > 0 else "the cluster has no GPUs"
+        raise StorySyncUserError(
+            f"--workers {workers} needs {need:g} CPUs (one pipeline per CPU: {reason}), but it has {have:g}"
+        )

@@ -3,11 +3,17 @@
 1. The AnchorActor renders the anchor frames and streams one object per denoising step; the
    objects are owned by the driver (returned by a generator method), so they survive the actor,
    which is released as soon as the anchors are done.
-2. FrameWorker actors (one pipeline on one GPU each, or one CPU without GPUs) load their
-   pipelines while the anchors render, then take frames one at a time as they free up, so a slow
-   worker never holds a queue. Each worker pulls the anchor steps once and keeps them resident.
+2. FrameWorker actors (one pipeline on one GPU each, or one CPU each, following ``--device``)
+   load their pipelines while the anchors render, then take frames one at a time as they free up,
+   so a slow worker never holds a queue. Each worker pulls the anchor steps once and keeps them
+   resident.
 3. A worker that dies mid-frame costs only that frame: it goes back to the queue for the next free
    worker while Ray restarts the actor. The driver writes each frame once, as it arrives.
+4. If the anchor actor dies, a FrameWorker that is ready renders the anchors again (never a fresh
+   AnchorActor: with as many GPUs as workers, the dead actor's GPU goes to a queued worker and a
+   new AnchorActor would wait for a GPU forever).
+5. Every wait for an actor to be placed is bounded by ``RenderOptions.start_timeout``; a job whose
+   actors fail to start fails with their causes (``StorySyncUserError`` when they are the user's).
 
 Used as a context manager (``with RayExecutor(options) as executor:``) the executor is *pooled*:
 its FrameWorkers stay up from one story to the next (a dataset of many short stories loads each
@@ -17,45 +23,107 @@ pipeline once, not once per story), and each story's anchors render on one of th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from ..core.anchors import AnchorBundle, AnchorStep
 from ..engine.job import JobContext, JobPlan, RenderOptions
 from ..engine.renderer import FrameJob, FrameOutput
+from ..errors import StorySyncUserError
+from ..models.presets import UnknownModelError
 from .actors import AnchorActor, FrameWorker
-from .cluster import WORKER_ENV, actor_resources, connect
+from .cluster import WORKER_ENV, actor_resources, cluster_usage, connect
 
 log = logging.getLogger("storysync")
 
 MAX_FRAME_ATTEMPTS = 3
 MAX_ANCHOR_ATTEMPTS = 2
 WORKER_RESTARTS = 3
-_RESOURCE_NAMES = {"num_gpus": "GPU", "num_cpus": "CPU"}
+LOG_EVERY = 15.0  # seconds between "still waiting for resources" lines
+RETRY_DELAY = 1.0  # seconds before asking a restarting actor again (Ray refuses calls meanwhile)
+_SUMMARY_CHARS = 300
+UNKNOWN_HOST = "?"
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why an actor failed, in one line; ``user`` is the message when it was the user's mistake;
+    ``exc`` the exception itself (chained to the job's error, so the log shows its traceback)."""
+
+    summary: str
+    user: str | None = None
+    at_start: bool = False
+    exc: BaseException | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass
+class _Actor:
+    """The driver's view of one actor: where it is in starting up, and its last failure."""
+
+    role: str  # "anchor" or "worker"
+    index: int
+    handle: Any
+    placed_ref: Any = None
+    ready_ref: Any = None
+    placed: bool = False
+    ready: bool = False
+    since: float = 0.0  # when the current wait for this actor to be placed began
+    retry_at: float | None = None  # ask again then: Ray is restarting the actor
+    failures: int = 0
+    gone: bool = False
+    host: str = UNKNOWN_HOST
+    error: _Failure | None = None
+
+    @property
+    def name(self) -> str:
+        return "the anchor actor" if self.role == "anchor" else f"worker {self.index}"
+
+    def watch(self, *, restart: bool = False) -> None:
+        """Ask where the actor is (``placed``) and for its pipeline (``ready``), anew."""
+        self.placed_ref, self.ready_ref = self.handle.placed.remote(), self.handle.ready.remote()
+        self.placed = self.ready = False
+        self.retry_at = None
+        if not restart:
+            self.since = time.monotonic()
 
 
 class RayExecutor:
-    """Renders a planned job on ``options.workers`` Ray actors (see the module docstring)."""
+    """Renders a planned job on ``options.workers`` Ray actors (see the module docstring).
+
+    ``device`` is the device kind the actors render on, decided here from ``--device`` and the
+    cluster (``"cuda"`` when the cluster's GPUs were detected by Ray, ``"cpu"``, or the explicit
+    ``--device``); the engine derives the default dtype, part of every frame's identity, from it.
+    """
 
     def __init__(self, options: RenderOptions) -> None:
         self.options = options
         self.pooled = False  # set by __enter__: keep the workers between jobs
         connect(options.address, options.workers)
-        self.resources = actor_resources(options.workers)  # fails fast when the cluster is too small
-        self.workers: list[Any] = []
-        self.anchor_actor: Any = None
+        # Fails fast when the cluster is too small, or --device does not fit it.
+        self.resources = actor_resources(options.workers, options.device, options.resources_per_worker,
+                                         options.dtype)
+        self.device: str = self.resources.device
+        self.workers: list[Any] = []  # the FrameWorker handles, by index
+        self.anchor_actor: Any = None  # whatever renders the anchors right now (AnchorActor or worker)
         self.anchor_attempts = 0
         # Called on the driver as each anchor object arrives (its index); for progress and tests.
         self.on_anchor_object: Callable[[int], None] | None = None
         self.busy: dict[int, str] = {}  # worker index -> frame id in flight (for tests and logs)
         self.retried: list[str] = []
+        self._pool: list[_Actor] = []
+        self._anchor: _Actor | None = None
+        self._devices: dict[tuple[str, int], dict[str, Any]] = {}
+        self._last_wait_log = 0.0
 
     def __enter__(self) -> RayExecutor:
         self.pooled = True
@@ -66,95 +134,228 @@ class RayExecutor:
 
     def close(self) -> None:
         """Stop every actor this executor started."""
-        for actor in [self.anchor_actor, *self.workers]:
+        for actor in [self._anchor, *self._pool]:
             if actor is not None:
-                ray.kill(actor)
+                ray.kill(actor.handle)
+        self._pool, self._anchor = [], None
         self.workers, self.anchor_actor = [], None
 
+    # ---- starting actors ------------------------------------------------------------------
     def _actor_args(self) -> tuple:
-        return (self.options.model, self.options.device, self.options.dtype)
+        return (self.options.model, self.resources.device, self.options.device, self.resources.dtype)
 
     @staticmethod
     def _story_args(plan: JobPlan) -> tuple[dict, dict]:
         """What a job tells an actor with each call: the config and sampling settings (plain dicts)."""
-        s = plan.settings
-        settings = {"model": s.model, "steps": s.steps, "height": s.height, "width": s.width,
-                    "guidance_scale": s.guidance_scale}
-        return plan.config.to_dict(), settings
+        return plan.config.to_dict(), dataclasses.asdict(plan.settings)
 
     def _options(self, **extra: Any) -> dict[str, Any]:
-        return {**self.resources, "runtime_env": {"env_vars": WORKER_ENV}, **extra}
+        return {**self.resources.ray_options(), "runtime_env": {"env_vars": WORKER_ENV}, **extra}
+
+    def _start_anchor_actor(self) -> None:
+        handle = ray.remote(AnchorActor).options(**self._options(max_restarts=0)).remote(*self._actor_args())
+        self._anchor = _Actor("anchor", 0, handle)
+        self._anchor.watch()
+
+    def _start_workers(self) -> None:
+        options = self._options(max_restarts=WORKER_RESTARTS, max_task_retries=0)
+        for w in range(self.options.workers):
+            actor = _Actor("worker", w, ray.remote(FrameWorker).options(**options).remote(*self._actor_args()))
+            actor.watch()
+            self._pool.append(actor)
+        self.workers = [a.handle for a in self._pool]
+
+    def _on_start_event(self, actor: _Actor, ref: Any) -> None:
+        """A ``placed`` or ``ready`` call of ``actor`` finished: note where it is, or why it failed."""
+        try:
+            info = ray.get(ref)
+        except RayTaskError as exc:  # raised while loading: a bad --model/--device, a broken folder
+            _learn_host(actor)
+            actor.error = dataclasses.replace(_failure(exc), at_start=True)
+            actor.gone = True
+            ray.kill(actor.handle)
+            log.warning("%s could not start on %s: %s", actor.name, actor.host, actor.error.summary)
+            return
+        except ActorUnavailableError:  # Ray is restarting it
+            actor.retry_at = time.monotonic() + RETRY_DELAY
+            return
+        except RayActorError as exc:  # dead for good (restarts used up, or died in __init__)
+            _learn_host(actor)
+            actor.error = dataclasses.replace(_failure(exc), at_start=actor.error is None)
+            actor.gone = True
+            log.warning("%s is gone: %s", actor.name, actor.error.summary)
+            return
+        actor.host = info["host"]
+        actor.placed = True
+        if ref is actor.ready_ref:
+            actor.ready = True
+            entry = {"role": actor.role, "index": actor.index, "host": info["host"], "pid": info["pid"],
+                     "device": info["device"], "gpu_ids": list(info["gpu_ids"]), "threads": info["threads"]}
+            self._devices[(actor.role, actor.index)] = entry
+            log.info("%s ready on %s (pid %d): device %s, Ray GPU ids %s, %d torch threads", actor.name,
+                     entry["host"], entry["pid"], entry["device"], entry["gpu_ids"] or "none", entry["threads"])
+
+    def _poll(self, actors: list[_Actor], frames: Collection[Any] = ()) -> Any | None:
+        """Wait (one tick at most) for the next event. Start events of ``actors`` are handled here;
+        a finished ref of ``frames`` is returned. Raises the start-timeout error when none of
+        ``actors`` could be placed within ``start_timeout`` and nothing else is running."""
+        now = time.monotonic()
+        for actor in actors:
+            if not actor.gone and actor.retry_at is not None and actor.retry_at <= now:
+                actor.watch(restart=True)
+        start: dict[Any, _Actor] = {}
+        for actor in actors:
+            if not (actor.gone or actor.ready or actor.retry_at is not None):
+                if not actor.placed:
+                    start[actor.placed_ref] = actor
+                start[actor.ready_ref] = actor
+        self._check_start(actors, running=bool(frames))
+        refs = [*start, *frames]  # start events first: they are quick to handle, and name the hosts
+        timeout = self._tick(actors)
+        if not refs:
+            time.sleep(timeout)
+            return None
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if not done:
+            return None
+        if done[0] in start:
+            self._on_start_event(start[done[0]], done[0])
+            return None
+        return done[0]
+
+    def _tick(self, actors: list[_Actor]) -> float:
+        now = time.monotonic()
+        until = [LOG_EVERY]
+        until += [a.since + self.options.start_timeout - now for a in actors if not (a.gone or a.placed)]
+        until += [a.retry_at - now for a in actors if not a.gone and a.retry_at is not None]
+        return max(0.05, min([t for t in until if t > 0] or [LOG_EVERY]))
+
+    def _check_start(self, actors: list[_Actor], *, running: bool) -> None:
+        """Log what unplaced actors wait for every LOG_EVERY seconds; raise once ``start_timeout``
+        passed with none of ``actors`` placed and no frame running."""
+        waiting = [a for a in actors if not (a.gone or a.placed)]
+        if not waiting:
+            return
+        now = time.monotonic()
+        progress = running or any(a.placed and not a.gone for a in actors)
+        if not progress and now - max(a.since for a in waiting) >= self.options.start_timeout:
+            raise StorySyncUserError(self._timeout_message(waiting))
+        longest = now - min(a.since for a in waiting)
+        if longest >= LOG_EVERY and now - self._last_wait_log >= LOG_EVERY:
+            self._last_wait_log = now
+            log.warning("waiting %.0fs (of --start-timeout %g) for the Ray cluster to place %s, each asking for "
+                        "%s; the cluster has %s", longest, self.options.start_timeout, self._who_waits(waiting),
+                        self.resources.describe(), cluster_usage(list(self.resources.amounts)))
+
+    def _who_waits(self, waiting: list[_Actor]) -> str:
+        parts = []
+        if any(a.role == "anchor" for a in waiting):
+            parts.append("the anchor actor")
+        workers = sum(a.role == "worker" for a in waiting)
+        if workers:
+            parts.append(f"{workers} of {self.options.workers} frame worker(s)")
+        return " and ".join(parts)
+
+    def _timeout_message(self, waiting: list[_Actor]) -> str:
+        timeout = self.options.start_timeout
+        return (
+            f"--start-timeout {timeout:g}: the Ray cluster did not place {self._who_waits(waiting)} within "
+            f"{timeout:g}s; each asks for {self.resources.describe()}, and the cluster has "
+            f"{cluster_usage(list(self.resources.amounts))} (other jobs or actors hold the rest): free them, "
+            "add nodes, lower --workers, or raise --start-timeout"
+        )
+
+    def _first_ready(self, candidates: list[_Actor]) -> _Actor:
+        """Wait until one of ``candidates`` is ready (its pipeline loaded) and return it. The anchor
+        actor, when among them, wins whenever it is placed: a worker takes its place only if the
+        anchor actor cannot be placed or failed for a reason not the user's."""
+        while True:
+            anchor = next((a for a in candidates if a.role == "anchor"), None)
+            if anchor is not None and anchor.gone and anchor.error is not None and anchor.error.user:
+                raise self._failed_error([anchor])  # the workers would fail the same way
+            live = [a for a in candidates if not a.gone]
+            if not live:
+                raise self._failed_error(candidates)
+            for actor in live:
+                if actor.ready:
+                    if actor.role == "worker" and anchor is not None and not anchor.gone and anchor.placed:
+                        break  # the anchor actor is loading: wait for it
+                    return actor
+            self._poll(live)
 
     # ---- anchors --------------------------------------------------------------------------
-    def _new_anchor_actor(self) -> Any:
-        return ray.remote(AnchorActor).options(**self._options(max_restarts=0)).remote(*self._actor_args())
-
-    def _start_anchor_actor(self) -> Any:
-        actor = self._new_anchor_actor()
-        ray.get(actor.ready.remote())
-        return actor
-
-    def _room_for(self, actors: int) -> bool:
-        """Whether the cluster has the resources of ``actors`` actors free right now."""
-        free = ray.available_resources()
-        return all(free.get(_RESOURCE_NAMES[name], 0) >= amount * actors for name, amount in self.resources.items())
-
-    def _anchor_stream(self, plan: JobPlan) -> Any:
-        if self.pooled:
-            return self.anchor_actor.render_anchors.remote(plan.anchor_jobs, *self._story_args(plan))
-        return self.anchor_actor.render.remote(plan.anchor_jobs, *self._story_args(plan))
-
-    def _replace_anchor_actor(self, attempt: int) -> None:
-        if self.pooled:
-            # The worker that died is restarting (or gone): the next worker takes the anchors.
-            worker = self.workers[attempt % len(self.workers)]
-            ray.get(worker.ready.remote())
-            self.anchor_actor = worker
-        else:
-            ray.kill(self.anchor_actor)
-            self.anchor_actor = self._start_anchor_actor()
+    def _anchor_renderer(self, exclude: _Actor | None) -> _Actor:
+        """The actor to render the anchors on: the AnchorActor, else a ready worker (not ``exclude``,
+        which just died while rendering them, unless no other worker is left)."""
+        candidates = [self._anchor] if self._anchor is not None else []  # if gone, its cause still counts
+        workers = [a for a in self._pool if not a.gone and a is not exclude]
+        if not workers and exclude is not None and not exclude.gone:
+            workers = [exclude]
+        now = time.monotonic()
+        for actor in workers:
+            if not actor.placed:
+                actor.since = now  # until now the anchors held what these wait for
+        chosen = self._first_ready(candidates + workers)
+        if chosen is not self._anchor and self._anchor is not None:
+            ray.kill(self._anchor.handle)  # it would only hold resources now
+            self._anchor = None
+        return chosen
 
     def _render_anchors(self, plan: JobPlan) -> tuple[list[Any], dict]:
-        """Run the anchors (retrying on a fresh actor if one dies); return step refs and the tail."""
+        """Run the anchors (again on a ready worker if their actor dies); return step refs and the tail."""
+        exclude: _Actor | None = None
         for attempt in range(1, MAX_ANCHOR_ATTEMPTS + 1):
             self.anchor_attempts = attempt
+            actor = self._anchor_renderer(exclude)
+            self.anchor_actor = actor.handle
             try:
                 refs = []
-                for ref in self._anchor_stream(plan):
+                for ref in actor.handle.render_anchors.remote(plan.anchor_jobs, *self._story_args(plan)):
                     refs.append(ref)
                     if self.on_anchor_object is not None:
                         self.on_anchor_object(len(refs) - 1)
                 tail = ray.get(refs.pop())
                 return refs, tail
-            except (RayActorError, ActorUnavailableError) as exc:
+            except RayActorError as exc:
+                actor.error = _failure(exc)
                 if attempt == MAX_ANCHOR_ATTEMPTS:
-                    raise
-                # The anchors are deterministic: render them again on a fresh actor.
-                log.warning("anchor actor died (%s); rendering the anchors again", type(exc).__name__)
-                self._replace_anchor_actor(attempt)
+                    raise RuntimeError(f"the anchors failed {attempt} times; the last time {actor.name} on "
+                                       f"{actor.host} died: {actor.error.summary}") from exc
+                # The anchors are deterministic: render them again on a ready worker.
+                log.warning("%s died while rendering the anchors (%s); rendering them again on a worker",
+                            actor.name, actor.error.summary)
+                if actor.role == "anchor":
+                    ray.kill(actor.handle)
+                    self._anchor = None
+                else:
+                    actor.failures += 1
+                    actor.watch()  # Ray restarts it; it rejoins the pool when ready
+                    exclude = actor
+            except RayTaskError as exc:
+                raise RuntimeError(f"the anchors failed on {actor.name} ({actor.host}): "
+                                   f"{_failure(exc).summary}") from exc
         raise AssertionError("unreachable")
 
     # ---- the job --------------------------------------------------------------------------
     def __call__(self, plan: JobPlan, ctx: JobContext) -> dict:
         stats: dict[str, Any] = {"workers": self.options.workers}
+        if not plan.anchor_jobs and not plan.frame_jobs:
+            return stats  # nothing renders (an imported bundle to save, say): start no actors
         try:
-            if self.pooled:
-                if not self.workers:
-                    self.workers = [self._new_worker() for _ in range(self.options.workers)]
-                if plan.anchor_jobs:
-                    self.anchor_actor = self.workers[0]
-                    ray.get(self.anchor_actor.ready.remote())
-            elif plan.anchor_jobs and self._room_for(self.options.workers + 1):
-                # Room for the anchor actor and every worker at once: all load in parallel.
-                self.anchor_actor = self._new_anchor_actor()
-                self.workers = [self._new_worker() for _ in range(self.options.workers)]
-                ray.get(self.anchor_actor.ready.remote())
-            else:
-                if plan.anchor_jobs:
+            if not self.pooled:
+                self._devices.clear()
+            if plan.anchor_jobs and not self.pooled:
+                self._start_anchor_actor()
+                if self.resources.fits(ray.available_resources(), self.options.workers + 1):
+                    self._start_workers()  # room for all of them: every pipeline loads at once
+                else:
                     # The anchor actor is placed (and ready) first, so workers queued behind it on
                     # a full cluster cannot starve it; they get its GPU once the anchors are done.
-                    self.anchor_actor = self._start_anchor_actor()
-                self.workers = [self._new_worker() for _ in range(self.options.workers)]
+                    assert self._anchor is not None
+                    self._first_ready([self._anchor])
+                    self._start_workers()
+            elif not self._pool:
+                self._start_workers()
             step_refs, meta = None, None
             if plan.anchor_jobs:
                 t0 = time.perf_counter()
@@ -162,13 +363,14 @@ class RayExecutor:
                 stats["anchor_seconds"] = time.perf_counter() - t0
                 stats["anchor_bytes"] = tail["nbytes"]
                 meta = tail["meta"]
-                if not self.pooled:
-                    ray.kill(self.anchor_actor)  # its GPU goes to a waiting worker; the steps stay
+                if self._anchor is not None:
+                    ray.kill(self._anchor.handle)  # its GPU goes to a waiting worker; the steps stay
+                    self._anchor = None
                 self.anchor_actor = None
                 for frame in tail["frames"]:
                     if frame.job.frame_id in plan.anchor_writes:
                         ctx.emit(frame)
-                if plan.options.save_anchors:
+                if plan.save_bundle:
                     ctx.save_bundle(_assemble(meta, step_refs))
             elif plan.bundle is not None:
                 meta = plan.bundle.meta
@@ -181,6 +383,7 @@ class RayExecutor:
             bundle_key = uuid.uuid4().hex if meta is not None else None
             self._dispatch(plan, ctx, bundle_key, meta, step_refs)
             stats["worker_stats"] = self._worker_stats()
+            stats["devices"] = [self._devices[key] for key in sorted(self._devices, key=_device_order)]
         except BaseException:
             self.close()  # a failed job leaves no actors behind, pooled or not
             raise
@@ -190,78 +393,185 @@ class RayExecutor:
             self.anchor_actor = None
         return stats
 
-    def _new_worker(self) -> Any:
-        options = self._options(max_restarts=WORKER_RESTARTS, max_task_retries=0)
-        return ray.remote(FrameWorker).options(**options).remote(*self._actor_args())
-
     def _dispatch(
         self, plan: JobPlan, ctx: JobContext, bundle_key: str | None, meta: dict | None, step_refs: list | None
     ) -> None:
         """Hand frames to workers as they free up; requeue the frame of a worker that dies."""
         queue: deque[FrameJob] = deque(plan.frame_jobs)
         attempts: Counter[str] = Counter()
-        failures: Counter[int] = Counter()
-        idle: list[int] = []
-        pending: dict[Any, tuple[str, int, FrameJob | None]] = {}
-        for w, worker in enumerate(self.workers):
-            pending[worker.ready.remote()] = ("ready", w, None)
+        frames: dict[Any, tuple[_Actor, FrameJob]] = {}
         written: set[str] = set()
         story_args = self._story_args(plan)
+        now = time.monotonic()
+        for actor in self._pool:
+            if not (actor.gone or actor.placed):
+                actor.since = now  # until now the anchors held the resources these wait for
 
-        while queue or any(kind == "frame" for kind, _, _ in pending.values()):
-            while idle and queue:
-                w, job = idle.pop(0), queue.popleft()
-                ref = self.workers[w].render.remote(job, *story_args, bundle_key, meta, step_refs)
-                pending[ref] = ("frame", w, job)
-                self.busy[w] = job.frame_id
-            if not pending:
-                raise RuntimeError("every frame worker died; the frames not yet written are lost for this run")
-            done, _ = ray.wait(list(pending), num_returns=1)
-            kind, w, job = pending.pop(done[0])
-            if kind == "frame":
-                self.busy.pop(w, None)
+        while queue or frames:
+            busy = {actor.index for actor, _ in frames.values()}
+            for actor in self._pool:
+                if queue and actor.ready and not actor.gone and actor.index not in busy:
+                    job = queue.popleft()
+                    frames[actor.handle.render.remote(job, *story_args, bundle_key, meta, step_refs)] = (actor, job)
+                    self.busy[actor.index] = job.frame_id
+            if not frames and all(actor.gone for actor in self._pool):
+                raise self._failed_error(self._pool)
+            ref = self._poll(self._pool, frames)
+            if ref is None:
+                continue
+            actor, job = frames.pop(ref)
+            self.busy.pop(actor.index, None)
             try:
-                value = ray.get(done[0])
-            except (RayActorError, ActorUnavailableError, GetTimeoutError) as exc:
+                output: FrameOutput = ray.get(ref)
+            except RayActorError as exc:
                 # The worker died (or is restarting): its frame goes back to the queue, and the
                 # worker rejoins once Ray has restarted it.
-                if job is not None:
-                    self._requeue(job, queue, attempts, exc)
-                failures[w] += 1
-                if failures[w] <= WORKER_RESTARTS + 1:
-                    pending[self.workers[w].ready.remote()] = ("ready", w, None)
+                actor.error = _failure(exc)
+                self._requeue(job, queue, attempts, actor)
+                actor.failures += 1
+                if actor.failures <= WORKER_RESTARTS:
+                    actor.watch()
                 else:
-                    log.warning("frame worker %d is gone for good", w)
+                    actor.gone = True
+                    log.warning("%s is gone for good: %s", actor.name, actor.error.summary)
                 continue
             except RayTaskError as exc:
                 # An exception inside the frame (out of memory, say): try it on another worker.
-                if job is not None:
-                    self._requeue(job, queue, attempts, exc)
-                idle.append(w)
+                actor.error = _failure(exc)
+                self._requeue(job, queue, attempts, actor)
                 continue
-            if kind == "frame":
-                output: FrameOutput = value
-                if output.job.frame_id not in written:  # never write a frame twice
-                    written.add(output.job.frame_id)
-                    ctx.emit(output)
-            idle.append(w)
+            if output.job.frame_id not in written:  # never write a frame twice
+                written.add(output.job.frame_id)
+                ctx.emit(output)
 
-    def _requeue(self, job: FrameJob, queue: deque, attempts: Counter, exc: BaseException) -> None:
+    def _requeue(self, job: FrameJob, queue: deque, attempts: Counter, actor: _Actor) -> None:
         self.retried.append(job.frame_id)
         attempts[job.frame_id] += 1
+        summary = actor.error.summary if actor.error is not None else "unknown"
         if attempts[job.frame_id] >= MAX_FRAME_ATTEMPTS:
-            raise RuntimeError(f"frame {job.frame_id!r} failed {attempts[job.frame_id]} times: {exc}") from exc
-        log.warning("frame %s lost (%s); retrying on the next free worker", job.frame_id, type(exc).__name__)
+            raise RuntimeError(f"frame {job.frame_id!r} failed {attempts[job.frame_id]} times; the last time on "
+                               f"{actor.name} ({actor.host}): {summary}")
+        log.warning("frame %s lost on %s (%s); retrying on the next free worker", job.frame_id, actor.name, summary)
         queue.appendleft(job)
 
+    def _failed_error(self, actors: list[_Actor]) -> Exception:
+        """The error of a job none of whose ``actors`` is left: their causes, one line."""
+        failed = [a for a in actors if a.gone]
+        if failed and all(a.error is not None and a.error.user and a.error.at_start for a in failed):
+            users: dict[str, list[_Actor]] = {}
+            for actor in failed:
+                users.setdefault(actor.error.user if actor.error and actor.error.user else "", []).append(actor)
+            return StorySyncUserError("; ".join(f"{message} ({_who(group)})" for message, group in users.items()))
+        causes: dict[str, list[_Actor]] = {}
+        for actor in failed:
+            causes.setdefault(actor.error.summary if actor.error else "no cause reported", []).append(actor)
+        details = "; ".join(f"{_who(group)}: {summary}" for summary, group in causes.items())
+        if all(a.error is not None and a.error.at_start for a in failed):
+            error = RuntimeError(f"the job's actors could not start: {details}")
+        else:
+            error = RuntimeError("every frame worker failed, so the frames not yet written are lost for this "
+                                 f"run (rerun the job to render them): {details}")
+        error.__cause__ = next((a.error.exc for a in reversed(failed) if a.error and a.error.exc), None)
+        return error
+
     def _worker_stats(self) -> list[dict]:
+        """Each worker's ``stats()`` ({} for one that is gone or was never placed); a worker still
+        loading its pipeline is waited for (30 s at most), and its device is noted."""
         stats = []
-        for worker in self.workers:
-            try:
-                stats.append(ray.get(worker.stats.remote(), timeout=30))
-            except (RayActorError, ActorUnavailableError, GetTimeoutError):
+        for actor in self._pool:
+            placed = actor.placed or (actor.placed_ref is not None and bool(ray.wait([actor.placed_ref], timeout=0)[0]))
+            if actor.gone or not placed:
                 stats.append({})
+                continue
+            try:
+                info = ray.get(actor.handle.stats.remote(), timeout=30)
+            except (RayActorError, RayTaskError, GetTimeoutError):
+                stats.append({})
+                continue
+            stats.append(info)
+            if (actor.role, actor.index) not in self._devices:
+                self._devices[(actor.role, actor.index)] = {
+                    "role": actor.role, "index": actor.index,
+                    **{key: info[key] for key in ("host", "pid", "device", "gpu_ids", "threads")},
+                }
         return stats
+
+
+def _learn_host(actor: _Actor) -> None:
+    """The actor's host from its ``placed()`` answer, when that came but was not handled yet."""
+    if actor.host != UNKNOWN_HOST or actor.placed_ref is None or not ray.wait([actor.placed_ref], timeout=0)[0]:
+        return
+    try:
+        actor.host = ray.get(actor.placed_ref)["host"]
+    except RayError:
+        pass
+
+
+def _device_order(key: tuple[str, int]) -> tuple[int, int]:
+    return (0 if key[0] == "anchor" else 1, key[1])
+
+
+def _who(actors: list[_Actor]) -> str:
+    """``"workers 0, 1 on host-a"``, ``"the anchor actor on host-a"``."""
+    hosts = {a.host for a in actors}
+    if len(hosts) == 1 and UNKNOWN_HOST not in hosts and all(a.role == "worker" for a in actors):
+        label = "workers" if len(actors) > 1 else "worker"
+        return f"{label} {', '.join(str(a.index) for a in actors)} on {hosts.pop()}"
+    return ", ".join(f"{a.name} on {a.host}" if a.host != UNKNOWN_HOST else f"{a.name} (never placed)"
+                     for a in actors)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The last line of a Python traceback: "module.ExceptionType: message" at column 0.
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*): (.*)$")
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(_ANSI.sub("", text).split())
+    return line if len(line) <= _SUMMARY_CHARS else line[: _SUMMARY_CHARS - 3] + "..."
+
+
+def _first_line(text: str) -> str:
+    for line in _ANSI.sub("", text).splitlines():
+        if line.strip():
+            return _one_line(line)
+    return ""
+
+
+def _failure(exc: BaseException) -> _Failure:
+    """One line from an exception that ``ray.get`` raised: the cause's type and first line."""
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None) or exc
+        summary = f"{type(cause).__name__}: {_first_line(str(cause))}"
+        message = " ".join(str(cause).split())  # a user's error stays whole
+        if isinstance(cause, StorySyncUserError):
+            return _Failure(summary, user=message, exc=exc)
+        if isinstance(cause, UnknownModelError):
+            return _Failure(summary, user=f"--model: {message}", exc=exc)
+        return _Failure(summary, exc=exc)
+    if isinstance(exc, RayActorError):
+        return _Failure(f"{type(exc).__name__}: {_actor_error_line(exc)}", exc=exc)
+    return _Failure(f"{type(exc).__name__}: {_first_line(str(exc))}", exc=exc)
+
+
+def _actor_error_line(exc: RayActorError) -> str:
+    """The informative line of an actor error's text.
+
+    Ray 2.60 keeps only text: for a death in ``__init__`` a traceback, whose exception line is
+    what went wrong; for a process that died, a header, tab-indented fields (class_name, pid, ip)
+    and then the reason.
+    """
+    lines = [line for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    if not lines:
+        return "no message"
+    if getattr(exc, "actor_init_failed", False):
+        for i in range(len(lines) - 1, 0, -1):
+            if lines[i - 1].startswith("    ") and (match := _EXCEPTION_LINE.match(lines[i])):
+                return _one_line(f"{match.group(1)}: {match.group(2)}")
+    fields = [i for i, line in enumerate(lines) if line.startswith("\t")]
+    if fields and fields[-1] + 1 < len(lines):
+        return _one_line(lines[fields[-1] + 1])
+    return _one_line(lines[0])
 
 
 def _assemble(meta: dict, step_refs: list) -> AnchorBundle:

@@ -1,0 +1,293 @@
+"""Ray jobs that fail say why: the causes from the workers reach the driver's error, devices are
+checked where the frames render, resources follow --device, a job that cannot get its resources
+gives up after start_timeout naming them, and a dead anchor actor is replaced without deadlock
+when the GPUs are as many as the workers.
+
+One local Ray cluster for the module: 4 CPUs and 2 GPUs that Ray believes it detected (the
+``accelerator_type:A10G`` resource Ray gives a node whose GPUs it found), on a machine whose torch
+has no CUDA. So a job without --device means "render on CUDA" here and must fail with the
+cause, while ``device="cpu"`` with ``resources_per_worker={"GPU": 1, "CPU": 1}`` schedules
+actors by GPU and renders on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+from PIL import Image
+
+from storysync_dist.api import RenderOptions, render_story
+from storysync_dist.distributed.actors import choose_device
+from storysync_dist.distributed.cluster import gpus_are_physical
+from storysync_dist.distributed.executor import RayExecutor
+from storysync_dist.engine.job import prepare_job, run_job
+from storysync_dist.errors import StorySyncUserError
+from storysync_dist.models.presets import preset_path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = str(ROOT / "examples" / "story.yaml")
+FAST = {"steps": 3, "height": 64, "width": 64, "progress": False}
+CPU_ON_GPU = {"device": "cpu", "resources_per_worker": {"GPU": 1, "CPU": 1}}
+HOST = socket.gethostname()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(address="local", num_cpus=4, num_gpus=2, resources={"accelerator_type:A10G": 1},
+             object_store_memory=300 * 1024**2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def cluster_is_idle_between_tests():
+    yield
+    # A failed job leaves no actors behind: everything is free again soon after.
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("GPU", 0) < 2 or ray.available_resources().get("CPU", 0) < 4:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
+
+
+def model_copy(tmp_path: Path) -> Path:
+    """A private copy of the tiny-sdxl folder: valid for the driver's planning, then broken."""
+    folder = tmp_path / "model"
+    shutil.copytree(preset_path("tiny-sdxl"), folder)
+    return folder
+
+
+def planned(options: RenderOptions, story: str = EXAMPLE) -> tuple:
+    executor = RayExecutor(options)
+    return prepare_job(story, options, device=executor.device), executor
+
+
+def images(out: Path) -> dict[str, np.ndarray]:
+    rows = pq.read_table(out / "data").to_pylist()
+    return {r["frame_id"]: np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))).astype(np.int16) for r in rows}
+
+
+# ---- causes from the workers --------------------------------------------------------------
+def test_a_model_folder_missing_on_the_workers_is_a_user_error_naming_it(tmp_path: Path) -> None:
+    model = model_copy(tmp_path)
+    # Frames only (vanilla): the two workers are the only actors.
+    options = RenderOptions(model=str(model), out=str(tmp_path / "out"), method="vanilla", workers=2,
+                            **CPU_ON_GPU, **FAST)
+    plan, executor = planned(options)
+    shutil.rmtree(model)  # the driver planned with it; the worker "nodes" do not have it
+    with pytest.raises(StorySyncUserError) as caught:
+        run_job(plan, executor)
+    message = str(caught.value)
+    assert message.startswith(f"--model: unknown model or preset {str(model)!r}: not a local folder")
+    assert message.endswith(f"(workers 0, 1 on {HOST})") and "\n" not in message
+    assert executor.workers == []  # nothing left running
+
+    # With anchors, the anchor actor meets the same cause first and says so.
+    model = model_copy(tmp_path / "again")
+    options = RenderOptions(model=str(model), out=str(tmp_path / "out2"), workers=1, **CPU_ON_GPU, **FAST)
+    plan, executor = planned(options)
+    shutil.rmtree(model)
+    with pytest.raises(StorySyncUserError, match=rf"^--model: unknown model .*\(the anchor actor on {HOST}\)$"):
+        run_job(plan, executor)
+
+
+def test_a_model_folder_whose_weights_do_not_fit_names_the_exception(tmp_path: Path) -> None:
+    model = model_copy(tmp_path)
+    options = RenderOptions(model=str(model), out=str(tmp_path / "out"), method="vanilla", workers=2,
+                            **CPU_ON_GPU, **FAST)
+    plan, executor = planned(options)
+    # On the worker "nodes" the UNet's config no longer fits its weights (a half-synced folder).
+    config_file = model / "unet" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "in_channels": 5}))
+    with pytest.raises(RuntimeError) as caught:
+        run_job(plan, executor)
+    message = str(caught.value)
+    assert not isinstance(caught.value, StorySyncUserError)
+    assert message.startswith(f"the job's actors could not start: workers 0, 1 on {HOST}: ValueError: Cannot load ")
+    assert "conv_in.weight expected shape" in message and "\n" not in message
+    # The worker's exception, with its remote traceback, is chained for the job log.
+    assert "conv_in.weight" in str(caught.value.__cause__) and 'File "' in str(caught.value.__cause__)
+
+
+def long_story(folder: Path, frames: int, steps: int, size: int) -> str:
+    story = {
+        "id": "long-cat",
+        "subjects": [{"name": "cat", "description": "a ginger cat", "tokens": ["cat"]}],
+        "defaults": {"steps": steps, "height": size, "width": size, "seed": 3},
+        "frames": [{"prompt": f"{{cat}} in scene number {k}"} for k in range(frames)],
+    }
+    path = folder / "long.yaml"
+    path.write_text(yaml.safe_dump(story))
+    return str(path)
+
+
+def test_workers_that_die_for_good_end_the_job_with_their_causes(tmp_path: Path) -> None:
+    story = long_story(tmp_path, 8, 3, 64)
+    options = RenderOptions(model="tiny-sdxl", out=str(tmp_path / "out"), method="vanilla", workers=2,
+                            **CPU_ON_GPU, **FAST)
+    plan, executor = planned(options, story)
+
+    def kill_every_worker(frame) -> None:
+        for handle in executor.workers:
+            ray.kill(handle, no_restart=True)
+
+    with pytest.raises(RuntimeError) as caught:
+        run_job(plan, executor, on_frame=kill_every_worker)
+    message = str(caught.value)
+    assert message.startswith("every frame worker failed, so the frames not yet written are lost for this run")
+    assert f"workers 0, 1 on {HOST}: ActorDiedError: " in message and "ray.kill" in message
+    assert "\n" not in message
+    written = pq.read_table(tmp_path / "out" / "data").column("frame_id").to_pylist()
+    assert 1 <= len(written) < 8  # what was written before the workers died stays
+
+
+# ---- devices ------------------------------------------------------------------------------
+def test_device_cuda_on_workers_without_cuda_names_the_device_and_host(tmp_path: Path) -> None:
+    options = RenderOptions(model="tiny-sdxl", out=str(tmp_path / "out"), workers=2, device="cuda", **FAST)
+    start = time.perf_counter()
+    with pytest.raises(StorySyncUserError) as caught:
+        render_story(EXAMPLE, options)
+    message = str(caught.value)
+    assert message.startswith(f"--device cuda: torch on host {HOST} cannot use CUDA (")
+    assert "Ray GPU ids: " in message and "\n" not in message
+    assert time.perf_counter() - start < 120
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_a_gpu_index_with_workers_is_a_user_error_at_once(tmp_path: Path) -> None:
+    options = RenderOptions(model="tiny-sdxl", out=str(tmp_path / "out"), workers=1, device="cuda:1", **FAST)
+    with pytest.raises(StorySyncUserError, match=r"^--device cuda:1: with --workers, Ray assigns .*pass --device cuda$"):
+        RayExecutor(options)
+
+
+def test_a_reserved_gpu_that_torch_cannot_use_is_an_error_not_a_cpu_render(tmp_path: Path) -> None:
+    options = RenderOptions(model="tiny-sdxl", out=str(tmp_path / "out"), workers=1, **FAST)
+    executor = RayExecutor(options)
+    assert executor.device == "cuda" and executor.resources.amounts == {"GPU": 1, "CPU": 1}
+    plan = prepare_job(EXAMPLE, options, device=executor.device)
+    with pytest.raises(StorySyncUserError) as caught:
+        run_job(plan, executor)
+    message = str(caught.value)
+    # The anchor actor holds one of the two GPUs (id 0 or 1).
+    assert message.startswith(f"host {HOST}: this actor holds Ray GPU ")
+    assert "but torch there cannot use CUDA" in message and "or pass --device cpu" in message
+    assert message.endswith(f"(the anchor actor on {HOST})")
+
+
+def test_device_choice_on_the_actor() -> None:
+    # What each actor decides, on this CUDA-less machine, without Ray.
+    assert choose_device("cpu", "cpu", ["1"], "node-a") == "cpu"
+    assert choose_device("cpu", None, [], "node-a") == "cpu"
+    with pytest.raises(StorySyncUserError, match=r"^host node-a: this actor holds Ray GPU 3, but torch there"):
+        choose_device("cuda", None, ["3"], "node-a")
+    with pytest.raises(StorySyncUserError, match=r"^--device cuda: torch on host node-a cannot use CUDA"):
+        choose_device("cuda", "cuda", ["3"], "node-a")
+    assert gpus_are_physical({"GPU": 2, "accelerator_type:H100": 1})
+    assert not gpus_are_physical({"GPU": 2, "CPU": 4})
+
+
+def test_device_cpu_requests_no_gpu(tmp_path: Path) -> None:
+    options = RenderOptions(model="tiny-sdxl", out=str(tmp_path / "out"), workers=2, device="cpu", **FAST)
+    executor = RayExecutor(options)
+    assert executor.device == "cpu" and executor.resources.amounts == {"CPU": 1}
+    plan = prepare_job(EXAMPLE, options, device=executor.device)
+    free_gpus: list[float] = []
+    result = run_job(plan, executor, on_frame=lambda frame: free_gpus.append(ray.available_resources().get("GPU", 0)))
+    assert len(result.rendered) == 6 and free_gpus and set(free_gpus) == {2.0}
+    devices = result.stats["devices"]
+    assert [(d["role"], d["index"]) for d in devices] == [("anchor", 0), ("worker", 0), ("worker", 1)]
+    for d in devices:
+        assert d["device"] == "cpu" and d["gpu_ids"] == [] and d["host"] == HOST
+        assert isinstance(d["pid"], int) and d["threads"] >= 1
+
+
+def test_a_cluster_without_the_resource_fails_at_once(tmp_path: Path) -> None:
+    options = RenderOptions(model="tiny-sdxl", out=str(tmp_path / "out"), workers=2, device="cpu",
+                            resources_per_worker={"CPU": 1, "big-memory-node": 1}, **FAST)
+    with pytest.raises(StorySyncUserError, match=r"needs 2 big-memory-node, but the Ray cluster has 0$"):
+        RayExecutor(options)
+    bad = RenderOptions(model="tiny-sdxl", out=str(tmp_path / "out"), workers=1, device="cuda",
+                        resources_per_worker={"CPU": 1}, **FAST)
+    with pytest.raises(StorySyncUserError, match=r"^--device cuda: resources_per_worker .* reserves no GPU"):
+        RayExecutor(bad)
+
+
+# ---- resources that do not come -----------------------------------------------------------
+@ray.remote(num_gpus=2, num_cpus=0)
+class Placeholder:
+    """Another job's actor holding both GPUs."""
+
+    def ready(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("method", "workers", "who"), [
+    ("storysync", 1, "the anchor actor"),  # the anchor actor is asked for first, alone
+    ("vanilla", 2, "2 of 2 frame worker(s)"),
+])
+def test_a_job_that_cannot_get_its_gpus_gives_up_after_start_timeout(
+    tmp_path: Path, method: str, workers: int, who: str
+) -> None:
+    holder = Placeholder.remote()
+    ray.get(holder.ready.remote(), timeout=60)
+    try:
+        options = RenderOptions(model="tiny-sdxl", out=str(tmp_path / "out"), method=method, workers=workers,
+                                start_timeout=5, **CPU_ON_GPU, **FAST)
+        plan, executor = planned(options)
+        start = time.perf_counter()
+        with pytest.raises(StorySyncUserError) as caught:
+            run_job(plan, executor)
+        waited = time.perf_counter() - start
+    finally:
+        ray.kill(holder)
+    message = str(caught.value)
+    assert message.startswith(f"--start-timeout 5: the Ray cluster did not place {who} within 5s; "
+                              "each asks for 1 GPU, 1 CPU, and the cluster has GPU 0 of 2 free, CPU ")
+    assert "\n" not in message
+    assert 5 <= waited < 12
+
+
+# ---- the anchor actor dies with every GPU taken -------------------------------------------
+def test_a_dead_anchor_actor_is_replaced_when_gpus_equal_workers(tmp_path: Path) -> None:
+    # 30 steps at 128 px: the anchor actor streams for about a second, so the kill at its second
+    # step object lands while most steps are still to render.
+    story = long_story(tmp_path, 3, 30, 128)
+    size = {"steps": 30, "height": 128, "width": 128, "progress": False}
+    reference = tmp_path / "reference"
+    render_story(story, RenderOptions(model="tiny-sdxl", out=str(reference), device="cpu", **size))
+
+    out = tmp_path / "out"
+    # 2 GPUs, 2 workers: the anchor actor takes one GPU, worker 0 the other, worker 1 waits. The
+    # dead anchor actor's GPU goes to worker 1, so a fresh AnchorActor would wait forever.
+    options = RenderOptions(model="tiny-sdxl", out=str(out), workers=2, start_timeout=120, **CPU_ON_GPU, **size)
+    plan, executor = planned(options, story)
+
+    def kill_the_anchor_actor_at_its_second_step(index: int) -> None:
+        if executor.anchor_attempts == 1 and index == 1:
+            ray.kill(executor.anchor_actor, no_restart=False)  # an AnchorActor is never restarted
+
+    executor.on_anchor_object = kill_the_anchor_actor_at_its_second_step
+    start = time.perf_counter()
+    result = run_job(plan, executor)
+    assert time.perf_counter() - start < 420  # start_timeout=120 turns a deadlock into an error
+    assert executor.anchor_attempts == 2
+    assert sorted(result.rendered) == sorted(images(reference))
+    devices = result.stats["devices"]
+    assert [(d["role"], d["index"]) for d in devices] == [("anchor", 0), ("worker", 0), ("worker", 1)]
+    worker_gpus = [tuple(d["gpu_ids"]) for d in devices if d["role"] == "worker"]
+    assert all(len(g) == 1 for g in worker_gpus) and worker_gpus[0] != worker_gpus[1]
+    got, want = images(out), images(reference)
+    assert set(got) == set(want)
+    for frame_id in want:  # the tolerance of tests/test_distributed.py
+        diff = np.abs(got[frame_id] - want[frame_id])
+        assert diff.max() <= 2 and diff.mean() < 0.05, frame_id
