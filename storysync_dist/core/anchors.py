@@ -174,6 +174,17 @@ class AnchorBundle:
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.steps.values())
 
+    @classmethod
+    def from_payloads(cls, meta: dict[str, Any], payloads: Iterable[dict[str, Any] | None]) -> AnchorBundle:
+        """A whole bundle from streamed :meth:`AnchorStep.to_numpy` payloads (None: a step that
+        published nothing), e.g. to save the steps an anchor actor streamed."""
+        bundle = cls(meta=meta)
+        for payload in payloads:
+            if payload is not None:
+                anchor_step = AnchorStep.from_numpy(payload)
+                bundle.steps[anchor_step.step] = anchor_step
+        return bundle
+
     def to_bytes(self) -> bytes:
         """Serialize to safetensors (tensors) + JSON metadata; nothing is pickled."""
         tensors: dict[str, torch.Tensor] = {}

@@ -25,24 +25,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from ..core.anchors import AnchorBundle, AnchorStep
+from ..core.anchors import AnchorBundle
 from ..engine.job import JobContext, JobPlan, RenderOptions
 from ..engine.renderer import FrameJob, FrameOutput
 from ..errors import StorySyncUserError
-from ..models.presets import UnknownModelError
 from .actors import AnchorActor, FrameWorker
 from .cluster import WORKER_ENV, actor_resources, cluster_usage, connect
+from .failures import UNKNOWN_HOST, Failure, describe_actors, failure_of
 
 log = logging.getLogger("storysync")
 
@@ -51,19 +50,6 @@ MAX_ANCHOR_ATTEMPTS = 2
 WORKER_RESTARTS = 3
 LOG_EVERY = 15.0  # seconds between "still waiting for resources" lines
 RETRY_DELAY = 1.0  # seconds before asking a restarting actor again (Ray refuses calls meanwhile)
-_SUMMARY_CHARS = 300
-UNKNOWN_HOST = "?"
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """Why an actor failed, in one line; ``user`` is the message when it was the user's mistake;
-    ``exc`` the exception itself (chained to the job's error, so the log shows its traceback)."""
-
-    summary: str
-    user: str | None = None
-    at_start: bool = False
-    exc: BaseException | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -82,7 +68,7 @@ class _Actor:
     failures: int = 0
     gone: bool = False
     host: str = UNKNOWN_HOST
-    error: _Failure | None = None
+    error: Failure | None = None
 
     @property
     def name(self) -> str:
@@ -171,7 +157,7 @@ class RayExecutor:
             info = ray.get(ref)
         except RayTaskError as exc:  # raised while loading: a bad --model/--device, a broken folder
             _learn_host(actor)
-            actor.error = dataclasses.replace(_failure(exc), at_start=True)
+            actor.error = dataclasses.replace(failure_of(exc), at_start=True)
             actor.gone = True
             ray.kill(actor.handle)
             log.warning("%s could not start on %s: %s", actor.name, actor.host, actor.error.summary)
@@ -181,7 +167,7 @@ class RayExecutor:
             return
         except RayActorError as exc:  # dead for good (restarts used up, or died in __init__)
             _learn_host(actor)
-            actor.error = dataclasses.replace(_failure(exc), at_start=actor.error is None)
+            actor.error = dataclasses.replace(failure_of(exc), at_start=actor.error is None)
             actor.gone = True
             log.warning("%s is gone: %s", actor.name, actor.error.summary)
             return
@@ -317,7 +303,7 @@ class RayExecutor:
                 tail = ray.get(refs.pop())
                 return refs, tail
             except RayActorError as exc:
-                actor.error = _failure(exc)
+                actor.error = failure_of(exc)
                 if attempt == MAX_ANCHOR_ATTEMPTS:
                     raise RuntimeError(f"the anchors failed {attempt} times; the last time {actor.name} on "
                                        f"{actor.host} died: {actor.error.summary}") from exc
@@ -333,7 +319,7 @@ class RayExecutor:
                     exclude = actor
             except RayTaskError as exc:
                 raise RuntimeError(f"the anchors failed on {actor.name} ({actor.host}): "
-                                   f"{_failure(exc).summary}") from exc
+                                   f"{failure_of(exc).summary}") from exc
         raise AssertionError("unreachable")
 
     # ---- the job --------------------------------------------------------------------------
@@ -371,7 +357,7 @@ class RayExecutor:
                     if frame.job.frame_id in plan.anchor_writes:
                         ctx.emit(frame)
                 if plan.save_bundle:
-                    ctx.save_bundle(_assemble(meta, step_refs))
+                    ctx.save_bundle(AnchorBundle.from_payloads(meta, (ray.get(r) for r in step_refs if r is not None)))
             elif plan.bundle is not None:
                 meta = plan.bundle.meta
                 # ray.put from the driver: the driver owns these objects.
@@ -426,7 +412,7 @@ class RayExecutor:
             except RayActorError as exc:
                 # The worker died (or is restarting): its frame goes back to the queue, and the
                 # worker rejoins once Ray has restarted it.
-                actor.error = _failure(exc)
+                actor.error = failure_of(exc)
                 self._requeue(job, queue, attempts, actor)
                 actor.failures += 1
                 if actor.failures <= WORKER_RESTARTS:
@@ -437,7 +423,7 @@ class RayExecutor:
                 continue
             except RayTaskError as exc:
                 # An exception inside the frame (out of memory, say): try it on another worker.
-                actor.error = _failure(exc)
+                actor.error = failure_of(exc)
                 self._requeue(job, queue, attempts, actor)
                 continue
             if output.job.frame_id not in written:  # never write a frame twice
@@ -461,11 +447,11 @@ class RayExecutor:
             users: dict[str, list[_Actor]] = {}
             for actor in failed:
                 users.setdefault(actor.error.user if actor.error and actor.error.user else "", []).append(actor)
-            return StorySyncUserError("; ".join(f"{message} ({_who(group)})" for message, group in users.items()))
+            return StorySyncUserError("; ".join(f"{message} ({describe_actors(group)})" for message, group in users.items()))
         causes: dict[str, list[_Actor]] = {}
         for actor in failed:
             causes.setdefault(actor.error.summary if actor.error else "no cause reported", []).append(actor)
-        details = "; ".join(f"{_who(group)}: {summary}" for summary, group in causes.items())
+        details = "; ".join(f"{describe_actors(group)}: {summary}" for summary, group in causes.items())
         if all(a.error is not None and a.error.at_start for a in failed):
             error = RuntimeError(f"the job's actors could not start: {details}")
         else:
@@ -509,77 +495,3 @@ def _learn_host(actor: _Actor) -> None:
 
 def _device_order(key: tuple[str, int]) -> tuple[int, int]:
     return (0 if key[0] == "anchor" else 1, key[1])
-
-
-def _who(actors: list[_Actor]) -> str:
-    """``"workers 0, 1 on host-a"``, ``"the anchor actor on host-a"``."""
-    hosts = {a.host for a in actors}
-    if len(hosts) == 1 and UNKNOWN_HOST not in hosts and all(a.role == "worker" for a in actors):
-        label = "workers" if len(actors) > 1 else "worker"
-        return f"{label} {', '.join(str(a.index) for a in actors)} on {hosts.pop()}"
-    return ", ".join(f"{a.name} on {a.host}" if a.host != UNKNOWN_HOST else f"{a.name} (never placed)"
-                     for a in actors)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# The last line of a Python traceback: "module.ExceptionType: message" at column 0.
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*): (.*)$")
-
-
-def _one_line(text: str) -> str:
-    line = " ".join(_ANSI.sub("", text).split())
-    return line if len(line) <= _SUMMARY_CHARS else line[: _SUMMARY_CHARS - 3] + "..."
-
-
-def _first_line(text: str) -> str:
-    for line in _ANSI.sub("", text).splitlines():
-        if line.strip():
-            return _one_line(line)
-    return ""
-
-
-def _failure(exc: BaseException) -> _Failure:
-    """One line from an exception that ``ray.get`` raised: the cause's type and first line."""
-    if isinstance(exc, RayTaskError):
-        cause = getattr(exc, "cause", None) or exc
-        summary = f"{type(cause).__name__}: {_first_line(str(cause))}"
-        message = " ".join(str(cause).split())  # a user's error stays whole
-        if isinstance(cause, StorySyncUserError):
-            return _Failure(summary, user=message, exc=exc)
-        if isinstance(cause, UnknownModelError):
-            return _Failure(summary, user=f"--model: {message}", exc=exc)
-        return _Failure(summary, exc=exc)
-    if isinstance(exc, RayActorError):
-        return _Failure(f"{type(exc).__name__}: {_actor_error_line(exc)}", exc=exc)
-    return _Failure(f"{type(exc).__name__}: {_first_line(str(exc))}", exc=exc)
-
-
-def _actor_error_line(exc: RayActorError) -> str:
-    """The informative line of an actor error's text.
-
-    Ray 2.60 keeps only text: for a death in ``__init__`` a traceback, whose exception line is
-    what went wrong; for a process that died, a header, tab-indented fields (class_name, pid, ip)
-    and then the reason.
-    """
-    lines = [line for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
-    if not lines:
-        return "no message"
-    if getattr(exc, "actor_init_failed", False):
-        for i in range(len(lines) - 1, 0, -1):
-            if lines[i - 1].startswith("    ") and (match := _EXCEPTION_LINE.match(lines[i])):
-                return _one_line(f"{match.group(1)}: {match.group(2)}")
-    fields = [i for i, line in enumerate(lines) if line.startswith("\t")]
-    if fields and fields[-1] + 1 < len(lines):
-        return _one_line(lines[fields[-1] + 1])
-    return _one_line(lines[0])
-
-
-def _assemble(meta: dict, step_refs: list) -> AnchorBundle:
-    """The whole bundle on the driver (only to save it)."""
-    bundle = AnchorBundle(meta=meta)
-    for ref in step_refs:
-        payload = ray.get(ref) if ref is not None else None
-        if payload is not None:
-            anchor_step = AnchorStep.from_numpy(payload)
-            bundle.steps[anchor_step.step] = anchor_step
-    return bundle
