@@ -21,7 +21,7 @@ def check_local_device(device: str) -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise StorySyncUserError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        raise StorySyncUserError(f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise StorySyncUserError(f"--device {device}: CUDA is not available on this machine "
