@@ -145,7 +145,9 @@ def test_workers_that_die_for_good_end_the_job_with_their_causes(tmp_path: Path)
         run_job(plan, executor, on_frame=kill_every_worker)
     message = str(caught.value)
     assert message.startswith("every frame worker failed, so the frames not yet written are lost for this run")
-    assert f"workers 0, 1 on {HOST}: ActorDiedError: " in message and "ray.kill" in message
+    assert "ActorDiedError: " in message and "ray.kill" in message
+    # Both workers are named; a worker killed before it told the driver its host is "never placed".
+    assert f"workers 0, 1 on {HOST}: " in message or ("worker 0 " in message and "worker 1 " in message)
     assert "\n" not in message
     written = pq.read_table(tmp_path / "out" / "data").column("frame_id").to_pylist()
     assert 1 <= len(written) < 8  # what was written before the workers died stays
