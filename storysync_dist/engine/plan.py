@@ -5,6 +5,7 @@ See ``engine/job.py`` for the rules (skip, replace, remove, stale) and ``docs/da
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 from dataclasses import dataclass, field
@@ -104,19 +105,7 @@ def frame_config_json(options: RenderOptions, settings: RenderSettings, config: 
                       anchors: list[str]) -> str:
     """The ``config`` column: how the frames were rendered, besides their prompt and seed."""
     return json.dumps(
-        {
-            "method": options.method,
-            "model": settings.model,
-            "model_revision": settings.model_revision,
-            "dtype": settings.dtype,
-            "steps": settings.steps,
-            "height": settings.height,
-            "width": settings.width,
-            "guidance_scale": settings.guidance_scale,
-            "negative_prompt": settings.negative_prompt,
-            "anchors": anchors,
-            "storysync": config.to_dict(),
-        },
+        {"method": options.method, **dataclasses.asdict(settings), "anchors": anchors, "storysync": config.to_dict()},
         sort_keys=True,
     )
 

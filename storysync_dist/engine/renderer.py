@@ -8,6 +8,7 @@ read the same half-precision bundle that an export/import round trip gives, so b
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from collections.abc import Callable
@@ -102,14 +103,7 @@ class BundleMismatchError(ValueError):
 def bundle_meta(config: StorySyncConfig, settings: RenderSettings, anchors: list[FrameJob]) -> dict:
     """What an anchor bundle records about how it was made (``storysync-anchor-bundle/2``)."""
     return {
-        "model": settings.model,
-        "model_revision": settings.model_revision,
-        "dtype": settings.dtype,
-        "steps": settings.steps,
-        "height": settings.height,
-        "width": settings.width,
-        "guidance_scale": settings.guidance_scale,
-        "negative_prompt": settings.negative_prompt,
+        **dataclasses.asdict(settings),
         "config": config.to_dict(),
         "num_anchors": len(anchors),
         "anchor_ids": [a.frame_id for a in anchors],

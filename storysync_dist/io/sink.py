@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import posixpath
 import re
@@ -45,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..spec import ID_PATTERN, is_valid_id
+from .schema import FRAME_SCHEMA, HF_FEATURES
 from .storage import (
     MANIFEST_NAME,
     commit,
@@ -81,51 +81,6 @@ __all__ = [
 DATA_DIR = "data"
 QUARANTINE_DIR = "quarantine"
 STORYBOARD_NAME = "storyboard.png"
-
-# The struct layout (field order included) that `datasets.Image` uses as its Arrow storage type.
-IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
-
-# `datasets` feature descriptions, in schema order. `datasets.Features.from_arrow_schema` uses a
-# feature from this metadata only when its Arrow type equals the column's type (nullable included),
-# so every field below stays nullable and `image` is exactly IMAGE_TYPE.
-HF_FEATURES: dict[str, dict[str, str]] = {
-    "story_id": {"dtype": "string", "_type": "Value"},
-    "frame_id": {"dtype": "string", "_type": "Value"},
-    "frame_index": {"dtype": "int32", "_type": "Value"},
-    "prompt": {"dtype": "string", "_type": "Value"},
-    "seed": {"dtype": "int64", "_type": "Value"},
-    "image": {"_type": "Image"},
-    "width": {"dtype": "int32", "_type": "Value"},
-    "height": {"dtype": "int32", "_type": "Value"},
-    "model": {"dtype": "string", "_type": "Value"},
-    "method": {"dtype": "string", "_type": "Value"},
-    "config": {"dtype": "string", "_type": "Value"},
-    "mask": {"dtype": "binary", "_type": "Value"},
-    "is_anchor": {"dtype": "bool", "_type": "Value"},
-    "render_seconds": {"dtype": "float64", "_type": "Value"},
-    "fingerprint": {"dtype": "string", "_type": "Value"},
-}
-
-FRAME_SCHEMA = pa.schema(
-    [
-        pa.field("story_id", pa.string()),
-        pa.field("frame_id", pa.string()),
-        pa.field("frame_index", pa.int32()),
-        pa.field("prompt", pa.string()),
-        pa.field("seed", pa.int64()),
-        pa.field("image", IMAGE_TYPE),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("model", pa.string()),
-        pa.field("method", pa.string()),
-        pa.field("config", pa.string()),
-        pa.field("mask", pa.binary()),
-        pa.field("is_anchor", pa.bool_()),
-        pa.field("render_seconds", pa.float64()),
-        pa.field("fingerprint", pa.string()),
-    ],
-    metadata={"huggingface": json.dumps({"info": {"features": HF_FEATURES}})},
-)
 
 _PART_RE = re.compile(
     r"^part-(?P<story>[a-z0-9][a-z0-9_-]{0,63})-(?P<index>\d{5,})-(?P<hash>[0-9a-f]{8,32})\.parquet$"
