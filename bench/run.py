@@ -276,7 +276,7 @@ def child_ratio(
         "size": size,
         "steps": steps,
         "bli_steps": bli,
-        "first_share_step": plan.config.first_share_step,
+        "first_share_step": plan.config.first_shared_step(),
         "params": params,
         "build_seconds": build_seconds,
         "rss_before_model": rss_before,

@@ -230,11 +230,16 @@ def make_attention(dim: int = 16, heads: int = 2) -> Attention:
     return Attention(query_dim=dim, heads=heads, dim_head=dim // heads).eval()
 
 
-def reference_self_attention(attn: Attention, x: torch.Tensor, extra: torch.Tensor | None, gamma: torch.Tensor | None):
-    """Stock self-attention of one image over its own tokens plus ``extra`` tokens, log-masked."""
+def reference_self_attention(
+    attn: Attention, x: torch.Tensor, extra: torch.Tensor | None, gamma: torch.Tensor | None,
+    query: torch.Tensor | None = None,
+):
+    """Stock self-attention of one image over its own tokens plus ``extra`` tokens, log-masked;
+    ``query`` (N, C) replaces the image's own queries ``to_q(x)`` when given."""
     heads, d = attn.heads, attn.inner_dim // attn.heads
     tokens = x if extra is None else torch.cat([x, extra])
-    q, k, v = attn.to_q(x), attn.to_k(tokens), attn.to_v(tokens)
+    q = attn.to_q(x) if query is None else query
+    k, v = attn.to_k(tokens), attn.to_v(tokens)
     outs = []
     for head in range(heads):
         sl = slice(head * d, (head + 1) * d)
@@ -270,10 +275,13 @@ def test_processor_anchor_sharing_matches_reference() -> None:
     torch.testing.assert_close(layer.hidden[0].float(), x.reshape(-1, dim)[layer.index], rtol=1e-3, atol=1e-3)
 
 
-def test_processor_frame_with_bli_matches_reference() -> None:
+def test_processor_frame_with_output_bli_matches_reference() -> None:
+    """``bli_target="output"``: Eq. 12 read as a blend of the two branches' layer outputs."""
     attn = make_attention()
     n, dim = 16, 16
-    config = StorySyncConfig(harmonize=False, share_dropout=0.0, mask_dropout=0.0, bli_fraction=1.0)
+    config = StorySyncConfig(
+        harmonize=False, share_dropout=0.0, mask_dropout=0.0, bli_fraction=1.0, bli_target="output"
+    )
     gen = torch.Generator().manual_seed(10)
     anchor_hidden = torch.randn(2, n, dim, generator=gen).half()
     anchor_mask = torch.rand(2, n, generator=gen) > 0.5
@@ -298,6 +306,47 @@ def test_processor_frame_with_bli_matches_reference() -> None:
     consistent = attn.to_out[0](reference_self_attention(attn, x[1], extra, None))
     torch.testing.assert_close(out[0], vanilla, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[1], 0.3 * consistent + 0.7 * vanilla, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [0.7, 0.25])
+def test_processor_frame_with_query_bli_matches_reference(lam: float) -> None:
+    """``bli_target="query"`` (the default, Figure 2): the consistent branch attends to its own
+    keys and the anchors' shared keys at full weight, with queries (1 - lambda) Q_consistent +
+    lambda Q_vanilla; both guidance branches; the vanilla rows stay stock."""
+    attn = make_attention()
+    n, dim = 16, 16
+    config = StorySyncConfig(harmonize=False, share_dropout=0.0, mask_dropout=0.0, bli_fraction=1.0,
+                             bli_lambda=lam, share_layers=("up",))
+    assert config.bli_target == "query"
+    gen = torch.Generator().manual_seed(11)
+    anchor_hidden = torch.randn(2, 2, n, dim, generator=gen).half()  # (guidance, anchor, N, C)
+    index = (torch.rand(2, n, generator=gen) > 0.5).reshape(-1).nonzero(as_tuple=True)[0]
+    layer = SharedLayerState(
+        index=index, hidden=anchor_hidden.reshape(2, -1, dim)[:, index],
+        features=torch.zeros(2, index.numel(), dim).half(), num_tokens=n,
+    )
+    bundle = AnchorBundle(meta={"num_anchors": 2}, steps={0: AnchorStep(0, {"up.attn1.processor": layer})})
+    state = StorySyncState(
+        config, role=ROLE_FRAMES, seeds=[5], token_positions=[[[1]]],
+        latent_hw=(4, 4), num_steps=4, guidance=True, bundle=bundle,
+    )
+    state.set_subject_map(torch.rand(1, n, generator=gen), (4, 4))
+    assert state.step == 0 and state.sharing_ready  # current-step masks: sharing from step 0
+    x = torch.randn(4, n, dim, generator=gen)  # rows: [uncond vanilla, uncond consistent, cond vanilla, cond consistent]
+    out = StorySyncSelfAttnProcessor("up.attn1.processor", state, shares=True)(attn, x)
+    for g, (v_row, c_row) in enumerate([(0, 1), (2, 3)]):
+        blended = (1 - lam) * attn.to_q(x[c_row]) + lam * attn.to_q(x[v_row])
+        extra = anchor_hidden[g].reshape(-1, dim)[index].float()
+        expected = attn.to_out[0](reference_self_attention(attn, x[c_row], extra, None, query=blended))
+        torch.testing.assert_close(out[c_row], expected, rtol=1e-4, atol=1e-5)
+        vanilla = attn.to_out[0](reference_self_attention(attn, x[v_row], None, None))
+        torch.testing.assert_close(out[v_row], vanilla, rtol=1e-4, atol=1e-5)
+    # A layer that does not share blends its queries the same way and attends to its own tokens.
+    plain = StorySyncSelfAttnProcessor("down.attn1.processor", state, shares=False)(attn, x)
+    for v_row, c_row in [(0, 1), (2, 3)]:
+        blended = (1 - lam) * attn.to_q(x[c_row]) + lam * attn.to_q(x[v_row])
+        expected = attn.to_out[0](reference_self_attention(attn, x[c_row], None, None, query=blended))
+        torch.testing.assert_close(plain[c_row], expected, rtol=1e-4, atol=1e-5)
 
 
 # ---- dropouts and the bundle -----------------------------------------------------------------

@@ -3,6 +3,8 @@ determinism, anchors and the bundle."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -48,21 +50,33 @@ def pixels(image) -> np.ndarray:
 
 
 def stock(adapter: UNetAdapter, frame: FrameJob):
+    """The stock pipeline call; no ``negative_prompt`` argument at all when the frame has none."""
+    negative = {} if frame.negative_prompt is None else {"negative_prompt": [frame.negative_prompt]}
     return adapter.pipe(
-        prompt=[frame.prompt], negative_prompt=[frame.negative_prompt], num_inference_steps=STEPS,
-        height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
-        generator=[torch.Generator("cpu").manual_seed(frame.seed)],
+        prompt=[frame.prompt], num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=GUIDANCE,
+        generator=[torch.Generator("cpu").manual_seed(frame.seed)], **negative,
     ).images[0]
 
 
-def test_every_mechanism_off_equals_stock_diffusers(adapter: UNetAdapter) -> None:
-    frame = jobs(adapter)[2]
+@pytest.mark.parametrize("negative", ["blurry", None], ids=["negative-prompt", "no-negative-prompt"])
+def test_every_mechanism_off_equals_stock_diffusers(adapter: UNetAdapter, negative: str | None) -> None:
+    frame = dataclasses.replace(jobs(adapter)[2], negative_prompt=negative)
     renderer = StoryRenderer(adapter, StorySyncConfig.vanilla(), settings("m"))
     ours = renderer.render_frame(frame, None).image
     assert ours.size == (SIZE, SIZE)
     assert np.array_equal(pixels(ours), pixels(stock(adapter, frame)))
     # The stock processors are back afterwards.
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in adapter.pipe.unet.attn_processors.values())
+
+
+def test_no_negative_prompt_is_not_the_empty_string_on_sdxl(xl: UNetAdapter) -> None:
+    # SDXL's pipe(prompt) uses zero unconditional embeddings (force_zeros_for_empty_prompt), an
+    # explicit "" encodes the empty string: two different images, and ours follows each.
+    assert dict(xl.pipe.config)["force_zeros_for_empty_prompt"]
+    renderer = StoryRenderer(xl, StorySyncConfig.vanilla(), settings("m"))
+    base = jobs(xl)[2]
+    none, empty = (renderer.render_frame(dataclasses.replace(base, negative_prompt=n), None).image for n in (None, ""))
+    assert not np.array_equal(pixels(none), pixels(empty))
 
 
 def test_bli_with_lambda_one_follows_the_vanilla_branch(adapter: UNetAdapter) -> None:
@@ -123,7 +137,8 @@ def test_bundle_holds_subject_tokens_of_shared_layers_in_half_precision(xl: UNet
     config = StorySyncConfig()
     renderer = StoryRenderer(xl, config, settings("tiny-sdxl"))
     _, bundle = renderer.render_anchors(story[:2])
-    assert sorted(bundle.steps) == list(range(config.first_share_step, STEPS))  # no sharing at step 0
+    # Current-step masks: the anchors share, and publish, from step 0.
+    assert sorted(bundle.steps) == list(range(config.first_shared_step(), STEPS)) == list(range(STEPS))
     for anchor_step in bundle.steps.values():
         assert anchor_step.layers
         for name, layer in anchor_step.layers.items():

@@ -2,14 +2,44 @@
 
 The config is written into every frame's metadata (``config`` column, JSON), so a frame records
 exactly how it was made. Values the paper leaves open are documented in ``docs/method.md``.
+
+A config comes from three places, later ones winning (``resolve_config``): the story file's
+``storysync:`` section, an ablation (``--ablation``, the rows of the paper's Table 3a) and
+``--set key=value`` overrides. Every value is checked here, with one-line errors naming the key
+(:class:`ConfigError`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+
+__all__ = [
+    "ABLATIONS",
+    "BLI_TARGETS",
+    "MASK_SOURCES",
+    "ConfigError",
+    "StorySyncConfig",
+    "parse_set_options",
+    "resolve_config",
+]
+
+MASK_SOURCES = ("current", "previous")
+BLI_TARGETS = ("query", "output")
+ANCHOR_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a value of the wrong type or out of range."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -36,6 +66,10 @@ class StorySyncConfig:
     bli_lambda: float = 0.7
     # Eq. 12: T, the number of leading steps with BLI, as a fraction of the steps (paper gives no value).
     bli_fraction: float = 0.3
+    # Eq. 12: what is interpolated. "query": the consistent branch's queries are blended with the
+    # vanilla branch's before attention (Figure 2 caches the base model's queries), so shared keys
+    # keep their full weight; "output": the self-attention outputs after to_out (the old reading).
+    bli_target: str = "query"
 
     # Section 3.3 dropouts (rates not given in the paper); seeded per frame, step and layer.
     share_dropout: float = 0.3
@@ -45,30 +79,27 @@ class StorySyncConfig:
     # Which self-attention layers share and harmonize: prefixes of diffusers attention-processor
     # names. Default: the decoder ("up_blocks"), as ConsiStory and the DESIGN sizing assume.
     share_layers: tuple[str, ...] = ("up_blocks",)
-    # Cross-attention layers whose maps make the subject mask (Eq. 3): prefixes; of these the
-    # layers at the lowest spatial resolution are averaged (32x32 for SDXL at 1024 px).
-    mask_layers: tuple[str, ...] = ("up_blocks",)
+    # Cross-attention layers whose maps may make the subject mask (Eq. 3): prefixes. Of those that
+    # recorded a map for the mask (see mask_source), the ones at the lowest resolution are averaged.
+    mask_layers: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")
+    # Eq. 2-4, "only from the current generation timestep": "current" builds the masks of step t
+    # from the maps of step t's cross-attentions that run before the first shared self-attention
+    # (UNet: the encoder and the mid block), so sharing can start at step 0; "previous" builds
+    # them from the whole of step t-1 (no sharing at step 0).
+    mask_source: str = "current"
     # Apply sharing/RFH in the unconditional guidance branch too (masks always come from the
     # conditional branch).
     share_uncond: bool = True
-    # No sharing or RFH before this step: masks at step t come from step t-1 (Eq. 2-4).
-    first_share_step: int = 1
+    # No sharing or RFH before this step.
+    first_share_step: int = 0
     # Precision of the anchor state that is stored and broadcast.
     anchor_dtype: str = "float16"
 
-    extra: dict[str, Any] = field(default_factory=dict)
-
     def __post_init__(self) -> None:
-        for name in ("rfh_gamma", "bli_lambda", "bli_fraction", "share_dropout", "rfh_dropout", "mask_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"config {name}={value} must be within [0, 1]")
-        if self.rfh_tau <= 0:
-            raise ValueError(f"config rfh_tau={self.rfh_tau} must be positive")
-        if self.anchor_dtype not in ("float16", "bfloat16", "float32"):
-            raise ValueError(f"config anchor_dtype={self.anchor_dtype!r} must be float16, bfloat16 or float32")
-        object.__setattr__(self, "share_layers", tuple(self.share_layers))
-        object.__setattr__(self, "mask_layers", tuple(self.mask_layers))
+        # Canonical values (1 -> 1.0, lists -> tuples), so equal configs have equal JSON and
+        # equal frame fingerprints however they were written.
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _check_value(f.name, getattr(self, f.name)))
 
     @classmethod
     def vanilla(cls) -> StorySyncConfig:
@@ -89,6 +120,11 @@ class StorySyncConfig:
             return 0
         return min(num_steps, round(self.bli_fraction * num_steps))
 
+    def first_shared_step(self) -> int:
+        """The first step at which sharing and RFH can run (masks from step t-1 need t >= 1)."""
+        needs_previous = self.needs_masks and self.mask_source == "previous"
+        return max(self.first_share_step, 1 if needs_previous else 0)
+
     def replace(self, **changes: Any) -> StorySyncConfig:
         return dataclasses.replace(self, **changes)
 
@@ -102,9 +138,99 @@ class StorySyncConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StorySyncConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> StorySyncConfig:
+        """A config from a mapping of field names to values (a story's ``storysync:`` section, a
+        bundle's meta); every key and value is checked (:class:`ConfigError`, naming the key)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError("storysync", f"must be a mapping of option names to values, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config option(s): {', '.join(unknown)}")
-        return cls(**data)
+        for key in data:
+            if key not in known:
+                raise ConfigError(str(key), f"unknown option (options: {', '.join(sorted(known))})")
+        values = {key: _check_value(key, value) for key, value in data.items()}
+        return cls(**values)
+
+
+# The type and range of every field; one place, used by __post_init__ and from_dict.
+_UNIT_INTERVAL = ("rfh_gamma", "bli_lambda", "bli_fraction", "share_dropout", "rfh_dropout", "mask_dropout")
+_CHOICES = {"anchor_dtype": ANCHOR_DTYPES, "mask_source": MASK_SOURCES, "bli_target": BLI_TARGETS}
+_BOOLS = ("share_attention", "harmonize", "layout_interpolation", "use_masks", "share_uncond")
+_PREFIXES = ("share_layers", "mask_layers")
+
+
+def _check_value(key: str, value: Any) -> Any:
+    """Check one field's value; return it in canonical form (floats as float, prefixes as tuple)."""
+    if key in _BOOLS:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if key in _UNIT_INTERVAL or key == "rfh_tau":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        if key == "rfh_tau" and not value > 0:
+            raise ConfigError(key, f"must be > 0, got {value}")
+        if key != "rfh_tau" and not 0.0 <= value <= 1.0:
+            raise ConfigError(key, f"must be within [0, 1], got {value}")
+        return float(value)
+    if key == "first_share_step":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(key, f"must be a whole number >= 0, got {value!r}")
+        return value
+    if key in _CHOICES:
+        if value not in _CHOICES[key]:
+            raise ConfigError(key, f"must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        return value
+    if key in _PREFIXES:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ConfigError(key, f"must be a non-empty list of layer-name prefixes, got {value!r}")
+        for item in items:
+            if not isinstance(item, str) or not item.strip():
+                raise ConfigError(key, f"must list non-empty layer-name prefixes, got {item!r}")
+        return tuple(items)
+    raise ConfigError(key, "unknown option")
+
+
+# The rows of the paper's Table 3a: each switches one component off ("none" is the full method).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "no-mask": {"use_masks": False},
+    "no-rfh": {"harmonize": False},
+    # "Pose variation techniques (BLI and Dropouts)", section 4.3.
+    "no-pose": {"layout_interpolation": False, "share_dropout": 0.0, "rfh_dropout": 0.0, "mask_dropout": 0.0},
+}
+
+
+def parse_set_options(items: list[str] | None) -> dict[str, Any]:
+    """``["rfh_gamma=0.5", "share_layers=[up_blocks.0]"]`` -> ``{"rfh_gamma": 0.5, ...}``.
+
+    Values are read as YAML scalars or flow lists (``0.5``, ``false``, ``query``, ``[a, b]``), as
+    in a story file; the key and value are checked by :func:`resolve_config`.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(item, "write --set key=value (for example --set rfh_gamma=0.5)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(key, f"cannot read the value {text!r}") from None
+        out[key] = value
+    return out
+
+
+def resolve_config(
+    section: Mapping[str, Any] | None = None,
+    ablation: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> StorySyncConfig:
+    """The config of a job: defaults, then the story's ``storysync:`` section, then the ablation,
+    then ``--set`` overrides (later wins). :class:`ConfigError` names the key at fault."""
+    if ablation is not None and ablation not in ABLATIONS:
+        raise ConfigError("ablation", f"must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
+    merged = {**dict(section or {}), **ABLATIONS.get(ablation or "none", {}), **dict(overrides or {})}
+    return StorySyncConfig.from_dict(merged)

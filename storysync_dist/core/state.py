@@ -3,7 +3,13 @@
 A render is one UNet batch of F images (the anchors together, or one or more frames), laid out
 as ``for guidance in [uncond, cond]: for branch in [vanilla, consistent]: for image in F`` so each
 (guidance, branch) pair is one contiguous slice. The vanilla branch exists only for the first T
-steps (BLI, Eq. 12). Masks at step t come from the cross-attention maps of step t-1 (Eq. 2-4).
+steps (BLI, Eq. 12).
+
+Subject masks (Eq. 2-4) are made from the subject maps that cross-attention layers record during
+a step. With ``mask_source="current"`` (the paper: "only from the current generation timestep")
+the masks of step t are fixed when the first shared self-attention of step t runs, from the maps
+recorded so far in step t (in a UNet: the encoder and the mid block), at the lowest resolution
+among them. With ``mask_source="previous"`` they are made from every map of step t-1.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ VANILLA, CONSISTENT = "vanilla", "consistent"
 def layer_id(name: str) -> int:
     """A stable integer for a processor name (seeds the per-layer dropouts)."""
     return zlib.crc32(name.encode())
+
+
+class MaskSourceError(ValueError):
+    """``mask_source="current"`` but no mask layer ran before the first shared layer of a step."""
 
 
 class StorySyncState:
@@ -65,10 +75,16 @@ class StorySyncState:
         self.token_weights = (
             subject_token_weights(token_positions, text_len, self.device) if self.collect_maps else None
         )
+        self.current_masks = config.mask_source == "current"
         self.mask_tokens: int | None = None  # N of the layers whose maps make the mask
-        self._maps: dict[int, list[torch.Tensor]] = {}
-        self._prev_map: torch.Tensor | None = None  # (F, n) aggregated map of the previous step
-        self._prev_hw: tuple[int, int] | None = None
+        # Names of the layers whose maps made the masks of the current step (for inspection).
+        self.mask_sources: list[str] = []
+        self._maps: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        # The (F, n) aggregated map the masks of this step are made from, and its (h, w) grid.
+        self._mask_map: torch.Tensor | None = None
+        self._mask_hw: tuple[int, int] | None = None
+        self._mask_fixed = False  # current masks: fixed at this step's first shared layer
+        self._last_map: tuple[torch.Tensor, tuple[int, int]] | None = None  # for final_masks
         self._mask_cache: dict[int, torch.Tensor] = {}
         self._anchor_cache: dict[str, SharedLayerState | None] = {}
 
@@ -105,23 +121,60 @@ class StorySyncState:
     # ---- subject masks (Eq. 2-4) --------------------------------------------------------
     def wants_maps(self, num_tokens: int) -> bool:
         """Whether a cross-attention layer with ``num_tokens`` patches should record its map."""
-        return self.collect_maps and (self.mask_tokens is None or num_tokens == self.mask_tokens)
+        if not self.collect_maps or (self.current_masks and self._mask_fixed):
+            return False  # current masks: maps after this step's first shared layer are not used
+        return self.mask_tokens is None or num_tokens == self.mask_tokens
 
-    def record_map(self, num_tokens: int, maps: torch.Tensor) -> None:
+    def record_map(self, num_tokens: int, maps: torch.Tensor, layer: str = "") -> None:
         """Store one layer's (F, N, S) subject map for this step."""
-        self._maps.setdefault(num_tokens, []).append(maps)
+        self._maps.setdefault(num_tokens, []).append((layer, maps))
 
     def set_subject_map(self, aggregated: torch.Tensor, hw: tuple[int, int]) -> None:
-        """Use an (F, h*w) aggregated map as the previous step's (tests and inspection)."""
-        self._prev_map, self._prev_hw = aggregated, hw
+        """Use an (F, h*w) aggregated map for this step's masks (tests and inspection)."""
+        self._mask_map, self._mask_hw = aggregated, hw
+        self._mask_fixed = True
+        self._mask_cache = {}
+
+    def _aggregate(self) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """Eq. 3-4 over the maps recorded so far this step, at their lowest resolution."""
+        if not self._maps:
+            return None
+        if self.mask_tokens is None:
+            # Eq. 3 averages the layers of one resolution: the lowest one, where the maps are
+            # most semantic (32x32 for SDXL at 1024 px). Fixed at the first step, so every step
+            # averages the same layers.
+            self.mask_tokens = min(self._maps)
+        recorded = self._maps.get(self.mask_tokens)
+        if not recorded:
+            return None
+        self.mask_sources = [layer for layer, _ in recorded]
+        return aggregate_subject_maps([maps for _, maps in recorded]), token_grid(self.mask_tokens, self.latent_hw)
+
+    def enter_shared_layer(self, name: str) -> None:
+        """Called by every shared self-attention layer before it runs: with current masks, the
+        first one of a step fixes the step's masks from the maps recorded before it."""
+        if not (self.current_masks and self.collect_maps) or self._mask_fixed:
+            return
+        self._mask_fixed = True
+        aggregated = self._aggregate()
+        if aggregated is None:
+            if self.step >= self.config.first_shared_step():
+                raise MaskSourceError(
+                    f"mask_source 'current': no cross-attention of mask_layers {list(self.config.mask_layers)} "
+                    f"ran before the first shared self-attention {name!r} at step {self.step}; list earlier "
+                    "layers in mask_layers, share later layers, or set mask_source: previous"
+                )
+            return
+        self._mask_map, self._mask_hw = aggregated
         self._mask_cache = {}
 
     @property
     def sharing_ready(self) -> bool:
-        """Sharing and RFH need masks from an earlier step (none at step 0)."""
-        if self.step < self.config.first_share_step:
+        """Whether sharing and RFH run at this step: from ``config.first_shared_step()``, once
+        this step's masks exist (none at step 0 with ``mask_source="previous"``)."""
+        if self.step < self.config.first_shared_step():
             return False
-        return not self.config.use_masks or self._prev_map is not None
+        return not self.config.use_masks or self._mask_map is not None
 
     def masks(self, num_tokens: int) -> torch.Tensor:
         """(F, N) boolean subject masks at a self-attention resolution, after mask dropout."""
@@ -131,9 +184,9 @@ class StorySyncState:
         if not self.config.use_masks:
             mask = torch.ones(self.num_images, num_tokens, dtype=torch.bool, device=self.device)
         else:
-            assert self._prev_map is not None and self._prev_hw is not None
+            assert self._mask_map is not None and self._mask_hw is not None
             dst_hw = token_grid(num_tokens, self.latent_hw)
-            mask = subject_mask(self._prev_map, self._prev_hw, dst_hw)
+            mask = subject_mask(self._mask_map, self._mask_hw, dst_hw)
             if self.config.mask_dropout > 0:
                 keep = torch.stack(
                     [
@@ -146,10 +199,11 @@ class StorySyncState:
         return mask
 
     def final_masks(self) -> torch.Tensor | None:
-        """(F, h, w) boolean masks from the last step's maps (no dropout), for the dataset."""
-        if self._prev_map is None or self._prev_hw is None:
+        """(F, h, w) boolean masks from the last step's mask map (no dropout), for the dataset."""
+        if self._last_map is None:
             return None
-        return subject_mask(self._prev_map, self._prev_hw, self._prev_hw).reshape(-1, *self._prev_hw)
+        aggregated, hw = self._last_map
+        return subject_mask(aggregated, hw, hw).reshape(-1, *hw)
 
     # ---- anchors (Eq. 13) ---------------------------------------------------------------
     def record_anchor_layer(
@@ -183,16 +237,24 @@ class StorySyncState:
 
     # ---- step bookkeeping ---------------------------------------------------------------
     def end_step(self) -> None:
-        """Turn this step's maps into the next step's masks and advance the step."""
-        if self._maps:
-            if self.mask_tokens is None:
-                # Eq. 3 averages the layers of one resolution: the lowest one, where the maps
-                # are most semantic (32x32 for SDXL at 1024 px).
-                self.mask_tokens = min(self._maps)
-            maps = self._maps.get(self.mask_tokens)
-            if maps:
-                self._prev_map = aggregate_subject_maps(maps)
-                self._prev_hw = token_grid(self.mask_tokens, self.latent_hw)
+        """Close the step: keep its mask map (and, with previous masks, make the next step's
+        masks from its maps), then advance."""
+        if self.current_masks:
+            if self.collect_maps and not self._mask_fixed:
+                # No shared layer ran (none matches share_layers): the step's maps still give the
+                # dataset its mask.
+                aggregated = self._aggregate()
+                if aggregated is not None:
+                    self._mask_map, self._mask_hw = aggregated
+            if self._mask_map is not None and self._mask_hw is not None:
+                self._last_map = (self._mask_map, self._mask_hw)
+            self._mask_map = self._mask_hw = None
+        else:
+            aggregated = self._aggregate()
+            if aggregated is not None:
+                self._mask_map, self._mask_hw = aggregated  # the next step's masks
+                self._last_map = aggregated
+        self._mask_fixed = False
         self._maps = {}
         self._mask_cache = {}
         self._anchor_cache = {}

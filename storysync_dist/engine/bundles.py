@@ -27,9 +27,9 @@ MAX_BUNDLE_BYTES = DEFAULT_MAX_BUNDLE_BYTES
 
 
 def publish_steps(config: StorySyncConfig, steps: int) -> range:
-    """The denoising steps at which anchors publish state (and frames share): from the first step
-    with masks (step 1: masks at step t come from step t-1) or ``first_share_step``."""
-    first = max(config.first_share_step, 1 if config.use_masks else 0)
+    """The denoising steps at which anchors publish state (and frames share): from
+    ``config.first_shared_step()`` (step 0 with current-step masks, 1 with previous-step ones)."""
+    first = config.first_shared_step()
     return range(min(first, steps), steps)
 
 

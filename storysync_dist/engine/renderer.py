@@ -20,8 +20,8 @@ from PIL import Image
 
 from ..core.anchors import AnchorBundle, AnchorStep
 from ..core.config import StorySyncConfig
-from ..core.state import ROLE_ANCHORS, ROLE_FRAMES, StorySyncState
-from ..errors import NonFiniteOutputError
+from ..core.state import ROLE_ANCHORS, ROLE_FRAMES, MaskSourceError, StorySyncState
+from ..errors import NonFiniteOutputError, StorySyncUserError
 from ..models.unet import UNetAdapter
 
 METHODS = ("storysync", "vanilla")
@@ -34,7 +34,8 @@ class FrameJob:
     frame_id: str
     index: int
     prompt: str
-    negative_prompt: str
+    # None: no negative prompt, as stock diffusers' pipe(prompt) (not the same as "").
+    negative_prompt: str | None
     seed: int
     token_positions: list[list[int]]
 
@@ -173,12 +174,15 @@ class StoryRenderer:
         self, state: StorySyncState, jobs: list[FrameJob], on_step: Callable[[int], None] | None
     ) -> tuple[list[Image.Image], torch.Tensor | None]:
         s = self.settings
+        negatives = [j.negative_prompt for j in jobs]
+        if any(n is None for n in negatives) and any(n is not None for n in negatives):
+            raise ValueError("frames rendered together must all have a negative prompt, or none")
         self.adapter.install(state)
         try:
             result = self.adapter.generate(
                 state,
                 [j.prompt for j in jobs],
-                [j.negative_prompt for j in jobs],
+                None if negatives[0] is None else negatives,
                 [j.seed for j in jobs],
                 num_steps=s.steps,
                 height=s.height,
@@ -186,6 +190,8 @@ class StoryRenderer:
                 guidance_scale=s.guidance_scale,
                 on_step=on_step,
             )
+        except MaskSourceError as exc:  # a config that cannot give current-step masks
+            raise StorySyncUserError(f"config: {exc}") from None
         finally:
             self.adapter.uninstall()
         return result.images, result.masks

@@ -48,7 +48,8 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class StorySyncSelfAttnProcessor:
-    """Self-attention with BLI, and with sharing + RFH when ``shares``."""
+    """Self-attention with BLI (Eq. 12, on the queries or the output: ``bli_target``), and with
+    sharing (Eq. 5-8, 13) + RFH (Eq. 9-11) when ``shares``."""
 
     def __init__(self, name: str, state: StorySyncState, shares: bool) -> None:
         self.name = name
@@ -73,6 +74,8 @@ class StorySyncSelfAttnProcessor:
         *args: object,
         **kwargs: object,
     ) -> torch.Tensor:
+        if self.shares:
+            self.state.enter_shared_layer(self.name)  # current masks are fixed at the first one
         plain = (
             encoder_hidden_states is None
             and attention_mask is None
@@ -95,6 +98,12 @@ class StorySyncSelfAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        if st.has_vanilla and cfg.layout_interpolation and cfg.bli_target == "query":
+            # Eq. 12 on the queries (Figure 2): the consistent branch attends, to its own and the
+            # shared keys at full weight, with queries moved towards the vanilla branch's.
+            for g in st.guidance_branches:
+                c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
+                query[c] = interpolate_layout(query[c], query[v], cfg.bli_lambda)
 
         sharing = self.shares and st.sharing_ready and (cfg.share_attention or cfg.harmonize)
         masks = st.masks(num_tokens) if sharing else None
@@ -121,10 +130,10 @@ class StorySyncSelfAttnProcessor:
             features = self._harmonize(features, shared_rows, masks)
 
         out = attn.to_out[1](attn.to_out[0](features))
-        if st.has_vanilla and cfg.layout_interpolation:
+        if st.has_vanilla and cfg.layout_interpolation and cfg.bli_target == "output":
             for g in st.guidance_branches:
                 c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
-                out[c] = interpolate_layout(out[c], out[v], cfg.bli_lambda)  # Eq. 12
+                out[c] = interpolate_layout(out[c], out[v], cfg.bli_lambda)  # Eq. 12, on the output
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
@@ -235,7 +244,7 @@ class SubjectMapProcessor:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
-            st.record_map(hidden_states.shape[1], subject_attention(query, key, st.token_weights))
+            st.record_map(hidden_states.shape[1], subject_attention(query, key, st.token_weights), self.name)
         return out
 
 
@@ -292,7 +301,7 @@ class UNetAdapter:
         self,
         state: StorySyncState,
         prompts: list[str],
-        negative_prompts: list[str],
+        negative_prompts: list[str] | None,
         seeds: list[int],
         *,
         num_steps: int,
@@ -304,6 +313,9 @@ class UNetAdapter:
         """Render ``prompts`` (one image each) with the StorySync state installed.
 
         Mirrors the stock pipeline's ``__call__``; ``on_step(i)`` is called after each step.
+        ``negative_prompts=None`` is stock ``pipe(prompt)`` without a negative prompt (SDXL:
+        zero unconditional embeddings where ``force_zeros_for_empty_prompt``; SD: the empty
+        string's), which differs from an explicit ``""``.
         """
         pipe = self.pipe
         device = pipe._execution_device
