@@ -1,7 +1,8 @@
 """Subject masks from cross-attention (paper Eq. 2-4).
 
-The maps come from the conditional guidance branch; the masks used at step t are made from the
-maps of step t-1 (the self-attention of a block runs before that block's cross-attention).
+The maps come from the conditional guidance branch; which layers' maps make the masks of a step
+(the current step's encoder and mid block, or the previous step) is the state's business
+(``core/state.py``, ``StorySyncConfig.mask_source``).
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ class StoryRenderer:
         """Render the anchor frames together (they share among themselves) and record the bundle.
 
         ``on_publish(t, anchor_step)`` is called as soon as step t is published (None for a step
-        that publishes nothing, such as step 0).
+        that publishes nothing, such as step 0 with ``mask_source="previous"``).
         """
         start = time.perf_counter()
         state = self._state(ROLE_ANCHORS, anchors, None)
