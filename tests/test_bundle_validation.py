@@ -37,7 +37,9 @@ LAYER_B = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
 # layer -> (num_tokens N, C, C_inner)
 LAYERS = {LAYER_A: (16, 8, 6), LAYER_B: (64, 4, 4)}
 STEPS = 4
-SHARED_STEPS = range(1, STEPS)
+# Current-step masks (the default config): the anchors publish every step from step 0.
+SHARED_STEPS = range(0, STEPS)
+assert StorySyncConfig().first_shared_step() == SHARED_STEPS[0]
 
 
 # ---- builders --------------------------------------------------------------------------------
@@ -272,7 +274,7 @@ MALFORMED: dict[str, tuple[Callable[[], bytes], str]] = {
     "three-branches": (lambda: edit_layer(2, LAYER_B, "features", lambda x: torch.cat([x, x[:1]])),
                        "features has 3 guidance branches, expected 1 or 2"),
     "branches-differ": (lambda: edit_tensors(g_mismatch), "has 1 guidance branch(es)"),
-    "channels-differ": (lambda: edit_tensors(channel_mismatch), "hidden/features have 8/7 channels, 8/6 at step 1"),
+    "channels-differ": (lambda: edit_tensors(channel_mismatch), f"hidden/features have 8/7 channels, 8/6 at step {SHARED_STEPS[0]}"),
     "extra-tensor": (lambda: edit_tensors(lambda ts: ts.update({"junk": torch.zeros(2)})),
                      "tensor(s) not in the layout: 'junk'"),
     "missing-tensor": (lambda: edit_tensors(lambda ts: ts.pop(f"3|{LAYER_B}|features")),
@@ -365,22 +367,22 @@ def test_coverage_needs_steps_every_expected_step_and_the_same_layers() -> None:
         empty.check_coverage([])
 
     missing = AnchorBundle.from_bytes(bundle_without(2).to_bytes())
-    with pytest.raises(BundleError, match=r"no anchor state for step\(s\) 2: 1 of the 3 steps") as info:
+    with pytest.raises(BundleError, match=r"no anchor state for step\(s\) 2: 1 of the 4 steps") as info:
         missing.check_coverage(SHARED_STEPS)
     assert "\n" not in str(info.value)
-    missing.check_coverage([1, 3])
-    with pytest.raises(BundleError, match=r"step\(s\) 0, 2, 4, \.\.\. \(5 in all\)"):
+    missing.check_coverage([0, 1, 3])
+    with pytest.raises(BundleError, match=r"step\(s\) 2, 4, 5, \.\.\. \(4 in all\)"):
         missing.check_coverage(range(7))
 
     steps = make_steps()
     del steps[3].layers[LAYER_B]
     uneven = AnchorBundle.from_bytes(AnchorBundle(make_meta(), steps).to_bytes())
-    with pytest.raises(BundleError, match=f"step 3 does not hold the layers of step 1: it lacks layer\\(s\\) '{LAYER_B}'"):
+    with pytest.raises(BundleError, match=f"step 3 does not hold the layers of step 0: it lacks layer\\(s\\) '{LAYER_B}'"):
         uneven.check_coverage(SHARED_STEPS)
     steps = make_steps()
     steps[2].layers["up_blocks.9.attn1.processor"] = steps[2].layers[LAYER_A]
     extra = AnchorBundle(make_meta(), steps)
-    with pytest.raises(BundleError, match="step 2 does not hold the layers of step 1: it has extra layer"):
+    with pytest.raises(BundleError, match="step 2 does not hold the layers of step 0: it has extra layer"):
         extra.check_coverage(SHARED_STEPS)
 
 

@@ -11,9 +11,9 @@ from types import ModuleType
 
 import pytest
 
-from storysync_dist import spec as spec_module
 from storysync_dist.errors import StorySpecError, StorySyncUserError
 from storysync_dist.spec import ID_PATTERN, load_benchmark
+from storysync_dist.spec import benchmark as spec_module
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
 from storysync_dist.errors import StorySpecError, StorySyncUserError
-from storysync_dist.spec import Defaults, StorySpec, load_story, validate_for_model
+from storysync_dist.spec import (
+    MAX_SEED,
+    Defaults,
+    StorySpec,
+    check_seed,
+    load_benchmark,
+    load_story,
+    validate_for_model,
+)
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "story.yaml"
 
@@ -104,8 +114,32 @@ def test_single_frame_is_its_own_anchor_and_defaults_apply(tmp_path: pathlib.Pat
     assert spec.anchors == ["frame-0000"]
     assert spec.non_anchor_frames() == []
     assert spec.defaults == Defaults()
+    # Left out: the model's own sampling defaults (resolved by the engine), no negative prompt at all.
+    d = spec.defaults
+    assert (d.steps, d.height, d.width, d.guidance_scale, d.negative_prompt) == (None, None, None, None, None)
+    assert d.seed == 0 and spec.frames[0].seed == 0
+    assert spec.storysync == {}
     # No style: the prompt is just the expanded template, whitespace collapsed.
     assert spec.frames[0].prompt == "a cat on a mat"
+
+
+def test_explicit_negative_prompt_and_guidance(tmp_path: pathlib.Path) -> None:
+    # An explicit empty negative prompt is kept as "" (encoded as given), unlike a left-out one (None).
+    spec = load_story(write(tmp_path, BASE))
+    assert spec.defaults.negative_prompt == ""
+    assert (spec.defaults.steps, spec.defaults.height, spec.defaults.width) == (20, 256, 256)
+    text = BASE.replace('negative_prompt: ""', 'negative_prompt: "  blurry,   ugly "').replace("5.0", "5")
+    spec = load_story(write(tmp_path, text))
+    assert spec.defaults.negative_prompt == "blurry, ugly"
+    # A whole number is a valid guidance scale, stored as a float.
+    assert spec.defaults.guidance_scale == 5.0 and isinstance(spec.defaults.guidance_scale, float)
+    # Only some defaults given: the others stay the model's.
+    spec = load_story(write(tmp_path, BASE.replace(
+        "defaults: {steps: 20, height: 256, width: 256, guidance_scale: 5.0, seed: 0, negative_prompt: \"\"}",
+        "defaults: {height: 128}",
+    )))
+    d = spec.defaults
+    assert (d.steps, d.height, d.width, d.guidance_scale, d.negative_prompt) == (None, 128, None, None, None)
 
 
 def test_placeholders_literal_braces_and_multiple_subjects(tmp_path: pathlib.Path) -> None:
@@ -158,6 +192,18 @@ def test_with_overrides(tmp_path: pathlib.Path) -> None:
     assert "story.yaml" in str(info.value) and "steps must be >= 1, got 0" in str(info.value)
     with pytest.raises(StorySpecError, match="seed"):
         spec.with_overrides(seed=-1)
+
+
+def test_with_overrides_keeps_model_defaults(tmp_path: pathlib.Path) -> None:
+    spec = load_story(write(tmp_path, BASE.replace(
+        "defaults: {steps: 20, height: 256, width: 256, guidance_scale: 5.0, seed: 0, negative_prompt: \"\"}\n", ""
+    )))
+    changed = spec.with_overrides(steps=4, width=64)
+    d = changed.defaults
+    assert (d.steps, d.height, d.width, d.guidance_scale, d.negative_prompt) == (4, None, 64, None, None)
+    assert changed.with_overrides(seed=3).defaults.height is None
+    with pytest.raises(StorySpecError, match="override height must be a positive number of pixels, got 0"):
+        spec.with_overrides(height=0)
 
 
 def test_errors_are_user_errors() -> None:
@@ -253,6 +299,113 @@ def test_bad_defaults(tmp_path: pathlib.Path) -> None:
 def test_negative_frame_seed(tmp_path: pathlib.Path) -> None:
     message = error_of(write(tmp_path, BASE.replace("seed: 7", "seed: -7")))
     assert "frame 'beach' (#0): seed must be within" in message and "-7" in message
+
+
+# ----------------------------------------------------------------------------------- seed range
+
+RANGE = "must be within [0, 2**63 - 1], got"
+
+
+def test_check_seed() -> None:
+    assert check_seed(0, "x") == 0 and check_seed(MAX_SEED, "x") == MAX_SEED
+    for bad in (-1, MAX_SEED + 1, True):
+        with pytest.raises(StorySpecError) as info:
+            check_seed(bad, "story.yaml: frame 'a' (#0): seed")
+        assert str(info.value) == f"story.yaml: frame 'a' (#0): seed {RANGE} {bad!r}"
+    # A ValueError too, so pydantic validators report it at the field.
+    with pytest.raises(ValueError, match=r"^must be within"):
+        check_seed(-1, "")
+
+
+def test_seed_range_is_checked_at_every_entry_point(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "story.yaml"
+    too_big = MAX_SEED + 1
+    # defaults.seed
+    for bad in (-1, too_big):
+        message = error_of(write(tmp_path, BASE.replace("seed: 0,", f"seed: {bad},")))
+        assert message == f"{path}: defaults.seed {RANGE} {bad}"
+    # A frame's own seed.
+    message = error_of(write(tmp_path, BASE.replace("seed: 7", f"seed: {too_big}")))
+    assert message == f"{path}: frame 'beach' (#0): seed {RANGE} {too_big}"
+    # Derived seeds: defaults.seed + index (frame #0 has its own seed, #1 is MAX_SEED, #2 is beyond).
+    message = error_of(write(tmp_path, BASE.replace("seed: 0,", f"seed: {MAX_SEED - 1},")))
+    assert message == f"{path}: frame 'garden' (#2): seed (defaults.seed + index) {RANGE} {too_big}"
+    # --seed overrides: the base seed itself, and the seeds derived from it.
+    spec = load_story(write(tmp_path, BASE))
+    with pytest.raises(StorySpecError) as info:
+        spec.with_overrides(seed=-1)
+    assert str(info.value) == f"{path}: override seed {RANGE} -1"
+    with pytest.raises(StorySpecError) as info:
+        spec.with_overrides(seed=MAX_SEED)
+    assert str(info.value) == (
+        f"{path}: frame 'frame-0001' (#1): seed (override seed {MAX_SEED} + index) {RANGE} {too_big}"
+    )
+    # The largest seed is fine where nothing derived goes beyond it.
+    assert spec.with_overrides(seed=MAX_SEED - 2).frames[2].seed == MAX_SEED
+    assert load_story(write(tmp_path, BASE.replace("seed: 7", f"seed: {MAX_SEED}"))).frames[0].seed == MAX_SEED
+
+
+def test_benchmark_seed_range(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, "animals:\n  - {concept_token: fox, subject: A fox, settings: [a, b]}\n", "bench.yaml")
+    with pytest.raises(StorySpecError) as info:
+        load_benchmark(path, defaults={"seed": MAX_SEED})
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}:animals[0]: frame 's01' (#1): seed")
+    assert f"{RANGE} {MAX_SEED + 1}" in message
+
+
+# ----------------------------------------------------------------------------- storysync section
+
+
+def test_storysync_section_is_stored(tmp_path: pathlib.Path) -> None:
+    section = "storysync:\n  rfh_gamma: 0.5\n  use_masks: false\n  share_layers: [up_blocks]\n"
+    spec = load_story(write(tmp_path, BASE + section))
+    assert spec.storysync == {"rfh_gamma": 0.5, "use_masks": False, "share_layers": ["up_blocks"]}
+    assert json.loads(json.dumps(spec.storysync)) == spec.storysync
+    # The same in a JSON story file.
+    import yaml
+
+    document = yaml.safe_load(BASE + section)
+    json_path = tmp_path / "story.json"
+    json_path.write_text(json.dumps(document), encoding="utf-8")
+    assert load_story(json_path).storysync == spec.storysync
+    assert load_story(write(tmp_path, BASE + "storysync: {}\n")).storysync == {}
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("storysync: {rfh_gama: 0.5}", "storysync.rfh_gama: unknown option"),
+        ("storysync: {use_masks: maybe}", "storysync.use_masks: must be true or false, got 'maybe'"),
+        ("storysync: {rfh_gamma: fast}", "storysync.rfh_gamma: must be a number, got 'fast'"),
+        ("storysync: {rfh_gamma: 2.0}", "storysync.rfh_gamma: must be within [0, 1], got 2.0"),
+        ("storysync: {first_share_step: -1}", "storysync.first_share_step: must be a whole number >= 0, got -1"),
+    ],
+)
+def test_storysync_section_errors_name_the_option(tmp_path: pathlib.Path, section: str, expected: str) -> None:
+    message = error_of(write(tmp_path, BASE + section + "\n"))
+    assert message.startswith(f"{tmp_path / 'story.yaml'}: {expected}"), message
+
+
+def test_storysync_section_out_of_range_exact(tmp_path: pathlib.Path) -> None:
+    message = error_of(write(tmp_path, BASE + "storysync:\n  rfh_gamma: 2.0\n"))
+    assert message == f"{tmp_path / 'story.yaml'}: storysync.rfh_gamma: must be within [0, 1], got 2.0"
+
+
+@pytest.mark.parametrize(
+    ("section", "got"), [("storysync: [rfh_gamma]", "list"), ("storysync: 0.5", "float"), ("storysync:", "null")]
+)
+def test_storysync_section_must_be_a_mapping(tmp_path: pathlib.Path, section: str, got: str) -> None:
+    message = error_of(write(tmp_path, BASE + section + "\n"))
+    assert message.startswith(f"{tmp_path / 'story.yaml'}: storysync: must be a mapping"), message
+    assert message.endswith(f"got {got}")
+
+
+def test_spec_does_not_import_heavy_libraries() -> None:
+    # The CLI validates a story before it starts anything heavy; the storysync: check must not change that.
+    code = "import sys, storysync_dist.spec; print(sorted(m for m in ('torch', 'diffusers', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_anchor_errors(tmp_path: pathlib.Path) -> None:
@@ -357,3 +510,52 @@ def test_validate_size_factor(tmp_path: pathlib.Path, clip_tokenizer) -> None:
     validate_for_model(spec, clip_tokenizer, 16)
     with pytest.raises(StorySpecError, match=r"defaults\.height=256 is not a multiple of 96"):
         validate_for_model(spec, clip_tokenizer, 96)
+
+
+NO_SIZE = BASE.replace("height: 256, width: 256, ", "")
+
+
+def test_validate_size_left_to_the_model(tmp_path: pathlib.Path, clip_tokenizer) -> None:
+    spec = load_story(write(tmp_path, NO_SIZE))
+    assert (spec.defaults.height, spec.defaults.width) == (None, None)
+    # Nothing given, nothing to check: the model's own default size is its business.
+    validate_for_model(spec, clip_tokenizer, 96)
+    # ... unless the caller says what the job will use.
+    validate_for_model(spec, clip_tokenizer, 8, size=(1024, 768))
+    with pytest.raises(StorySpecError) as info:
+        validate_for_model(spec, clip_tokenizer, 8, size=(1000, 1020))
+    # 1000 is a multiple of 8, 1020 is not.
+    assert str(info.value) == (
+        f"{tmp_path / 'story.yaml'}: the model's default width (1020) is not a multiple of 8 required by the model"
+    )
+    with pytest.raises(StorySpecError) as info:
+        validate_for_model(spec, clip_tokenizer, 8, size=(1001, 1024))
+    assert str(info.value) == (
+        f"{tmp_path / 'story.yaml'}: the model's default height (1001) is not a multiple of 8 required by the model"
+    )
+
+
+def test_validate_resolved_size(tmp_path: pathlib.Path, clip_tokenizer) -> None:
+    # Height set by the story, width left to the model: each is named after where it came from.
+    spec = load_story(write(tmp_path, BASE.replace("width: 256, ", "")))
+    with pytest.raises(StorySpecError) as info:
+        validate_for_model(spec, clip_tokenizer, 96, size=(250, 960))
+    assert str(info.value).endswith("story.yaml: defaults.height=250 is not a multiple of 96 required by the model")
+    with pytest.raises(StorySpecError) as info:
+        validate_for_model(spec, clip_tokenizer, 96, size=(960, 1000))
+    assert str(info.value).endswith(
+        "story.yaml: the model's default width (1000) is not a multiple of 96 required by the model"
+    )
+    # The resolved size is what is checked, not the story's value.
+    validate_for_model(spec, clip_tokenizer, 96, size=(960, 960))
+    assert validate_for_model(spec, clip_tokenizer, 8, size=(256, 512)) == validate_for_model(spec, clip_tokenizer, 8)
+    for bad in ((256,), (0, 256), (256.0, 256), (True, 256)):
+        with pytest.raises(ValueError, match="size must be"):
+            validate_for_model(spec, clip_tokenizer, 8, size=bad)
+
+
+def test_validate_without_negative_prompt(tmp_path: pathlib.Path, clip_tokenizer) -> None:
+    spec = load_story(write(tmp_path, BASE.replace(', negative_prompt: ""', "")))
+    assert spec.defaults.negative_prompt is None
+    assert validate_for_model(spec, clip_tokenizer, 8) == validate_for_model(load_story(write(tmp_path, BASE)),
+                                                                             clip_tokenizer, 8)

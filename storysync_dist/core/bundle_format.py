@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..spec import ID_PATTERN, is_valid_id
 from .config import StorySyncConfig
+from .ids import ID_PATTERN, MAX_SEED, is_valid_id
 
 if TYPE_CHECKING:
     from .anchors import SharedLayerState
@@ -40,7 +40,6 @@ MAX_STEPS = 10_000
 MAX_SIDE = 16_384
 # Most tokens (patches) one shared layer may have.
 MAX_LAYER_TOKENS = 2**20
-MAX_SEED = 2**63 - 1
 ANCHOR_DTYPES = ("float16", "bfloat16", "float32")
 
 

@@ -1,0 +1,258 @@
+"""Reading a story file: YAML/JSON parsing, prompt rendering, and resolving into a ``StorySpec``.
+
+``load_story`` reads a file (``_read_document``: extension, UTF-8 with or without BOM, duplicate
+YAML keys refused), validates it against the raw schema, and ``_build`` resolves ids, seeds and
+anchors, renders the prompts (``_render``) and checks the ``storysync:`` section. Every problem is
+one ``StorySpecError`` line naming the file. ``spec.benchmark`` reuses ``_read_document`` and
+``_build`` for benchmark prompt files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from collections.abc import Hashable
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..core.config import ConfigError, StorySyncConfig
+from ..core.ids import ID_PATTERN, is_valid_id
+from ..errors import StorySpecError
+from .schema import (
+    Frame,
+    StorySpec,
+    Subject,
+    _collapse,
+    _format_validation_error,
+    _id_list,
+    _RawStory,
+    check_seed,
+)
+
+__all__ = ["load_story"]
+
+_EXTENSIONS = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_text(text: str, kind: str, source: str) -> Any:
+    if kind == "json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StorySpecError(
+                f"{source}: line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}"
+            ) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = exc.problem or exc.context or "parse error"
+        context = f" ({exc.context})" if exc.context and exc.problem else ""
+        raise StorySpecError(_collapse(f"{source}:{where} invalid YAML: {problem}{context}")) from None
+    except yaml.YAMLError as exc:
+        raise StorySpecError(_collapse(f"{source}: invalid YAML: {exc}")) from None
+
+
+def _render(template: str, style: str, subjects: dict[str, Subject], where: str) -> str:
+    """Expand ``{name}`` placeholders and prefix the style; ``{{``/``}}`` are literal braces."""
+    try:
+        pieces = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise StorySpecError(
+            f"{where}: prompt {template!r} has unbalanced braces ({exc}); write {{{{ or }}}} for a literal brace"
+        ) from None
+    out: list[str] = []
+    for literal, field_name, format_spec, conversion in pieces:
+        out.append(literal)
+        if field_name is None:
+            continue
+        if field_name not in subjects:
+            known = ", ".join("{" + name + "}" for name in subjects)
+            raise StorySpecError(
+                f"{where}: unknown placeholder {{{field_name}}} in prompt {template!r} (subjects: {known})"
+            )
+        if format_spec or conversion:
+            raise StorySpecError(
+                f"{where}: placeholder {{{field_name}}} may not carry a format spec or conversion"
+            )
+        out.append(subjects[field_name].description)
+    return _collapse(f"{style} {''.join(out)}")
+
+
+def _check_storysync(section: Any, source: str) -> dict[str, Any]:
+    """Check the ``storysync:`` section against ``StorySyncConfig``; return it as written.
+
+    The config module owns the option names, types and ranges; here its ``ConfigError`` only gets
+    the file and the section name in front (``story.yaml: storysync.rfh_gamma: must be ...``).
+    """
+    if not isinstance(section, dict):
+        got = "null" if section is None else type(section).__name__
+        raise StorySpecError(
+            f"{source}: storysync: must be a mapping of StorySync options to values "
+            f"(rfh_gamma: 0.5, ...), got {got}"
+        )
+    try:
+        StorySyncConfig.from_dict(section)
+    except ConfigError as exc:
+        raise StorySpecError(_collapse(f"{source}: storysync.{exc.key}: {exc.problem}")) from None
+    # A copy, so the spec does not share the parsed document's mutable lists.
+    return json.loads(json.dumps(section))
+
+
+def _build(raw: _RawStory, source: str, category: str | None = None) -> StorySpec:
+    """Resolve defaults (ids, seeds, anchors) and run the model-independent cross-field checks.
+
+    Sampling defaults left out stay ``None`` (the model's own, resolved by the engine).
+    """
+    if not is_valid_id(raw.id):
+        raise StorySpecError(
+            f"{source}: id {raw.id!r} must match {ID_PATTERN} (lowercase letters, digits, '-' and '_'; "
+            "it is used in output paths)"
+        )
+    if not raw.subjects:
+        raise StorySpecError(f"{source}: subjects: the story needs at least one subject")
+    subjects: dict[str, Subject] = {}
+    for position, subject in enumerate(raw.subjects):
+        if subject.name in subjects:
+            raise StorySpecError(f"{source}: subjects[{position}]: duplicate subject name {subject.name!r}")
+        subjects[subject.name] = subject
+    if not raw.frames:
+        raise StorySpecError(f"{source}: frames: the story has no frames")
+
+    style = _collapse(raw.style or "")
+    defaults = raw.defaults
+    frames: list[Frame] = []
+    first_use: dict[str, int] = {}
+    for index, raw_frame in enumerate(raw.frames):
+        frame_id = raw_frame.id if raw_frame.id is not None else f"frame-{index:04d}"
+        if not is_valid_id(frame_id):
+            raise StorySpecError(
+                f"{source}: frame {frame_id!r} (#{index}): id must match {ID_PATTERN} "
+                "(lowercase letters, digits, '-' and '_'; it is used in output paths)"
+            )
+        where = f"{source}: frame {frame_id!r} (#{index})"
+        if frame_id in first_use:
+            raise StorySpecError(f"{where}: duplicate id, first used by frame #{first_use[frame_id]}")
+        first_use[frame_id] = index
+        if raw_frame.seed is not None:
+            seed = check_seed(raw_frame.seed, f"{where}: seed")
+        else:
+            seed = check_seed(defaults.seed + index, f"{where}: seed (defaults.seed + index)")
+        if not raw_frame.prompt.strip():
+            raise StorySpecError(f"{where}: prompt is empty")
+        prompt = _render(raw_frame.prompt, style, subjects, where)
+        frames.append(
+            Frame(
+                id=frame_id,
+                index=index,
+                prompt=prompt,
+                template=raw_frame.prompt,
+                seed=seed,
+                explicit_seed=raw_frame.seed is not None,
+            )
+        )
+
+    if raw.anchors is None:
+        anchors = [frame.id for frame in frames[:2]]
+    else:
+        if not raw.anchors:
+            raise StorySpecError(
+                f"{source}: anchors: the list is empty; name at least one frame or leave it out"
+            )
+        seen: set[str] = set()
+        for position, anchor in enumerate(raw.anchors):
+            if anchor in seen:
+                raise StorySpecError(f"{source}: anchors[{position}]: frame {anchor!r} is listed twice")
+            seen.add(anchor)
+        if len(raw.anchors) > len(frames):
+            raise StorySpecError(
+                f"{source}: anchors: {len(raw.anchors)} anchors but the story has only {len(frames)} frame(s)"
+            )
+        for position, anchor in enumerate(raw.anchors):
+            if anchor not in first_use:
+                raise StorySpecError(
+                    f"{source}: anchors[{position}]: no frame has id {anchor!r} (frame ids: {_id_list(frames)})"
+                )
+        # Canonical order (frame index), so listing the anchors in another order renders the same story.
+        anchors = [frame.id for frame in frames if frame.id in seen]
+
+    return StorySpec(
+        id=raw.id,
+        style=style,
+        subjects=list(raw.subjects),
+        anchors=anchors,
+        defaults=defaults,
+        frames=frames,
+        source=source,
+        category=category,
+        storysync=_check_storysync(raw.storysync, source),
+    )
+
+
+def _read_document(source: str, noun: str) -> Any:
+    """Read and parse a YAML/JSON file; ``noun`` ("story file", ...) names it in the errors."""
+    kind = _EXTENSIONS.get(os.path.splitext(source)[1].lower())
+    if kind is None:
+        raise StorySpecError(f"{source}: unsupported {noun} extension; use .yaml, .yml or .json")
+    try:
+        with open(source, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise StorySpecError(f"{source}: {noun} not found") from None
+    except IsADirectoryError:
+        raise StorySpecError(f"{source}: is a directory, not a {noun}") from None
+    except OSError as exc:
+        raise StorySpecError(f"{source}: cannot read {noun}: {exc.strerror or exc}") from None
+    try:
+        # utf-8-sig: editors on Windows like to start files with a byte-order mark.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise StorySpecError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+
+    document = _parse_text(text, kind, source)
+    if document is None:
+        raise StorySpecError(f"{source}: the {noun} is empty")
+    return document
+
+
+def load_story(path: str | os.PathLike[str]) -> StorySpec:
+    """Read, validate and resolve a story file (``.yaml``, ``.yml`` or ``.json``).
+
+    Raises ``StorySpecError`` with a one-line message naming the file for every problem: a missing or
+    unreadable file, invalid YAML/JSON, schema errors, no frames or subjects, bad or duplicate ids,
+    invalid steps/seeds/sizes, unknown anchors or too many of them, unknown ``{placeholders}``, a
+    ``storysync:`` section that is not a mapping or has an unknown option or a bad value.
+    """
+    source = os.fspath(path)
+    document = _read_document(source, "story file")
+    if not isinstance(document, dict):
+        raise StorySpecError(
+            f"{source}: the top level must be a mapping (id, subjects, frames, ...), got {type(document).__name__}"
+        )
+    try:
+        raw = _RawStory.model_validate(document)
+    except ValidationError as exc:
+        raise StorySpecError(_format_validation_error(source, exc)) from None
+    return _build(raw, source)
+
+

@@ -1,0 +1,127 @@
+"""Checks of a story against a model: token lengths, subject tokens and image size.
+
+``validate_for_model`` needs the model's tokenizer and latent size factor, so it runs once the model
+is known (still without loading weights), after the model-independent checks of ``load_story``. It
+returns the subject-token positions the engine needs for the masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import StorySpecError
+from .schema import StorySpec
+
+__all__ = ["validate_for_model"]
+
+# Model-dependent checks.
+
+
+def _token_ids(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+    encoded = tokenizer(text, truncation=False, add_special_tokens=special)
+    ids = encoded["input_ids"] if isinstance(encoded, dict) else encoded.input_ids
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):  # a batch of one
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+def _find_runs(haystack: Sequence[int], needle: Sequence[int]) -> list[int]:
+    width = len(needle)
+    return [
+        start
+        for start in range(len(haystack) - width + 1)
+        if list(haystack[start : start + width]) == list(needle)
+    ]
+
+
+def validate_for_model(
+    spec: StorySpec, tokenizer: Any, size_factor: int, *, size: tuple[int, int] | None = None
+) -> list[list[list[int]]]:
+    """Check the story against a model and return the subject-token positions.
+
+    ``tokenizer`` is a Hugging Face CLIPTokenizer-like object: callable (``truncation=False``,
+    ``add_special_tokens=...``) returning ``.input_ids``, with ``.model_max_length``.
+    ``size_factor`` is what height and width must be multiples of (VAE factor x patch size).
+    ``size`` is the resolved ``(height, width)`` the job will render at (the story's values, or the
+    model's defaults where the story leaves them out); when given it is what is checked, otherwise
+    only the height/width the story sets are (a ``None`` one is the model's default, which the
+    model is trusted to get right).
+
+    Errors (``StorySpecError``): height/width not a multiple of ``size_factor``; a frame prompt or the
+    negative prompt longer than ``model_max_length`` tokens (counted untruncated, start/end tokens
+    included); a subject token word whose ids (tokenized without start/end tokens) do not occur as a
+    contiguous run in a frame's tokenized prompt. Every subject must appear in every frame: the masks
+    of StorySync come from the subject tokens, so a frame without them has nothing to share.
+    Multi-subject stories where a subject sits out a scene are a later feature.
+
+    Returns ``positions[frame][subject]``: sorted indices into the frame's input_ids (the same in the
+    padded 77-long sequence; BOS is index 0) of every occurrence of every token word of the subject.
+    Frames and subjects are in ``spec.frames`` / ``spec.subjects`` order.
+    """
+    if size_factor < 1:
+        raise ValueError(f"size_factor must be >= 1, got {size_factor}")
+    if size is not None and (
+        len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size)
+    ):
+        raise ValueError(f"size must be (height, width) in whole pixels >= 1, got {size!r}")
+    source = spec.source
+    for axis, name in enumerate(("height", "width")):
+        story_value = getattr(spec.defaults, name)
+        value = story_value if size is None else size[axis]
+        if value is None:
+            continue
+        # Name the value after where it came from, so the user knows what to change.
+        what = f"defaults.{name}={value}" if story_value is not None else f"the model's default {name} ({value})"
+        if value % size_factor:
+            raise StorySpecError(f"{source}: {what} is not a multiple of {size_factor} required by the model")
+
+    limit = int(tokenizer.model_max_length)
+    # None (no negative prompt) and "" (the empty prompt) have nothing to count.
+    if spec.defaults.negative_prompt:
+        count = len(_token_ids(tokenizer, spec.defaults.negative_prompt, special=True))
+        if count > limit:
+            raise StorySpecError(
+                f"{source}: defaults.negative_prompt is {count} tokens long; the model's text encoder takes at "
+                f"most {limit} (start/end tokens included)"
+            )
+
+    subject_words: list[list[tuple[str, list[int]]]] = []
+    for subject in spec.subjects:
+        words = []
+        for word in subject.tokens:
+            ids = _token_ids(tokenizer, word, special=False)
+            if not ids:
+                raise StorySpecError(
+                    f"{source}: subject {subject.name!r} token {word!r} tokenizes to nothing with this model"
+                )
+            words.append((word, ids))
+        subject_words.append(words)
+
+    positions: list[list[list[int]]] = []
+    for frame in spec.frames:
+        where = f"{source}: frame {frame.id!r} (#{frame.index})"
+        ids = _token_ids(tokenizer, frame.prompt, special=True)
+        if len(ids) > limit:
+            raise StorySpecError(
+                f"{where}: prompt is {len(ids)} tokens long; the model's text encoder takes at most {limit} "
+                f"(start/end tokens included): shorten the prompt, the style or the subject description"
+            )
+        per_subject: list[list[int]] = []
+        for subject, words in zip(spec.subjects, subject_words):
+            found: set[int] = set()
+            for word, word_ids in words:
+                starts = _find_runs(ids, word_ids)
+                if not starts:
+                    raise StorySpecError(
+                        f"{where}: subject {subject.name!r} token {word!r} does not occur in the tokenized "
+                        f'prompt "{frame.prompt}" (every subject must appear in every frame: write '
+                        f"{{{subject.name}}} in the prompt, or use tokens that its description contains)"
+                    )
+                for start in starts:
+                    found.update(range(start, start + len(word_ids)))
+            per_subject.append(sorted(found))
+        positions.append(per_subject)
+    return positions
