@@ -256,6 +256,135 @@ class RenderResult:
     masks: torch.Tensor | None
 
 
+@dataclass
+class PromptEmbeds:
+    """The text conditioning of one render, one row per image: conditional and (with guidance)
+    unconditional embeddings, and SDXL's pooled embeddings and micro-conditioning time ids."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+
+def _rows(cond: torch.Tensor, uncond: torch.Tensor | None, reps: int) -> torch.Tensor:
+    """Batch rows in the state's layout: [uncond x branches | cond x branches]."""
+    rows = torch.cat([cond] * reps)
+    return rows if uncond is None else torch.cat([torch.cat([uncond] * reps), rows])
+
+
+class SDConditioning:
+    """What SD 1.x/2.x add to the shared UNet loop: CLIP text embeddings and a plain VAE decode."""
+
+    def encode_prompt(
+        self, pipe: DiffusionPipeline, prompts: list[str], negatives: list[str] | None, guidance: bool,
+        device: torch.device, height: int, width: int,
+    ) -> PromptEmbeds:
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, guidance, negatives)
+        return PromptEmbeds(cond=cond, uncond=uncond if guidance else None)
+
+    def added_cond_kwargs(self, embeds: PromptEmbeds, reps: int, batch: int) -> dict | None:
+        return None
+
+    def decode(
+        self, pipe: DiffusionPipeline, latents: torch.Tensor, generators: list[torch.Generator]
+    ) -> list[Image.Image]:
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generators)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
+
+
+class SDXLConditioning(SDConditioning):
+    """SDXL: two text encoders with pooled embeddings, micro-conditioning time ids, and a VAE
+    decode with upcasting, latent mean/std and the watermark, as ``StableDiffusionXLPipeline``."""
+
+    def encode_prompt(
+        self, pipe: DiffusionPipeline, prompts: list[str], negatives: list[str] | None, guidance: bool,
+        device: torch.device, height: int, width: int,
+    ) -> PromptEmbeds:
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+            prompt=prompts, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=guidance, negative_prompt=negatives,
+        )
+        projection_dim = (
+            int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+        )
+        time_ids = pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=cond.dtype, text_encoder_projection_dim=projection_dim,
+        ).to(device)
+        return PromptEmbeds(
+            cond=cond, uncond=uncond if guidance else None, pooled=pooled,
+            uncond_pooled=uncond_pooled if guidance else None, time_ids=time_ids,
+        )
+
+    def added_cond_kwargs(self, embeds: PromptEmbeds, reps: int, batch: int) -> dict | None:
+        assert embeds.pooled is not None and embeds.time_ids is not None
+        return {
+            "text_embeds": _rows(embeds.pooled, embeds.uncond_pooled, reps),
+            "time_ids": embeds.time_ids.repeat(batch, 1),
+        }
+
+    def decode(
+        self, pipe: DiffusionPipeline, latents: torch.Tensor, generators: list[torch.Generator]
+    ) -> list[Image.Image]:
+        needs_upcasting = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
+        if needs_upcasting:
+            pipe.upcast_vae()
+            latents = latents.to(next(iter(pipe.vae.post_quant_conv.parameters())).dtype)
+        mean = getattr(pipe.vae.config, "latents_mean", None)
+        std = getattr(pipe.vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std_t = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std_t / pipe.vae.config.scaling_factor + mean_t
+        else:
+            latents = latents / pipe.vae.config.scaling_factor
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        if needs_upcasting:
+            pipe.vae.to(dtype=torch.float16)
+        if pipe.watermark is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+class BranchLatents:
+    """The latents of each branch with its own scheduler copy: multistep schedulers keep
+    per-sample history, and the vanilla branch leaves the batch after T steps (BLI, Eq. 12)."""
+
+    def __init__(self, scheduler: object, latents: torch.Tensor, with_vanilla: bool, step_kwargs: dict) -> None:
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        self.schedulers = {CONSISTENT: copy.deepcopy(scheduler)}
+        self.latents = {CONSISTENT: latents}
+        if with_vanilla:
+            self.schedulers[VANILLA] = copy.deepcopy(scheduler)
+            self.latents[VANILLA] = latents.clone()
+        accepts = set(inspect.signature(scheduler.step).parameters)
+        self.step_kwargs = {k: v for k, v in step_kwargs.items() if k in accepts}
+
+    def model_input(self, branches: tuple[str, ...], t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.schedulers[b].scale_model_input(self.latents[b], t) for b in branches])
+
+    def step(self, branches: tuple[str, ...], noise: tuple[torch.Tensor, ...], t: torch.Tensor) -> None:
+        for b, chunk in zip(branches, noise):
+            self.latents[b] = self.schedulers[b].step(chunk, t, self.latents[b], **self.step_kwargs,
+                                                      return_dict=False)[0]
+
+    def drop(self, branch: str) -> None:
+        if branch in self.latents:
+            del self.latents[branch], self.schedulers[branch]
+
+
+def check_finite(latents: torch.Tensor) -> None:
+    """Refuse NaN/inf latents (one device sync per render, not per step)."""
+    if not bool(torch.isfinite(latents).all()):
+        bad = [i for i in range(latents.shape[0]) if not bool(torch.isfinite(latents[i]).all())]
+        raise NonFiniteOutputError(
+            f"the denoiser produced NaN/inf latents for image(s) {bad} of the batch "
+            f"({latents.dtype}; float16 overflows on some models: try --dtype bfloat16 or float32)"
+        )
+
+
 class UNetAdapter:
     """Runs StorySync renders on a diffusers UNet pipeline (SDXL or SD 1.x/2.x)."""
 
@@ -265,7 +394,7 @@ class UNetAdapter:
         if not isinstance(pipe, SUPPORTED_PIPELINES):
             raise TypeError(f"{type(pipe).__name__} is not a supported UNet pipeline")
         self.pipe = pipe
-        self.is_xl = isinstance(pipe, StableDiffusionXLPipeline)
+        self.conditioning = SDXLConditioning() if isinstance(pipe, StableDiffusionXLPipeline) else SDConditioning()
         self._stock_processors = dict(pipe.unet.attn_processors)
 
     @property
@@ -295,7 +424,48 @@ class UNetAdapter:
     def uninstall(self) -> None:
         self.pipe.unet.set_attn_processor(dict(self._stock_processors))
 
-    # ---- the denoising loop -------------------------------------------------------------
+    # ---- the denoising loop, step by step as the stock pipelines' __call__ ---------------
+    def _begin_call(self, guidance_scale: float) -> bool:
+        """The pipeline's per-call attributes, as ``__call__`` sets them; returns whether
+        classifier-free guidance runs."""
+        pipe = self.pipe
+        pipe._guidance_scale = guidance_scale
+        pipe._guidance_rescale = 0.0
+        pipe._clip_skip = None
+        pipe._cross_attention_kwargs = None
+        pipe._interrupt = False
+        return guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+
+    def _prepare_latents(
+        self, seeds: list[int], height: int, width: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """One CPU generator per image, so an image's noise depends only on its seed."""
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        latents = self.pipe.prepare_latents(
+            len(seeds), self.pipe.unet.config.in_channels, height, width, dtype, device, generators
+        )
+        return latents, generators
+
+    def _predict_noise(
+        self, branches: tuple[str, ...], latents: BranchLatents, embeds: PromptEmbeds, t: torch.Tensor,
+        guidance_scale: float,
+    ) -> tuple[torch.Tensor, ...]:
+        """One UNet call on the batch [uncond | cond] x branches; the guided noise per branch."""
+        reps = len(branches)
+        model_in = latents.model_input(branches, t)
+        if embeds.uncond is not None:
+            model_in = torch.cat([model_in, model_in])
+        noise = self.pipe.unet(
+            model_in, t, encoder_hidden_states=_rows(embeds.cond, embeds.uncond, reps), timestep_cond=None,
+            cross_attention_kwargs=None,
+            added_cond_kwargs=self.conditioning.added_cond_kwargs(embeds, reps, model_in.shape[0]),
+            return_dict=False,
+        )[0]
+        if embeds.uncond is not None:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance_scale * (cond - uncond)
+        return noise.chunk(reps)
+
     @torch.no_grad()
     def generate(
         self,
@@ -319,121 +489,26 @@ class UNetAdapter:
         """
         pipe = self.pipe
         device = pipe._execution_device
-        cfg_on = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-        if cfg_on != state.guidance:
+        guidance = self._begin_call(guidance_scale)
+        if guidance != state.guidance:
             raise ValueError("state.guidance does not match guidance_scale")
-        pipe._guidance_scale = guidance_scale
-        pipe._guidance_rescale = 0.0
-        pipe._clip_skip = None
-        pipe._cross_attention_kwargs = None
-        pipe._interrupt = False
-        num = len(prompts)
-
-        if self.is_xl:
-            prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-                prompt=prompts, device=device, num_images_per_prompt=1,
-                do_classifier_free_guidance=cfg_on, negative_prompt=negative_prompts,
-            )
-        else:
-            prompt_embeds, negative_embeds = pipe.encode_prompt(
-                prompts, device, 1, cfg_on, negative_prompts
-            )
-            pooled = negative_pooled = None
-
+        embeds = self.conditioning.encode_prompt(pipe, prompts, negative_prompts, guidance, device, height, width)
         pipe.scheduler.set_timesteps(num_steps, device=device)
         timesteps = pipe.scheduler.timesteps
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        latents = pipe.prepare_latents(
-            num, pipe.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generators
+        latents, generators = self._prepare_latents(seeds, height, width, embeds.cond.dtype, device)
+        branch_latents = BranchLatents(
+            pipe.scheduler, latents, state.bli_steps > 0, pipe.prepare_extra_step_kwargs(generators, 0.0)
         )
-        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
-
-        add_time_ids = None
-        if self.is_xl:
-            projection_dim = (
-                int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-            )
-            add_time_ids = pipe._get_add_time_ids(
-                (height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
-                text_encoder_projection_dim=projection_dim,
-            ).to(device)
-
-        # One scheduler per branch: multistep schedulers keep per-sample history, and the
-        # vanilla branch leaves the batch after T steps.
-        if hasattr(pipe.scheduler, "set_begin_index"):
-            pipe.scheduler.set_begin_index(0)
-        schedulers = {CONSISTENT: copy.deepcopy(pipe.scheduler)}
-        branch_latents = {CONSISTENT: latents}
-        if state.bli_steps > 0:
-            schedulers[VANILLA] = copy.deepcopy(pipe.scheduler)
-            branch_latents[VANILLA] = latents.clone()
-        accepts = set(inspect.signature(pipe.scheduler.step).parameters)
-        step_kwargs = {k: v for k, v in extra_step_kwargs.items() if k in accepts}
-
         for i, t in enumerate(timesteps):
             branches = state.branches
-            model_in = torch.cat(
-                [schedulers[b].scale_model_input(branch_latents[b], t) for b in branches]
-            )
-            reps = len(branches)
-            text = torch.cat([prompt_embeds] * reps)
-            if cfg_on:
-                text = torch.cat([torch.cat([negative_embeds] * reps), text])
-                model_in = torch.cat([model_in, model_in])
-            added = None
-            if self.is_xl:
-                pooled_rows = torch.cat([pooled] * reps)
-                if cfg_on:
-                    pooled_rows = torch.cat([torch.cat([negative_pooled] * reps), pooled_rows])
-                added = {
-                    "text_embeds": pooled_rows,
-                    "time_ids": add_time_ids.repeat(model_in.shape[0], 1),
-                }
-            noise = pipe.unet(
-                model_in, t, encoder_hidden_states=text, timestep_cond=None,
-                cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False,
-            )[0]
-            if cfg_on:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            for b, chunk in zip(branches, noise.chunk(reps)):
-                branch_latents[b] = schedulers[b].step(chunk, t, branch_latents[b], **step_kwargs, return_dict=False)[0]
+            noise = self._predict_noise(branches, branch_latents, embeds, t, guidance_scale)
+            branch_latents.step(branches, noise, t)
             state.end_step()
-            if VANILLA in branch_latents and not state.has_vanilla:
-                del branch_latents[VANILLA], schedulers[VANILLA]
+            if not state.has_vanilla:
+                branch_latents.drop(VANILLA)
             if on_step is not None:
                 on_step(i)
-
-        final = branch_latents[CONSISTENT]
-        if not bool(torch.isfinite(final).all()):  # one sync per render, not per step
-            bad = [i for i in range(final.shape[0]) if not bool(torch.isfinite(final[i]).all())]
-            raise NonFiniteOutputError(
-                f"the denoiser produced NaN/inf latents for image(s) {bad} of the batch "
-                f"({final.dtype}; float16 overflows on some models: try --dtype bfloat16 or float32)"
-            )
-        images = self._decode(final, generators)
+        final = branch_latents.latents[CONSISTENT]
+        check_finite(final)
+        images = self.conditioning.decode(pipe, final, generators)
         return RenderResult(images=images, masks=state.final_masks())
-
-    def _decode(self, latents: torch.Tensor, generators: list[torch.Generator]) -> list[Image.Image]:
-        pipe = self.pipe
-        if self.is_xl:
-            needs_upcasting = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
-            if needs_upcasting:
-                pipe.upcast_vae()
-                latents = latents.to(next(iter(pipe.vae.post_quant_conv.parameters())).dtype)
-            mean = getattr(pipe.vae.config, "latents_mean", None)
-            std = getattr(pipe.vae.config, "latents_std", None)
-            if mean is not None and std is not None:
-                mean_t = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-                std_t = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-                latents = latents * std_t / pipe.vae.config.scaling_factor + mean_t
-            else:
-                latents = latents / pipe.vae.config.scaling_factor
-            image = pipe.vae.decode(latents, return_dict=False)[0]
-            if needs_upcasting:
-                pipe.vae.to(dtype=torch.float16)
-            if pipe.watermark is not None:
-                image = pipe.watermark.apply_watermark(image)
-            return pipe.image_processor.postprocess(image, output_type="pil")
-        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generators)[0]
-        return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
