@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from _common import add_cluster_arguments, resolve_address, run, warn_if_driver_only
 
 from storysync_dist.cli import build_parser as build_cli_parser
-from storysync_dist.cli import print_result
-from storysync_dist.errors import StorySyncUserError
+from storysync_dist.cli import options_from_args, print_result
 
 PROG = "render_story"
 
@@ -47,19 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from storysync_dist.api import RenderOptions, render_story
+    from storysync_dist.api import render_story
 
-    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
-    if args.only is not None and not only:
-        raise StorySyncUserError("--only: give at least one frame id")
+    # The same reading of the options as `storysync render` (--set, --ablation, --replace-config, ...),
+    # with this job's --address rule.
+    options = options_from_args(args, address=resolve_address(args.address))
     warn_if_driver_only(PROG, args.workers)
-    options = RenderOptions(
-        model=args.model, out=args.out, method=args.method, only=only, steps=args.steps,
-        height=args.height, width=args.width, seed=args.seed, device=args.device, dtype=args.dtype,
-        anchors=args.anchors, save_anchors=args.save_anchors, progress=not args.no_progress,
-        workers=args.workers, address=resolve_address(args.address), dry_run=args.dry_run,
-        start_timeout=args.start_timeout,
-    )
     print_result(render_story(args.story, options))
     return 0
 

@@ -2,6 +2,12 @@
 
     from storysync_dist.api import RenderOptions, render_story
     result = render_story("examples/story.yaml", RenderOptions(model="tiny-sdxl", out="out/demo", workers=2))
+
+The StorySync knobs of the CLI are ``RenderOptions`` fields: ``ablation="no-rfh"`` (``--ablation``),
+``overrides={"rfh_gamma": 0.5}`` (``--set``), ``replace_config=True`` (``--replace-config``), and for
+Python callers ``config=StorySyncConfig(...)``, which replaces the story's ``storysync:`` section
+as the base (ablation and overrides still apply on top). Sampling settings left as ``None`` come
+from the story, then from the model (``docs/configuration.md``).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ def render_story(
 
     ``on_frame`` is called on the driver for every frame written. With ``options.dry_run`` the
     story is planned against the dataset and nothing is written: the result's ``notes`` say what
-    a real run would render, replace and remove.
+    a real run would render, replace and remove. A dataset whose rows of the story were rendered
+    with other settings is refused (``StorySyncUserError``) unless ``options.replace_config``.
     """
     if options.workers == 0 and executor is not None:
         raise ValueError("executor= is only for workers >= 1")

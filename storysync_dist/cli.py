@@ -9,12 +9,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from .core.config import ABLATIONS
 from .errors import RenderError, StorySyncUserError
 
 if TYPE_CHECKING:
-    from .engine.job import JobResult
+    from .engine.job import JobResult, RenderOptions
 
 EXIT_USER_ERROR = 2
 
@@ -61,12 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", required=True, help="output folder or fsspec URL (file://, memory://, s3://, gs://)")
     render.add_argument("--method", choices=["storysync", "vanilla"], default="storysync")
     render.add_argument("--only", help="comma-separated frame ids to render (against the same anchors)")
-    render.add_argument("--steps", type=_positive_int, help="denoising steps (overrides the story)")
-    render.add_argument("--height", type=_positive_int, help="image height in pixels (overrides the story)")
-    render.add_argument("--width", type=_positive_int, help="image width in pixels (overrides the story)")
+    render.add_argument("--steps", type=_positive_int,
+                        help="denoising steps (overrides the story; default: the story's, else the model's "
+                        "stock default, 50 for SDXL and SD)")
+    render.add_argument("--height", type=_positive_int,
+                        help="image height in pixels (overrides the story; default: the story's, else the "
+                        "model's native size, 1024 for SDXL base)")
+    render.add_argument("--width", type=_positive_int,
+                        help="image width in pixels (overrides the story; default as --height)")
     render.add_argument("--seed", type=_non_negative_int, help="base seed (overrides the story)")
     render.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     render.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on cuda")
+    render.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
+                        help="set a StorySync option, e.g. --set rfh_gamma=0.5 (repeatable; beats the story's "
+                        "storysync: section and --ablation; options: docs/configuration.md)")
+    # Not argparse choices: the engine checks the name, so a wrong one is a one-line error (exit 2)
+    # like every other option, not argparse's usage block.
+    render.add_argument("--ablation", metavar="{" + ",".join(ABLATIONS) + "}",
+                        help="switch one StorySync component off, as the rows of the paper's Table 3a: "
+                        "no-mask (sharing without subject masks), no-rfh (no feature harmonization), "
+                        "no-pose (no layout interpolation, no dropouts); none is the full method")
+    render.add_argument("--replace-config", action="store_true",
+                        help="the story's frames in --out were rendered with other settings: render the "
+                        "whole story again with these (without it such a run is refused; not with --only)")
     render.add_argument("--anchors", help="reuse an anchor bundle (.safetensors) saved by an earlier job")
     render.add_argument("--save-anchors", action="store_true",
                         help="save the anchor bundle as <out>/anchors/<story>.safetensors")
@@ -108,19 +126,37 @@ def print_result(result: JobResult) -> None:
         print(f"anchors:    {result.anchor_bundle}")
 
 
-def _render(args: argparse.Namespace) -> int:
-    from .api import RenderOptions, render_story
+def options_from_args(args: argparse.Namespace, **changes: Any) -> RenderOptions:
+    """The ``RenderOptions`` of parsed ``storysync render`` arguments (``jobs/render_story.py``
+    uses it too, so both read the options the same way); ``changes`` replace fields.
+
+    ``--set`` values are parsed here (YAML scalars, as in a story file); their keys and values are
+    checked by the engine. Both give one-line ``StorySyncUserError``s naming the option.
+    """
+    from .core.config import ConfigError, parse_set_options
+    from .engine.job import RenderOptions
 
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     if args.only is not None and not only:
         raise StorySyncUserError("--only: give at least one frame id")
-    options = RenderOptions(
+    try:
+        overrides = parse_set_options(args.set_options)
+    except ConfigError as exc:
+        raise StorySyncUserError(f"--set {exc}") from None
+    fields: dict[str, Any] = dict(
         model=args.model, out=args.out, method=args.method, only=only, steps=args.steps,
         height=args.height, width=args.width, seed=args.seed, device=args.device, dtype=args.dtype,
         anchors=args.anchors, save_anchors=args.save_anchors, progress=not args.no_progress,
         workers=args.workers, address=args.address, dry_run=args.dry_run, start_timeout=args.start_timeout,
+        ablation=args.ablation, overrides=overrides, replace_config=args.replace_config,
     )
-    print_result(render_story(args.story, options))
+    return RenderOptions(**{**fields, **changes})
+
+
+def _render(args: argparse.Namespace) -> int:
+    from .api import render_story
+
+    print_result(render_story(args.story, options_from_args(args)))
     return 0
 
 

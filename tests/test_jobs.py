@@ -3,6 +3,7 @@ dataset they write read back with Hugging Face ``datasets``."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -110,7 +111,8 @@ def test_make_dataset_checks_every_set_before_rendering(tmp_path: Path) -> None:
 
 def test_render_story_job(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = run_job("render_story.py", str(EXAMPLE), "--out", str(out), "--only", "beach", *SMALL)
+    proc = run_job("render_story.py", str(EXAMPLE), "--out", str(out), "--only", "beach", *SMALL,
+                   "--set", "rfh_gamma=0.5", "--ablation", "no-rfh")
     assert proc.returncode == 0, proc.stderr
     assert "rendered 1 frame(s)" in proc.stdout
     # transformers' notice about image processors without torchvision is not for our users.
@@ -118,7 +120,14 @@ def test_render_story_job(tmp_path: Path) -> None:
     ds = load_parquet(out, tmp_path / "hf-cache")
     assert ds.num_rows == 1 and ds[0]["frame_id"] == "beach"
     assert ds[0]["image"].size == (64, 64)
+    # The job reads --set and --ablation as `storysync render` does.
+    config = json.loads(ds[0]["config"])["storysync"]
+    assert config["rfh_gamma"] == 0.5 and config["harmonize"] is False and config["use_masks"] is True
     assert (out / "storyboard.png").is_file() and (out / "manifest.json").is_file()
+    # ... and refuses another config into the same --out, as the CLI does.
+    again = run_job("render_story.py", str(EXAMPLE), "--out", str(out), "--only", "beach", *SMALL)
+    assert again.returncode == 2
+    assert "storysync.harmonize: false -> true" in again.stderr and "--replace-config" in again.stderr
 
 
 def test_render_story_user_error_exits_2(tmp_path: Path) -> None:
@@ -140,6 +149,9 @@ def test_address_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse([str(EXAMPLE), "--model", "m", "--out", "o"]).address is None
     assert parse([str(EXAMPLE), "--model", "m", "--out", "o", "--address"]).address == "auto"
     assert parse([str(EXAMPLE), "--model", "m", "--out", "o", "--address", "ray://h:10001"]).address == "ray://h:10001"
+    args = parse([str(EXAMPLE), "--model", "m", "--out", "o", "--set", "rfh_tau=0.2", "--replace-config"])
+    options = render_story.options_from_args(args, address=None)
+    assert options.overrides == {"rfh_tau": 0.2} and options.replace_config and options.ablation is None
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert _common.resolve_address(None) is None

@@ -18,6 +18,7 @@ from PIL import Image
 from storysync_dist.api import JobResult, RenderOptions, render_story
 from storysync_dist.cli import main
 from storysync_dist.core.config import StorySyncConfig
+from storysync_dist.errors import StorySyncUserError
 from storysync_dist.models.presets import load_pipeline
 
 FAST = {"model": "tiny-sdxl", "steps": 4, "height": 64, "width": 64, "progress": False}
@@ -181,11 +182,20 @@ def test_anchor_prompt_change_rerenders_every_frame(base: Path, tmp_path: Path) 
     assert_manifest_true(out, story)
 
 
-def test_config_change_rerenders_every_frame(base: Path, tmp_path: Path) -> None:
+def test_config_change_is_refused_then_replace_config_rerenders_every_frame(base: Path, tmp_path: Path) -> None:
     out = copy_dataset(base, tmp_path / "rerun")
     config = StorySyncConfig(rfh_gamma=0.5)
-    result = render(STORY, out, tmp_path, config=config)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # One story, one set of settings: another config into the same --out is refused, untouched.
+    with pytest.raises(StorySyncUserError, match=r"story 'fox' has 4 frame\(s\) there rendered with other "
+                       r"settings \(storysync\.rfh_gamma: 0\.3 -> 0\.5\).*--replace-config"):
+        render(STORY, out, tmp_path, config=config)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(StorySyncUserError, match="cannot be combined with --only"):
+        render(STORY, out, tmp_path, config=config, replace_config=True, only=["snow"])
+    result = render(STORY, out, tmp_path, config=config, replace_config=True)
     assert sorted(result.rendered) == ["den", "moon", "river", "snow"]
+    assert sorted(result.replaced) == ["den", "moon", "river", "snow"]
     assert_same_dataset(out, _fresh(STORY, tmp_path, config=config))
     for row in rows(out):
         assert json.loads(row["config"])["storysync"]["rfh_gamma"] == 0.5

@@ -329,3 +329,28 @@ def test_other_filesystems_commit_through_a_hidden_temporary_and_a_rename(
     assert moved == [(piped[0], "data/part.parquet")]
     assert (tmp_path / "data" / "part.parquet").read_bytes() == b"complete"
     assert os.listdir(tmp_path / "data") == ["part.parquet"]
+
+
+def test_the_index_carries_each_rows_config(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = ParquetFrameSink(root)
+    sink.write([record(0, config='{"a": 1}'), record(1, config='{"a": 2}')])
+    sink.write([record(2, config='{"a": 1}')])
+    # Reached from the writer's own index, from a fresh sink reading the files, and after a part
+    # was rewritten (frame 0's old part kept frame 1).
+    assert {r.frame_id: r.config for r in sink.stored(STORY)} == {
+        "frame-0000": '{"a": 1}', "frame-0001": '{"a": 2}', "frame-0002": '{"a": 1}'}
+    sink.write([record(0, config='{"a": 3}', fingerprint="new")])
+    expected = {"frame-0000": '{"a": 3}', "frame-0001": '{"a": 2}', "frame-0002": '{"a": 1}'}
+    assert {r.frame_id: r.config for r in sink.stored(STORY)} == expected
+
+    # A fresh sink learns it from the index columns only: no image is read.
+    columns_read: list[list[str] | None] = []
+    real_read = pq.ParquetFile.read
+
+    def spy(self, columns=None, **kwargs):
+        columns_read.append(columns)
+        return real_read(self, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read", spy)
+    assert {r.frame_id: r.config for r in ParquetFrameSink(root).stored(STORY)} == expected
+    assert columns_read and all(c is not None and "image" not in c and "config" in c for c in columns_read)

@@ -11,6 +11,17 @@ the fingerprints stored in the dataset, which decides the work:
 - a frame left out by ``--only`` whose stored row is out of date is left alone and reported as
   stale in the manifest (it is redone by the next run that selects it).
 
+One story holds one set of render settings: if the dataset has rows of the story made with other
+settings (the ``config`` column: method, model and revision, dtype, steps, size, guidance, negative
+prompt, StorySync config; not the anchors), the job is refused before it writes anything, unless
+``replace_config`` is set, which renders those frames again (and cannot be combined with ``only``).
+
+Sampling settings the story leaves out come from the model, the way its stock pipeline picks them
+(``models.info``); precedence: ``RenderOptions.steps/height/width`` (the CLI) > the story's
+``defaults`` > the model. The StorySync config is resolved by ``core.config.resolve_config``: the
+story's ``storysync:`` section (or ``RenderOptions.config`` when a Python caller gives one), then
+``ablation``, then ``overrides`` (``--set``).
+
 A job holds a lease on its story for as long as it writes (``io.lease``), so two jobs never write
 the same story at once: the second is refused with a one-line error. The executor renders: in this
 process (:func:`local_executor`) or on Ray actors (``storysync_dist.distributed``); either way the
@@ -26,16 +37,17 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..core.anchors import AnchorBundle
-from ..core.config import StorySyncConfig
+from ..core.config import ABLATIONS, ConfigError, StorySyncConfig, resolve_config
 from ..errors import StorySyncUserError, one_line
 from ..io.lease import Lease, LeaseHeldError
 from ..io.sink import FrameRecord, ParquetFrameSink, write_bytes
-from ..models.info import load_model_info
+from ..models.info import ModelInfo, load_model_info, model_info_from_pipeline
 from ..models.presets import load_pipeline
 from ..models.revision import model_revision
 from ..models.unet import UNetAdapter
@@ -48,8 +60,8 @@ from .plan import JobPlan, bundle_relpath, frame_config_json, plan_jobs, plan_wo
 from .renderer import METHODS, FrameOutput, RenderSettings, StoryRenderer, encode_frame
 
 __all__ = [
-    "JobContext", "JobPlan", "JobResult", "RenderOptions", "device_and_dtype", "local_executor",
-    "prepare_job", "run_job",
+    "JobContext", "JobPlan", "JobResult", "RenderOptions", "device_and_dtype", "job_config", "local_executor",
+    "prepare_job", "run_job", "with_model_defaults",
 ]
 
 log = logging.getLogger("storysync")
@@ -72,7 +84,17 @@ class RenderOptions:
     dtype: str | None = None
     anchors: str | None = None
     save_anchors: bool = False
-    config: StorySyncConfig = field(default_factory=StorySyncConfig)
+    # The StorySync config, in layers (later wins): the base, then ``ablation`` (a row of the
+    # paper's Table 3a: none, no-mask, no-rfh, no-pose), then ``overrides`` (``--set key=value``,
+    # parsed: {"rfh_gamma": 0.5}). The base is the story's ``storysync:`` section, or ``config``
+    # when a Python caller gives one (it then replaces the section; ablation and overrides still
+    # apply on top). ``--method vanilla`` takes neither ablation nor overrides.
+    config: StorySyncConfig | None = None
+    ablation: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # A dataset holds one set of render settings per story: rows made with other settings make the
+    # job refuse, unless this is set; then those frames are rendered again (not with ``only``).
+    replace_config: bool = False
     progress: bool = True
     storage_options: dict | None = None
     # 0 renders in this process without Ray; N >= 1 uses N Ray FrameWorker actors.
@@ -202,31 +224,34 @@ def prepare_job(
     """Validate everything and decide the work against the dataset; writes nothing.
 
     ``device`` is where the frames will render (for workers, ``RayExecutor.device``): it decides
-    the default dtype, which is part of every frame's identity.
+    the default dtype, which is part of every frame's identity. The plan's ``spec`` has every
+    sampling setting resolved (CLI > story > model); its ``settings`` and ``config`` are what every
+    frame's ``config`` column, fingerprint and anchor-bundle check record.
     """
     if options.method not in METHODS:
         raise StorySyncUserError(f"--method {options.method!r}: choose one of {', '.join(METHODS)}")
     if options.workers < 0:
         raise StorySyncUserError(f"--workers {options.workers}: must be >= 0")
+    if options.replace_config and options.only:
+        raise StorySyncUserError(
+            "--replace-config renders the whole story again with the new settings; it cannot be combined "
+            "with --only, which would leave the other frames with the old ones"
+        )
     spec = load_story(story) if isinstance(story, str) else story
+    # The command line wins over the story; what both leave out comes from the model (below).
     spec = spec.with_overrides(steps=options.steps, height=options.height, width=options.width, seed=options.seed)
     if options.only:
         for frame_id in options.only:
             spec.frame_by_id(frame_id)  # a one-line error for an unknown id
+    config = job_config(spec, options)
 
-    try:
-        if pipe is not None:
-            adapter = UNetAdapter(pipe)
-            tokenizer, size_factor = adapter.tokenizer, adapter.size_factor
-        else:
-            info = load_model_info(options.model)
-            tokenizer, size_factor = info.tokenizer, info.size_factor
-    except (ValueError, TypeError) as exc:  # UnknownModelError, unsupported pipeline
-        raise StorySyncUserError(f"--model: {exc}") from None
-    token_positions = validate_for_model(spec, tokenizer, size_factor)
+    info = _model_info(options, pipe)
+    size = (_or(spec.defaults.height, info.default_height), _or(spec.defaults.width, info.default_width))
+    # Checked before the model's values are filled in, so an error names where a bad size came from.
+    token_positions = validate_for_model(spec, info.tokenizer, info.size_factor, size=size)
+    spec = with_model_defaults(spec, info)
 
     storysync = options.method == "storysync"
-    config = options.config if storysync else StorySyncConfig.vanilla()
     d = spec.defaults
     settings = RenderSettings(
         model=options.model, steps=d.steps, height=d.height, width=d.width, guidance_scale=d.guidance_scale,
@@ -276,6 +301,65 @@ def prepare_job(
     )
     sink = ParquetFrameSink(options.out, storage_options=options.storage_options, read_only=True)
     return plan_work(plan, sink)
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _model_info(options: RenderOptions, pipe: object | None) -> ModelInfo:
+    """What the job needs of the model (tokenizer, size factor, sampling defaults): from the loaded
+    pipeline when one is given, else from the model's folder without loading weights."""
+    try:
+        return model_info_from_pipeline(pipe) if pipe is not None else load_model_info(options.model)
+    except (ValueError, TypeError) as exc:  # UnknownModelError, unsupported pipeline
+        raise StorySyncUserError(f"--model: {exc}") from None
+
+
+def with_model_defaults(spec: StorySpec, info: ModelInfo) -> StorySpec:
+    """``spec`` with the sampling settings it leaves out (``None``) set to the model's own: the
+    size, steps and guidance scale its stock pipeline would use. The negative prompt is left as it
+    is: ``None`` is the stock "no negative prompt", not an empty string."""
+    d = spec.defaults
+    filled = {
+        "steps": _or(d.steps, info.default_steps),
+        "height": _or(d.height, info.default_height),
+        "width": _or(d.width, info.default_width),
+        "guidance_scale": float(_or(d.guidance_scale, info.default_guidance_scale)),
+    }
+    if all(getattr(d, name) == value for name, value in filled.items()):
+        return spec
+    return spec.model_copy(update={"defaults": d.model_copy(update=filled)})
+
+
+def job_config(spec: StorySpec, options: RenderOptions) -> StorySyncConfig:
+    """The StorySync config of the job (see :class:`RenderOptions`); every problem is a one-line
+    ``StorySyncUserError`` naming where the value came from (``--set KEY``, ``--ablation``)."""
+    if options.method != "storysync":
+        given = [flag for flag, value in (("--ablation", options.ablation is not None),
+                                          ("--set", bool(options.overrides))) if value]
+        if given:
+            raise StorySyncUserError(
+                f"{' and '.join(given)}: StorySync options, but --method {options.method} renders with every "
+                "StorySync mechanism off; drop them or use --method storysync"
+            )
+        return StorySyncConfig.vanilla()
+    if options.ablation is not None and options.ablation not in ABLATIONS:
+        raise StorySyncUserError(f"--ablation: must be one of {', '.join(ABLATIONS)}, got {options.ablation!r}")
+    overrides = dict(options.overrides or {})
+    base = options.config.to_dict() if options.config is not None else spec.storysync
+    try:
+        return resolve_config(base, options.ablation, overrides)
+    except ConfigError as exc:
+        # The story's section was checked when it was loaded and a StorySyncConfig is valid by
+        # construction, so a problem here is one of the command line's values.
+        if exc.key == "ablation":
+            where = "--ablation"
+        elif exc.key in overrides:
+            where = f"--set {exc.key}"
+        else:
+            where = f"{spec.source}: storysync.{exc.key}"
+        raise StorySyncUserError(f"{where}: {exc.problem}") from None
 
 
 def local_executor(pipe: object | None = None) -> Executor:

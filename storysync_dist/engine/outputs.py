@@ -143,7 +143,16 @@ def write_story_outputs(sink: ParquetFrameSink, plan: JobPlan, stats: dict, *, c
             "model_revision": plan.settings.model_revision,
             "dtype": plan.settings.dtype,
             "method": options.method,
+            # The resolved settings, exactly the frames' ``config`` column: method, model, dtype,
+            # steps, size, guidance and negative prompt (model defaults filled in), the anchors and
+            # the StorySync config; then where the config came from, for the record.
             "config": json.loads(plan.config_json),
+            "config_sources": {
+                "story": spec.storysync,
+                "python_config": options.config.to_dict() if options.config is not None else None,
+                "ablation": options.ablation,
+                "set": dict(options.overrides or {}),
+            },
             "anchors": plan.anchor_ids,
             "storyboard": sheets[0] if sheets else None,
             "storyboards": sheets,

@@ -1,6 +1,7 @@
 """The work of one job: the plan prepared from a story, and how it is decided against the dataset.
 
-See ``engine/job.py`` for the rules (skip, replace, remove, stale) and ``docs/datasets.md``.
+See ``engine/job.py`` for the rules (skip, replace, remove, stale, no mixing of render settings)
+and ``docs/datasets.md``.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ import dataclasses
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..core.anchors import AnchorBundle
 from ..core.config import StorySyncConfig
 from ..errors import StorySyncUserError, one_line
-from ..io.sink import ParquetFrameSink
+from ..io.sink import ParquetFrameSink, StoredFrame
 from ..spec import StorySpec
 from .bundles import read_bundle_meta
 from .identity import RenderIdentity
@@ -23,9 +24,18 @@ from .renderer import FrameJob, RenderSettings, bundle_meta
 if TYPE_CHECKING:
     from .job import RenderOptions
 
-__all__ = ["ANCHOR_DIR", "JobPlan", "bundle_relpath", "frame_config_json", "plan_jobs", "plan_work"]
+__all__ = [
+    "ANCHOR_DIR", "JobPlan", "bundle_relpath", "frame_config_json", "plan_jobs", "plan_work", "settings_differences",
+]
 
 ANCHOR_DIR = "anchors"
+# Keys of the ``config`` column that are not render settings: the anchors are compared frame by
+# frame through the fingerprints (an anchor edit re-renders the frames), not refused.
+_NOT_SETTINGS = frozenset({"anchors"})
+_SHOWN_DIFFERENCES = 3
+_KEY_ORDER = {key: i for i, key in enumerate((
+    "method", "model", "model_revision", "dtype", "steps", "height", "width", "guidance_scale", "negative_prompt",
+))}
 
 
 @dataclass
@@ -78,7 +88,12 @@ class JobPlan:
             return f" ({shown})" if items else ""
 
         new = [f.id for f in self.spec.frames if f.id in self._writes and f.id not in self.replace]
+        st = self.settings
         lines = [
+            # The resolved settings (model defaults filled in), so a dry run shows what a story
+            # that leaves them out will render at.
+            f"settings: {st.width}x{st.height} px, {st.steps} steps, guidance {st.guidance_scale:g}, {st.dtype}, "
+            f"--method {self.options.method}",
             f"render:  {len(new)}{ids(new)}",
             f"replace: {len(self.replace)}{ids(self.replace)}  (stored with other inputs: rendered again)",
             f"remove:  {len(self.remove)}{ids(self.remove)}  (no longer in the story)",
@@ -103,7 +118,12 @@ def bundle_relpath(story_id: str) -> str:
 
 def frame_config_json(options: RenderOptions, settings: RenderSettings, config: StorySyncConfig,
                       anchors: list[str]) -> str:
-    """The ``config`` column: how the frames were rendered, besides their prompt and seed."""
+    """The ``config`` column: how the frames were rendered, besides their prompt and seed.
+
+    Holds the method, every ``RenderSettings`` field (model, revision, dtype, steps, height, width,
+    guidance scale, negative prompt: the resolved values, model defaults included), the anchor ids
+    and the resolved StorySync config (``storysync``).
+    """
     return json.dumps(
         {"method": options.method, **dataclasses.asdict(settings), "anchors": anchors, "storysync": config.to_dict()},
         sort_keys=True,
@@ -132,6 +152,9 @@ def plan_work(plan: JobPlan, sink: ParquetFrameSink) -> JobPlan:
         stored = sink.existing(spec.id)
     except OSError as exc:
         raise StorySyncUserError(f"--out {options.out}: cannot read the dataset there ({one_line(exc)})") from None
+    mixed = _rows_with_other_settings(stored, plan.config_json)
+    if mixed and not options.replace_config:
+        raise StorySyncUserError(_mixing_message(plan, mixed))
     selected = [spec.frame_by_id(i) for i in dict.fromkeys(options.only)] if options.only else spec.frames
     selected_ids = {frame.id for frame in selected}
     current = plan.fingerprints
@@ -174,6 +197,9 @@ def plan_work(plan: JobPlan, sink: ParquetFrameSink) -> JobPlan:
     plan.anchor_writes = anchor_writes
     plan.frame_jobs = frame_jobs
     plan.skipped, plan.replace, plan.remove, plan.stale = skipped, replace, remove, stale
+    if mixed:
+        notes.append(f"--replace-config: {len({row.frame_id for row in mixed})} frame(s) stored with other "
+                     "render settings are rendered again with these")
     plan.leftovers, plan.save_bundle, plan.notes = leftovers, save_bundle, notes
     plan.damaged = list(sink.damaged)
     return plan
@@ -182,3 +208,83 @@ def plan_work(plan: JobPlan, sink: ParquetFrameSink) -> JobPlan:
 def _same_bundle(saved_meta: dict, plan: JobPlan) -> bool:
     expected = bundle_meta(plan.config, plan.settings, [plan.jobs[a] for a in plan.anchor_ids])
     return all(saved_meta.get(key) == value for key, value in expected.items())
+
+
+def _settings_of(config_json: str | None) -> dict[str, Any] | None:
+    """The render settings of a ``config`` column value, flattened (``storysync.rfh_gamma``), or
+    None when it is missing or not a JSON object."""
+    try:
+        data = json.loads(config_json) if config_json is not None else None
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key in sorted(value):
+                walk(f"{prefix}.{key}" if prefix else str(key), value[key])
+        else:
+            flat[prefix] = value
+
+    walk("", {k: v for k, v in data.items() if k not in _NOT_SETTINGS})
+    return flat
+
+
+class _Said(str):
+    """A description shown as it is, not as a JSON value (``(absent)``, ``(unreadable)``)."""
+
+
+_ABSENT = _Said("(absent)")
+
+
+def settings_differences(old_json: str | None, new_json: str) -> list[tuple[str, Any, Any]]:
+    """``(key, old, new)`` for every render setting in which two ``config`` column values differ
+    (the anchors list is not a setting); ``[]`` when they agree. A missing or unreadable old value
+    differs as a whole (key ``config``)."""
+    new = _settings_of(new_json) or {}
+    old = _settings_of(old_json)
+    if old is None:
+        return [("config", _Said("(missing or not a JSON object)"), _Said("(this job's settings)"))]
+    # The sampling settings first (they say the most), then the StorySync options, by name.
+    keys = sorted(set(old) | set(new), key=lambda k: (_KEY_ORDER.get(k, len(_KEY_ORDER)), k))
+    return [
+        (key, old[key] if key in old else _ABSENT, new[key] if key in new else _ABSENT)
+        for key in keys
+        if key not in old or key not in new or old[key] != new[key]
+    ]
+
+
+def _rows_with_other_settings(stored: dict[str, list[StoredFrame]], config_json: str) -> list[StoredFrame]:
+    """The stored rows of the story (removed frames' included) made with other render settings."""
+    verdict: dict[str | None, bool] = {config_json: False}  # rows repeat a few config strings
+    mixed = []
+    for rows in stored.values():
+        for row in rows:
+            if row.config not in verdict:
+                verdict[row.config] = bool(settings_differences(row.config, config_json))
+            if verdict[row.config]:
+                mixed.append(row)
+    return mixed
+
+
+def _shown(value: Any, limit: int = 48) -> str:
+    text = str(value) if isinstance(value, _Said) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."  # a long negative prompt
+
+
+def _mixing_message(plan: JobPlan, mixed: list[StoredFrame]) -> str:
+    """One line: which story, where, what differs (first few keys, old -> new), what to do."""
+    spec, options = plan.spec, plan.options
+    differences = settings_differences(mixed[0].config, plan.config_json)
+    shown = ", ".join(f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in differences[:_SHOWN_DIFFERENCES])
+    if len(differences) > _SHOWN_DIFFERENCES:
+        shown += f", and {len(differences) - _SHOWN_DIFFERENCES} more"
+    frames = len({row.frame_id for row in mixed})
+    return (
+        f"--out {options.out}: story {spec.id!r} has {frames} frame(s) there rendered with other settings "
+        f"({shown}); nothing was written. One dataset holds one set of settings per story: render each "
+        "config or ablation into its own --out, or pass --replace-config to render the story again with "
+        "these settings"
+    )

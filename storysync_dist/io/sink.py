@@ -13,7 +13,9 @@ One row per frame (``FRAME_SCHEMA``); the ``image`` column is the ``{bytes, path
 Hugging Face ``datasets`` reads as an Image column, and the schema carries the ``huggingface``
 feature metadata so ``datasets.load_dataset("parquet", data_files=".../data/*.parquet")`` decodes it.
 The ``fingerprint`` column is the frame's identity (``storysync_dist.engine.identity``): a rerun
-skips a frame exactly when a row with its current fingerprint is there.
+skips a frame exactly when a row with its current fingerprint is there. The per-part index a rerun
+reads (``stored``) also carries the ``config`` column, so a job can tell, without reading any
+image, whether the story's rows were rendered with other settings (``engine.plan``).
 
 Atomicity: a part file is built completely in memory, then committed in one step: on the local
 filesystem written under a hidden temporary name in the same folder and ``os.replace``-d (rename is
@@ -86,7 +88,12 @@ _PART_RE = re.compile(
     r"^part-(?P<story>[a-z0-9][a-z0-9_-]{0,63})-(?P<index>\d{5,})-(?P<hash>[0-9a-f]{8,32})\.parquet$"
 )
 # The columns a rerun reads to learn what a dataset holds.
-_INDEX_COLUMNS = ("story_id", "frame_id", "fingerprint")
+# ``config`` (the frame's render settings as JSON) lets a job refuse to mix settings in one story
+# without reading images; one string per row, repeated, so Parquet stores it dictionary-encoded.
+_INDEX_COLUMNS = ("story_id", "frame_id", "fingerprint", "config")
+
+# One index row: (story_id, frame_id, fingerprint or None, config JSON or None).
+_IndexRow = tuple[str, str, str | None, str | None]
 
 
 class DamagedPartError(ValueError):
@@ -131,11 +138,13 @@ class FrameRecord:
 
 @dataclass(frozen=True)
 class StoredFrame:
-    """One committed row of a story: which frame, with which fingerprint, in which part file."""
+    """One committed row of a story: which frame, with which fingerprint, in which part file,
+    and the ``config`` column it was written with (its render settings, JSON; None if absent)."""
 
     frame_id: str
     fingerprint: str | None
     part: str
+    config: str | None = None
 
 
 def _check_record(record: FrameRecord) -> None:
@@ -202,7 +211,7 @@ class ParquetFrameSink:
         self._buffer: list[FrameRecord] = []
         # Part files are immutable (committed once, only ever deleted), so their index rows are
         # cached: a part is read once per sink, not once per write.
-        self._index_cache: dict[str, list[tuple[str, str, str | None]]] = {}
+        self._index_cache: dict[str, list[_IndexRow]] = {}
         # story id -> the part paths of that story, once listed (kept up to date by writes).
         self._story_parts: dict[str, set[str]] = {}
         self.damaged: list[str] = []
@@ -252,8 +261,8 @@ class ParquetFrameSink:
         with self.fs.open(path, "rb") as handle:
             return pq.read_table(handle, columns=columns)
 
-    def _index_of(self, path: str) -> list[tuple[str, str, str | None]]:
-        """(story_id, frame_id, fingerprint) of every row of a part; a damaged part is set aside."""
+    def _index_of(self, path: str) -> list[_IndexRow]:
+        """(story_id, frame_id, fingerprint, config) of every row of a part; a damaged part is set aside."""
         cached = self._index_cache.get(path)
         if cached is not None:
             return cached
@@ -279,7 +288,8 @@ class ParquetFrameSink:
         fingerprints = (
             table.column("fingerprint").to_pylist() if "fingerprint" in table.column_names else [None] * len(frames)
         )
-        cached = list(zip(stories, frames, fingerprints))
+        configs = table.column("config").to_pylist() if "config" in table.column_names else [None] * len(frames)
+        cached = list(zip(stories, frames, fingerprints, configs))
         self._index_cache[path] = cached
         return cached
 
@@ -305,7 +315,8 @@ class ParquetFrameSink:
             parts.discard(path)
 
     def stored(self, story_id: str) -> list[StoredFrame]:
-        """Every committed row of ``story_id``: frame id, fingerprint (None if it has none), part.
+        """Every committed row of ``story_id``: frame id, fingerprint (None if it has none), part,
+        config JSON.
 
         Reads only the index columns, each part once per sink; remote parts are read concurrently.
         """
@@ -317,9 +328,9 @@ class ParquetFrameSink:
                 list(pool.map(self._index_of, missing))
         found: list[StoredFrame] = []
         for path in paths:
-            for row_story, frame_id, fingerprint in self._index_of(path):
+            for row_story, frame_id, fingerprint, config in self._index_of(path):
                 if row_story == story_id:
-                    found.append(StoredFrame(frame_id, fingerprint, path))
+                    found.append(StoredFrame(frame_id, fingerprint, path, config))
         return found
 
     def existing(self, story_id: str) -> dict[str, list[StoredFrame]]:
@@ -402,7 +413,7 @@ class ParquetFrameSink:
         name = part_name(story_id, first_index, [(r.frame_id, r.fingerprint) for r in records])
         path = posixpath.join(self._data_dir, name)
         commit(self.fs, path, data)
-        self._index_cache[path] = [(r.story_id, r.frame_id, r.fingerprint) for r in records]
+        self._index_cache[path] = [(r.story_id, r.frame_id, r.fingerprint, r.config) for r in records]
         parts.add(path)
         self.remove_frames(story_id, set(frame_ids), keep=path)
         return self.url(path)
@@ -414,10 +425,10 @@ class ParquetFrameSink:
         removed: set[str] = set()
         for path in sorted(self._parts_of(story_id)):
             rows = self._index_of(path)
-            if path == keep or not any(s == story_id and f in frame_ids for s, f, _ in rows):
+            if path == keep or not any(s == story_id and f in frame_ids for s, f, _, _ in rows):
                 continue
-            survivors = [(s, f, fp) for s, f, fp in rows if not (s == story_id and f in frame_ids)]
-            removed.update(f for s, f, _ in rows if s == story_id and f in frame_ids)
+            survivors = [row for row in rows if not (row[0] == story_id and row[1] in frame_ids)]
+            removed.update(f for s, f, _, _ in rows if s == story_id and f in frame_ids)
             if survivors:
                 table = self._read_part(path)
                 if "fingerprint" not in table.column_names:
@@ -427,7 +438,7 @@ class ParquetFrameSink:
                 buffer = pa.BufferOutputStream()
                 pq.write_table(remaining, buffer)
                 first = min(remaining["frame_index"].to_pylist())
-                identities = [(f, fp or "") for _, f, fp in survivors]
+                identities = [(f, fp or "") for _, f, fp, _ in survivors]
                 new_path = posixpath.join(self._data_dir, part_name(story_id, first, identities))
                 commit(self.fs, new_path, buffer.getvalue().to_pybytes())
                 self._index_cache[new_path] = survivors
