@@ -224,20 +224,20 @@ def child_ratio(
     from storysync_dist.engine.job import prepare_job
     from storysync_dist.engine.renderer import StoryRenderer
     from storysync_dist.models.presets import load_pipeline
-    from storysync_dist.models.unet import UNetAdapter
+    from storysync_dist.models.registry import adapter_for
 
     rss_before = current_rss()
     t0 = time.perf_counter()
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     build_seconds = time.perf_counter() - t0
     rss_model = current_rss()
-    params = sum(p.numel() for name in ("unet", "vae", "text_encoder", "text_encoder_2")
-                 if getattr(pipe, name, None) is not None for p in getattr(pipe, name).parameters())
+    params = sum(p.numel() for part in pipe.components.values() if isinstance(part, torch.nn.Module)
+                 for p in part.parameters())
     with tempfile.TemporaryDirectory(prefix="storysync-bench-") as tmp:
         story = write_story(pathlib.Path(tmp), 2 + repeats, size=size, steps=steps, guidance=guidance)
         plan = prepare_job(str(story), RenderOptions(model=model, out=str(pathlib.Path(tmp) / "out"),
                                                      progress=False), pipe=pipe)
-    adapter = UNetAdapter(pipe)
+    adapter = adapter_for(pipe)
     storysync = StoryRenderer(adapter, plan.config, plan.settings)
     vanilla = StoryRenderer(adapter, StorySyncConfig.vanilla(), plan.settings)
 

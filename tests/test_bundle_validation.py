@@ -28,6 +28,7 @@ from storysync_dist.core.anchors import (
     SharedLayerState,
 )
 from storysync_dist.core.config import StorySyncConfig
+from storysync_dist.models.unet import MASK_LAYERS, SHARE_LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "story.yaml"
@@ -54,7 +55,7 @@ def make_meta(**changes: Any) -> dict[str, Any]:
         "width": 64,
         "guidance_scale": 5.0,
         "negative_prompt": "blurry, deformed, extra limbs, text, watermark",
-        "config": StorySyncConfig().to_dict(),
+        "config": StorySyncConfig().with_layers(SHARE_LAYERS, MASK_LAYERS).to_dict(),  # as tiny-sdxl resolves it
         "num_anchors": 2,
         "anchor_ids": ["beach", "kitchen"],
         "anchor_prompts": ["a cat on a beach", "a cat in a kitchen"],

@@ -14,10 +14,12 @@ import yaml
 
 from storysync_dist.cli import main
 from storysync_dist.core.config import StorySyncConfig
+from storysync_dist.models.unet import MASK_LAYERS, SHARE_LAYERS
 
 FAST = ["--model", "tiny-sdxl", "--workers", "0", "--steps", "2", "--height", "64", "--width", "64",
         "--no-progress"]
-DEFAULTS = StorySyncConfig().to_dict()
+# The defaults with the layers tiny-sdxl's family fills in (StorySyncConfig leaves them to the family).
+DEFAULTS = StorySyncConfig().with_layers(SHARE_LAYERS, MASK_LAYERS).to_dict()
 
 STORY = {
     "id": "heron",

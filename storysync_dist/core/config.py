@@ -77,11 +77,13 @@ class StorySyncConfig:
     mask_dropout: float = 0.1
 
     # Which self-attention layers share and harmonize: prefixes of diffusers attention-processor
-    # names. Default: the decoder ("up_blocks"), as ConsiStory and the DESIGN sizing assume.
-    share_layers: tuple[str, ...] = ("up_blocks",)
+    # names. None: the model family's default (``ModelInfo.share_layers``; UNet: the decoder,
+    # "up_blocks", as ConsiStory and the DESIGN sizing assume), filled in before a job is planned.
+    share_layers: tuple[str, ...] | None = None
     # Cross-attention layers whose maps may make the subject mask (Eq. 3): prefixes. Of those that
     # recorded a map for the mask (see mask_source), the ones at the lowest resolution are averaged.
-    mask_layers: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")
+    # None: the family's default (UNet: every cross-attention).
+    mask_layers: tuple[str, ...] | None = None
     # Eq. 2-4, "only from the current generation timestep": "current" builds the masks of step t
     # from the maps of step t's cross-attentions that run before the first shared self-attention
     # (UNet: the encoder and the mid block), so sharing can start at step 0; "previous" builds
@@ -128,10 +130,20 @@ class StorySyncConfig:
     def replace(self, **changes: Any) -> StorySyncConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_layers(self, share_layers: tuple[str, ...], mask_layers: tuple[str, ...]) -> StorySyncConfig:
+        """This config with the layers it leaves to the model family (None) filled in."""
+        changes: dict[str, Any] = {}
+        if self.share_layers is None:
+            changes["share_layers"] = tuple(share_layers)
+        if self.mask_layers is None:
+            changes["mask_layers"] = tuple(mask_layers)
+        return self.replace(**changes) if changes else self
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["share_layers"] = list(self.share_layers)
-        data["mask_layers"] = list(self.mask_layers)
+        for key in _PREFIXES:
+            value = getattr(self, key)
+            data[key] = None if value is None else list(value)
         return data
 
     def to_json(self) -> str:
@@ -181,6 +193,8 @@ def _check_value(key: str, value: Any) -> Any:
             raise ConfigError(key, f"must be one of {', '.join(_CHOICES[key])}, got {value!r}")
         return value
     if key in _PREFIXES:
+        if value is None:
+            return None  # the model family's default
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not items:
             raise ConfigError(key, f"must be a non-empty list of layer-name prefixes, got {value!r}")

@@ -28,8 +28,9 @@ from ..core.anchors import AnchorStep, StreamedBundle
 from ..core.config import StorySyncConfig
 from ..engine.renderer import FrameJob, FrameOutput, RenderSettings, StoryRenderer, encode_frame
 from ..errors import StorySyncUserError
+from ..models.family import Adapter
 from ..models.presets import load_pipeline
-from ..models.unet import UNetAdapter
+from ..models.registry import adapter_for
 
 
 def _no_cuda_reason() -> str:
@@ -114,7 +115,7 @@ class _PipelineHolder:
     def __init__(self, model: str, device: str, requested: str | None, dtype: str) -> None:
         # Only the arguments: the pipeline loads in ready() (see the module docstring).
         self._args = (model, device, requested, dtype)
-        self.adapter: UNetAdapter | None = None
+        self.adapter: Adapter | None = None
         self.device = device
         self._renderer_key: str | None = None
         self._renderer: StoryRenderer | None = None
@@ -128,12 +129,12 @@ class _PipelineHolder:
         self._load()
         return _describe(self.device)
 
-    def _load(self) -> UNetAdapter:
+    def _load(self) -> Adapter:
         if self.adapter is None:
             model, device, requested, dtype = self._args
             device = choose_device(device, requested, _placement()["gpu_ids"], socket.gethostname())
-            self.adapter = UNetAdapter(load_pipeline(model, device=device, dtype=getattr(torch, dtype)))
-            self.device = str(self.adapter.pipe.device)
+            self.adapter = adapter_for(load_pipeline(model, device=device, dtype=getattr(torch, dtype)))
+            self.device = str(self.adapter.device)
         return self.adapter
 
     def renderer(self, config: dict, settings: dict) -> StoryRenderer:

@@ -49,8 +49,8 @@ from ..io.lease import Lease, LeaseHeldError
 from ..io.sink import FrameRecord, ParquetFrameSink, write_bytes
 from ..models.info import ModelInfo, load_model_info, model_info_from_pipeline
 from ..models.presets import load_pipeline
+from ..models.registry import adapter_for
 from ..models.revision import model_revision
-from ..models.unet import UNetAdapter
 from ..spec import StorySpec, load_story, validate_for_model
 from .bundles import check_bundle_for_job, read_bundle
 from .devices import default_dtype, device_and_dtype
@@ -246,6 +246,9 @@ def prepare_job(
     config = job_config(spec, options)
 
     info = _model_info(options, pipe)
+    # The layers left to the model family (None) are named now, so the config column, the
+    # fingerprints and the bundles hold the names that were used.
+    config = config.with_layers(info.share_layers, info.mask_layers)
     size = (_or(spec.defaults.height, info.default_height), _or(spec.defaults.width, info.default_width))
     # Checked before the model's values are filled in, so an error names where a bad size came from.
     token_positions = validate_for_model(spec, info.tokenizer, info.size_factor, size=size)
@@ -376,7 +379,7 @@ def local_executor(pipe: object | None = None) -> Executor:
         stats: dict = {"workers": 0, "devices": [{
             "role": "local", "index": 0, "host": socket.gethostname(), "pid": os.getpid(), "device": device,
             "gpu_ids": [], "threads": torch.get_num_threads()}]}
-        renderer = StoryRenderer(UNetAdapter(pipe), plan.config, plan.settings)
+        renderer = StoryRenderer(adapter_for(pipe), plan.config, plan.settings)
         bundle = plan.bundle
         if plan.anchor_jobs:
             anchor_frames, bundle = renderer.render_anchors(plan.anchor_jobs, lambda i: ctx.step("anchors", i))

@@ -22,7 +22,7 @@ from ..core.anchors import AnchorBundle, AnchorStep
 from ..core.config import StorySyncConfig
 from ..core.state import ROLE_ANCHORS, ROLE_FRAMES, MaskSourceError, StorySyncState
 from ..errors import NonFiniteOutputError, StorySyncUserError
-from ..models.unet import UNetAdapter
+from ..models.family import Adapter
 
 METHODS = ("storysync", "vanilla")
 
@@ -121,15 +121,17 @@ BUNDLE_SETTINGS = ("model", "dtype", "steps", "height", "width", "guidance_scale
 class StoryRenderer:
     """Renders anchors and frames of one story with one pipeline on one device."""
 
-    def __init__(self, adapter: UNetAdapter, config: StorySyncConfig, settings: RenderSettings) -> None:
+    def __init__(self, adapter: Adapter, config: StorySyncConfig, settings: RenderSettings) -> None:
         self.adapter = adapter
-        self.config = config
+        info = adapter.info
+        # Layers the config leaves to the model family are filled in here (a job has done it
+        # already, so its config column and bundles hold the resolved names).
+        self.config = config.with_layers(info.share_layers, info.mask_layers)
         self.settings = settings
 
     @property
     def latent_hw(self) -> tuple[int, int]:
-        factor = int(self.adapter.pipe.vae_scale_factor)
-        return self.settings.height // factor, self.settings.width // factor
+        return self.adapter.latent_hw(self.settings.height, self.settings.width)
 
     @property
     def guidance(self) -> bool:
@@ -143,6 +145,12 @@ class StoryRenderer:
         """Refuse a bundle made with another model (or revision of it), precision, size, step
         count, guidance, negative prompt or config."""
         expected = bundle_meta(config, settings, [])
+        made_config, our_config = bundle.meta.get("config"), expected["config"]
+        if isinstance(made_config, dict) and made_config != our_config:
+            keys = sorted(set(made_config) | set(our_config))
+            diff = [f"{k}={made_config.get(k)!r} (this job: {our_config.get(k)!r})"
+                    for k in keys if made_config.get(k) != our_config.get(k)]
+            raise BundleMismatchError(f"anchor bundle was made with another config: {'; '.join(diff[:4])}")
         for key in BUNDLE_SETTINGS:
             if bundle.meta.get(key) != expected[key]:
                 raise BundleMismatchError(
@@ -156,7 +164,6 @@ class StoryRenderer:
         self.check_bundle_meta(bundle, self.config, self.settings)
 
     def _state(self, role: str, jobs: list[FrameJob], bundle: AnchorBundle | None) -> StorySyncState:
-        pipe = self.adapter.pipe
         return StorySyncState(
             self.config,
             role=role,
@@ -165,9 +172,9 @@ class StoryRenderer:
             latent_hw=self.latent_hw,
             num_steps=self.settings.steps,
             guidance=self.guidance,
-            text_len=int(pipe.tokenizer.model_max_length),
+            text_len=self.adapter.info.text_len,
             bundle=bundle,
-            device=pipe._execution_device,
+            device=self.adapter.device,
         )
 
     def _run(

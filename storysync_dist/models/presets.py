@@ -25,6 +25,7 @@ import pathlib
 import shutil
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -227,6 +228,12 @@ _SEEDS = {
 }
 
 
+def component_seed(role: str) -> int:
+    """The weight seed of one pipeline component: fixed per role, so each component's weights are
+    independent of build order (roles of other families get a stable hash of their name)."""
+    return _SEEDS[role] if role in _SEEDS else zlib.crc32(role.encode()) % 2**31
+
+
 @dataclass(frozen=True)
 class Preset:
     """An offline, deterministic stand-in for a real checkpoint of `pipeline_class`.
@@ -241,6 +248,12 @@ class Preset:
     components: Mapping[str, Mapping[str, Any]]
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
     in_memory: bool = False
+    # role -> builder of that component from its config dict; None: the UNet families' builders.
+    # A family whose components differ (FLUX's T5 text_encoder_2, a transformer) brings its own.
+    builders: Mapping[str, Callable[[dict[str, Any]], Any]] | None = None
+
+    def builder(self, role: str) -> Callable[[dict[str, Any]], Any]:
+        return (self.builders or _COMPONENT_BUILDERS)[role]
 
     def cache_key(self) -> str:
         """Short hash of everything that determines the saved weights and configs."""
@@ -274,11 +287,11 @@ class Preset:
                 for role, cfg in self.components.items():
                     # A fixed seed per role makes each component's weights independent of build order
                     # and of the other components, and keeps SDXL's two text encoders distinct.
-                    torch.manual_seed(_SEEDS[role])
+                    torch.manual_seed(component_seed(role))
                     if role == "scheduler":
                         parts[role] = self.scheduler_class(**cfg)
                     else:
-                        parts[role] = _COMPONENT_BUILDERS[role](dict(cfg))
+                        parts[role] = self.builder(role)(dict(cfg))
         finally:
             torch.set_default_dtype(caller_dtype)
         pipe = self.pipeline_class(**parts, **self.pipeline_kwargs)
@@ -303,12 +316,12 @@ class Preset:
                 if role == "scheduler":
                     parts[role] = self.scheduler_class(**cfg)
                 elif role.startswith("tokenizer"):
-                    parts[role] = _COMPONENT_BUILDERS[role](dict(cfg))
+                    parts[role] = self.builder(role)(dict(cfg))
                 else:
                     # Buffers stay real (CLIP's position ids are computed at construction).
                     with accelerate.init_empty_weights(include_buffers=False):
-                        model = _COMPONENT_BUILDERS[role](dict(cfg))
-                    parts[role] = _materialize(model, _SEEDS[role], device, dtype)
+                        model = self.builder(role)(dict(cfg))
+                    parts[role] = _materialize(model, component_seed(role), device, dtype)
         finally:
             torch.set_default_dtype(caller_dtype)
         return self.pipeline_class(**parts, **self.pipeline_kwargs)
@@ -341,7 +354,7 @@ def _materialize(model: torch.nn.Module, seed: int, device: str | torch.device, 
     return model.eval()
 
 
-PRESETS: dict[str, Preset] = {
+UNET_PRESETS: dict[str, Preset] = {
     "tiny-sd": Preset(
         name="tiny-sd",
         pipeline_class=StableDiffusionPipeline,
@@ -368,6 +381,36 @@ PRESETS: dict[str, Preset] = {
         in_memory=True,
     ),
 }
+
+
+class _PresetTable(Mapping[str, "Preset"]):
+    """Every family's presets (``ModelFamily.presets``), gathered on first use: the UNet presets
+    above, and those each registered family module defines (``models/registry.py``)."""
+
+    def __init__(self) -> None:
+        self._table: dict[str, Preset] | None = None
+
+    def _all(self) -> dict[str, Preset]:
+        if self._table is None:
+            from .registry import families
+
+            table: dict[str, Preset] = {}
+            for family in families():
+                table.update(family.presets())
+            self._table = table
+        return self._table
+
+    def __getitem__(self, name: str) -> Preset:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+PRESETS: Mapping[str, Preset] = _PresetTable()
 
 
 @contextmanager
@@ -467,7 +510,7 @@ def _save_configs(preset: Preset, folder: pathlib.Path) -> None:
             parts[role] = preset.scheduler_class(**cfg)
         else:
             with torch.device("meta"):  # structure only: nothing is allocated or initialized
-                parts[role] = _COMPONENT_BUILDERS[role](dict(cfg))
+                parts[role] = preset.builder(role)(dict(cfg))
     pipe = preset.pipeline_class(**parts, **preset.pipeline_kwargs)
     pipe.save_config(folder)  # model_index.json
     for role, part in parts.items():

@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
+import pathlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,7 @@ from ..core.masks import subject_attention
 from ..core.sharing import cross_image_tokens, pad_token_sets, shared_attention
 from ..core.state import CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
 from ..errors import NonFiniteOutputError
+from .family import ModelFamily, ModelInfo, RenderResult, SamplingDefaults
 
 SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
 
@@ -249,14 +254,6 @@ class SubjectMapProcessor:
 
 
 @dataclass
-class RenderResult:
-    """Images and final subject masks (F, h, w boolean or None) of one render."""
-
-    images: list[Image.Image]
-    masks: torch.Tensor | None
-
-
-@dataclass
 class PromptEmbeds:
     """The text conditioning of one render, one row per image: conditional and (with guidance)
     unconditional embeddings, and SDXL's pooled embeddings and micro-conditioning time ids."""
@@ -396,10 +393,25 @@ class UNetAdapter:
         self.pipe = pipe
         self.conditioning = SDXLConditioning() if isinstance(pipe, StableDiffusionXLPipeline) else SDConditioning()
         self._stock_processors = dict(pipe.unet.attn_processors)
+        self._info: ModelInfo | None = None
 
     @property
-    def tokenizer(self):
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = UNetFamily().info_from_pipeline(self.pipe)
+        return self._info
+
+    @property
+    def tokenizer(self) -> Any:
         return self.pipe.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
 
     @property
     def size_factor(self) -> int:
@@ -407,9 +419,15 @@ class UNetAdapter:
         down = sum(1 for block in self.pipe.unet.down_blocks if getattr(block, "downsamplers", None))
         return int(self.pipe.vae_scale_factor) * (2**down)
 
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        factor = int(self.pipe.vae_scale_factor)
+        return height // factor, width // factor
+
     def install(self, state: StorySyncState) -> None:
         """Install StorySync processors for one render."""
         cfg = state.config
+        if cfg.share_layers is None or cfg.mask_layers is None:
+            raise ValueError("install a config whose layers are resolved (StorySyncConfig.with_layers)")
         processors = {}
         for name in self._stock_processors:
             if name.endswith("attn1.processor") and (cfg.any_mechanism):
@@ -478,7 +496,7 @@ class UNetAdapter:
         height: int,
         width: int,
         guidance_scale: float,
-        on_step: object = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> RenderResult:
         """Render ``prompts`` (one image each) with the StorySync state installed.
 
@@ -512,3 +530,115 @@ class UNetAdapter:
         check_finite(final)
         images = self.conditioning.decode(pipe, final, generators)
         return RenderResult(images=images, masks=state.final_masks())
+
+
+# ---- the family: what the driver needs without weights, and the adapter ------------------------
+# The stock ``__call__`` defaults of the pipeline classes of this family: (num_inference_steps,
+# guidance_scale), as in diffusers' pipeline_stable_diffusion_xl.py and pipeline_stable_diffusion.py
+# (tests/test_native_defaults.py checks them against the installed diffusers). The default size comes
+# from the model's own configs (sampling_defaults).
+FAMILY_SAMPLING_DEFAULTS: dict[str, tuple[int, float]] = {
+    "StableDiffusionXLPipeline": (50, 5.0),
+    "StableDiffusionPipeline": (50, 7.5),
+}
+# Sharing and RFH in the decoder (as ConsiStory, and DESIGN's sizing); masks may come from every
+# cross-attention, and with current-step masks those before the decoder are the ones that record.
+SHARE_LAYERS = ("up_blocks",)
+MASK_LAYERS = ("down_blocks", "mid_block", "up_blocks")
+
+
+def size_factor_from_configs(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> int:
+    """VAE scale factor times one factor of 2 per UNet downsampling (all down blocks but the last)."""
+    return _vae_scale_factor(vae_config) * 2 ** (len(unet_config["down_block_types"]) - 1)
+
+
+def _vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
+    # As the pipelines compute it: 2 ** (len(vae.config.block_out_channels) - 1).
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def _class_key(pipeline_class: str | type) -> str:
+    """The ``FAMILY_SAMPLING_DEFAULTS`` key of a pipeline class (a subclass counts as its base)."""
+    from .presets import UnknownModelError
+
+    if isinstance(pipeline_class, str):
+        if pipeline_class in FAMILY_SAMPLING_DEFAULTS:
+            return pipeline_class
+        import diffusers
+
+        found = getattr(diffusers, pipeline_class, None)
+        mro = [c.__name__ for c in found.__mro__] if isinstance(found, type) else [pipeline_class]
+        name = pipeline_class
+    else:
+        mro = [c.__name__ for c in pipeline_class.__mro__]
+        name = pipeline_class.__name__
+    for candidate in mro:
+        if candidate in FAMILY_SAMPLING_DEFAULTS:
+            return candidate
+    raise UnknownModelError(f"{name} is not a supported pipeline (supported: {', '.join(FAMILY_SAMPLING_DEFAULTS)})")
+
+
+def sampling_defaults(
+    pipeline_class: str | type, unet_config: Mapping[str, Any], vae_config: Mapping[str, Any]
+) -> SamplingDefaults:
+    """The size, steps and guidance a stock ``pipeline_class(...)(prompt)`` call renders with.
+
+    Size: ``unet.config.sample_size * vae_scale_factor`` (SDXL's ``default_sample_size`` is the
+    UNet's ``sample_size``; SD 1.x/2.x read it the same way and also accept a ``[height, width]``
+    pair). For SDXL base 1.0 that is 128 * 8 = 1024 px; for the tiny presets 32 * 8 = 256 px.
+    Steps and guidance: the class's ``__call__`` defaults (``FAMILY_SAMPLING_DEFAULTS``).
+    """
+    steps, guidance = FAMILY_SAMPLING_DEFAULTS[_class_key(pipeline_class)]
+    sample = unet_config.get("sample_size")
+    if sample is None:
+        sample = 128  # what StableDiffusionXLPipeline assumes for a UNet config without one
+    if isinstance(sample, (list, tuple)):
+        sample_h, sample_w = int(sample[0]), int(sample[1])
+    else:
+        sample_h = sample_w = int(sample)
+    scale = _vae_scale_factor(vae_config)
+    return SamplingDefaults(height=sample_h * scale, width=sample_w * scale, steps=steps, guidance_scale=guidance)
+
+
+def _unet_info(tokenizer: Any, pipeline_class: str | type, unet: Mapping[str, Any], vae: Mapping[str, Any]) -> ModelInfo:
+    defaults = sampling_defaults(pipeline_class, unet, vae)
+    return ModelInfo(
+        family=UNetFamily.name, tokenizer=tokenizer, size_factor=size_factor_from_configs(unet, vae),
+        text_len=int(tokenizer.model_max_length), default_height=defaults.height, default_width=defaults.width,
+        default_steps=defaults.steps, default_guidance_scale=defaults.guidance_scale,
+        share_layers=SHARE_LAYERS, mask_layers=MASK_LAYERS,
+    )
+
+
+class UNetFamily(ModelFamily):
+    """SDXL and SD 1.x/2.x: ``UNet2DConditionModel`` with self-attention ``attn1`` and
+    cross-attention ``attn2`` in every transformer block, CLIP tokenizers of 77 tokens."""
+
+    name = "unet"
+    pipeline_classes = tuple(FAMILY_SAMPLING_DEFAULTS)
+    info_files = ("model_index.json", "tokenizer/*", "unet/config.json", "vae/config.json")
+
+    def info_from_folder(self, folder: pathlib.Path, model_index: Mapping[str, Any]) -> ModelInfo:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return _unet_info(tokenizer, str(model_index.get("_class_name")), unet, vae)
+
+    def info_from_pipeline(self, pipe: Any) -> ModelInfo:
+        from .presets import UnknownModelError
+
+        key = _class_key(type(pipe))  # refuses an unsupported pipeline before reading its parts
+        unet, vae, tokenizer = (getattr(pipe, name, None) for name in ("unet", "vae", "tokenizer"))
+        if unet is None or vae is None or tokenizer is None:
+            raise UnknownModelError(f"{type(pipe).__name__} has no unet, vae or tokenizer")
+        return _unet_info(tokenizer, key, dict(unet.config), dict(vae.config))
+
+    def adapter(self, pipe: Any) -> UNetAdapter:
+        return UNetAdapter(pipe)
+
+    def presets(self) -> Mapping[str, Any]:
+        from .presets import UNET_PRESETS
+
+        return UNET_PRESETS
