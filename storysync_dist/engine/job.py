@@ -249,6 +249,11 @@ def prepare_job(
     # The layers left to the model family (None) are named now, so the config column, the
     # fingerprints and the bundles hold the names that were used.
     config = config.with_layers(info.share_layers, info.mask_layers)
+    if spec.defaults.negative_prompt is not None and not info.negative_prompt:
+        raise StorySyncUserError(
+            f"{spec.source}: defaults.negative_prompt: --model {options.model} takes no negative prompt "
+            f"({info.family} pipelines); leave it out"
+        )
     size = (_or(spec.defaults.height, info.default_height), _or(spec.defaults.width, info.default_width))
     # Checked before the model's values are filled in, so an error names where a bad size came from.
     token_positions = validate_for_model(spec, info.tokenizer, info.size_factor, size=size)

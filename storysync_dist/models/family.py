@@ -63,6 +63,8 @@ class ModelInfo:
     # Defaults of StorySyncConfig.share_layers / mask_layers for this family (processor-name prefixes).
     share_layers: tuple[str, ...] = ()
     mask_layers: tuple[str, ...] = ()
+    # Whether the family's stock pipeline takes a negative prompt (a story with one is refused if not).
+    negative_prompt: bool = True
 
     @property
     def defaults(self) -> SamplingDefaults:

@@ -11,15 +11,21 @@ import gzip
 import importlib.util
 import pathlib
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from transformers import CLIPTokenizer
+
+if TYPE_CHECKING:
+    from transformers import T5TokenizerFast
 
 __all__ = [
     "CLIP_MAX_LENGTH",
     "CLIP_VOCAB_SIZE",
     "bpe_vocab_path",
     "build_clip_tokenizer",
+    "build_t5_tokenizer",
     "clip_vocab_and_merges",
+    "t5_vocab_size",
 ]
 
 CLIP_VOCAB_SIZE = 49408
@@ -95,4 +101,60 @@ def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
         merges=list(merges),
         pad_token=pad_token,
         model_max_length=CLIP_MAX_LENGTH,
+    )
+
+
+# ---- T5 (FLUX's and Kandinsky 3's text encoders) ------------------------------------------------
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+
+
+@lru_cache(maxsize=1)
+def t5_pieces() -> tuple[str, ...]:
+    """The pieces of the offline T5 tokenizer, in id order: T5's special tokens at T5's ids
+    (pad 0, eos 1, unk 2), every whole word of the CLIP vocabulary as a "▁word" piece, then
+    single characters with and without "▁", so any ASCII text tokenizes without <unk>."""
+    vocab, _ = clip_vocab_and_merges()
+    words = sorted(
+        {t[: -len("</w>")] for t in vocab if t.endswith("</w>") and t[: -len("</w>")].isascii()
+         and t[: -len("</w>")].isalnum()}
+    )
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = [T5_PAD, T5_EOS, T5_UNK, "▁"]
+    seen = set(pieces)
+    for piece in [f"▁{w}" for w in words] + [f"▁{c}" for c in chars] + chars:
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append(piece)
+    return tuple(pieces)
+
+
+def t5_vocab_size() -> int:
+    """Number of pieces of :func:`build_t5_tokenizer` (a text encoder's ``vocab_size`` must be >= it)."""
+    return len(t5_pieces())
+
+
+def build_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
+    """A T5-style SentencePiece-Unigram tokenizer built offline (no hub, no sentencepiece file).
+
+    Real T5 tokenizers (FLUX's ``tokenizer_2``, Kandinsky 3's ``tokenizer``) cannot be downloaded
+    here, so this builds one of the same class, ``T5TokenizerFast``, with the same special tokens
+    and ids (pad 0, eos 1, unk 2, an EOS appended and no BOS), a Metaspace pre-tokenizer and a
+    Unigram model over whole lowercase-or-not English words. Every piece has the same score, so the
+    segmentation with the fewest pieces wins: a word of the vocabulary is one token, like a real
+    T5 tokenizer for common words. ``model_max_length`` is FLUX's 512 or Kandinsky 3's 128.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = t5_pieces()
+    unigram = models.Unigram([(p, 0.0 if p in (T5_PAD, T5_EOS, T5_UNK) else -1.0) for p in pieces], unk_id=2)
+    tok = Tokenizer(unigram)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {T5_EOS}", pair=f"$A {T5_EOS} $B {T5_EOS}", special_tokens=[(T5_EOS, 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tok, eos_token=T5_EOS, unk_token=T5_UNK, pad_token=T5_PAD, extra_ids=0,
+        model_max_length=model_max_length,
     )
