@@ -18,8 +18,9 @@ from PIL import Image
 from storysync_dist.api import RenderOptions, render_story
 from storysync_dist.engine.job import prepare_job
 from storysync_dist.models.info import load_model_info, model_info_from_pipeline
-from storysync_dist.models.presets import _SDXL_BASE_UNET, _SDXL_BASE_VAE, UnknownModelError, load_pipeline
+from storysync_dist.models.presets import UnknownModelError, load_pipeline
 from storysync_dist.models.unet import FAMILY_SAMPLING_DEFAULTS, sampling_defaults
+from storysync_dist.models.unet_presets import _SDXL_BASE_UNET, _SDXL_BASE_VAE
 
 STORY = {
     "id": "owl",

@@ -639,6 +639,6 @@ class UNetFamily(ModelFamily):
         return UNetAdapter(pipe)
 
     def presets(self) -> Mapping[str, Any]:
-        from .presets import UNET_PRESETS
+        from .unet_presets import UNET_PRESETS
 
         return UNET_PRESETS
