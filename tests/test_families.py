@@ -9,9 +9,11 @@ companions (``--only`` gives the same pixels), a bundle round trip gives the sam
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -131,25 +133,33 @@ def test_frames_are_independent_of_companions_and_bundles_round_trip(pipe, prese
     assert plan.config.mask_layers == adapter.info.mask_layers
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cli_only_and_two_workers_give_the_same_pixels(preset: str, tmp_path: Path, capsys) -> None:
     story = str(story_file(tmp_path))
     base = ["render", story, "--model", preset, "--no-progress"]
-    assert main([*base, "--out", str(tmp_path / "w0")]) == 0
+    # One torch thread, as each Ray worker runs: the same kernels then round the same way. (With
+    # several threads CPU reductions round differently in the last bit, and on the tiny random
+    # models, whose RFH matches are near ties, a flipped match moves a few pixels visibly.)
+    with torch_threads(1):
+        assert main([*base, "--out", str(tmp_path / "w0")]) == 0
+        assert main([*base, "--out", str(tmp_path / "only"), "--only", "city"]) == 0
     in_process = frames_of(tmp_path / "w0")
     assert set(in_process) == {f["id"] for f in STORY["frames"]}
     assert all(image.shape[:2] == (SIZE, SIZE) for image in in_process.values())
-
-    assert main([*base, "--out", str(tmp_path / "only"), "--only", "city"]) == 0
     assert np.array_equal(frames_of(tmp_path / "only")["city"], in_process["city"])
 
     assert main([*base, "--out", str(tmp_path / "w2"), "--workers", "2"]) == 0
     on_ray = frames_of(tmp_path / "w2")
     assert set(on_ray) == set(in_process)
     for frame_id, image in in_process.items():
-        # Equal within float tolerance: Ray workers run torch with one thread, this process with
-        # several, so reductions round differently in the last bit; at 64 px a rounding step moves
-        # more of the few pixels by one level than at 128 px (tests/test_distributed.py), but no
-        # pixel of 99 % by more than 2 of 255 (a subject-mask pixel at an Otsu threshold may flip),
-        # where a real difference (other anchors, another config) moves most pixels by tens.
         diff = np.abs(on_ray[frame_id] - image)
-        assert np.percentile(diff, 99) <= 2 and diff.mean() < 0.5, (frame_id, diff.max(), diff.mean())
+        assert diff.max() <= 1, (frame_id, diff.max(), diff.mean())

@@ -135,7 +135,8 @@ class StoryRenderer:
 
     @property
     def guidance(self) -> bool:
-        return self.settings.guidance_scale > 1.0
+        """Whether the batch holds an unconditional branch (classifier-free guidance)."""
+        return self.adapter.info.cfg_batch and self.settings.guidance_scale > 1.0
 
     def bundle_meta(self, anchors: list[FrameJob]) -> dict:
         return bundle_meta(self.config, self.settings, anchors)

@@ -65,6 +65,9 @@ class ModelInfo:
     mask_layers: tuple[str, ...] = ()
     # Whether the family's stock pipeline takes a negative prompt (a story with one is refused if not).
     negative_prompt: bool = True
+    # Whether guidance_scale > 1 means classifier-free guidance, an [uncond | cond] batch (UNet);
+    # False where guidance is an embedding of the model (FLUX.1-dev) or absent (schnell).
+    cfg_batch: bool = True
 
     @property
     def defaults(self) -> SamplingDefaults:

@@ -155,6 +155,11 @@ class Preset:
         finally:
             torch.set_default_dtype(caller_dtype)
         pipe = self.pipeline_class(**parts, **self.pipeline_kwargs)
+        # Inference mode, as from_pretrained leaves models (T5's dropout would make stock calls on a
+        # freshly built pipeline differ from one call to the next).
+        for part in pipe.components.values():
+            if isinstance(part, torch.nn.Module):
+                part.eval()
         return pipe
 
     def build_in_memory(

@@ -23,6 +23,8 @@ __all__ = [
 # family name -> (module, class). Order matters only for messages.
 _FAMILIES: dict[str, tuple[str, str]] = {
     "unet": ("storysync_dist.models.unet", "UNetFamily"),
+    "kandinsky3": ("storysync_dist.models.kandinsky3", "Kandinsky3Family"),
+    "flux": ("storysync_dist.models.flux", "FluxFamily"),
 }
 
 

@@ -1,0 +1,431 @@
+"""StorySync on diffusers FLUX pipelines (``FluxPipeline``: FLUX.1-schnell and FLUX.1-dev).
+
+One processor, :class:`FluxStorySyncProcessor`, is installed with ``transformer.set_attn_processor``
+on every joint attention (no transformer class is copied). FLUX attention is joint: the dual-stream
+blocks (``transformer_blocks``) get text and image tokens separately and attend over [text | image];
+the single-stream blocks (``single_transformer_blocks``) get them concatenated, text first. StorySync
+acts on the image tokens only:
+  - subject maps (Eq. 2) from the image-query x text-key scores of the mask layers, softmax over the
+    text keys alone (a cross-attention distribution, as in a UNet's ``attn2``);
+  - BLI (Eq. 12) on the image queries (or image outputs) of the consistent rows;
+  - sharing (Eq. 5-8, 13): the other images' (or the anchors') subject image tokens are appended as
+    extra keys/values, carrying their own RoPE grid positions;
+  - RFH (Eq. 9-11) on the image-token attention outputs.
+A layer with nothing to do runs diffusers' own ``FluxAttnProcessor``, so with every mechanism off
+the pipeline is bit-for-bit stock. FLUX has no classifier-free-guidance batch (``true_cfg_scale``
+is never used): the render's state has the cond guidance branch only.
+
+The loop follows ``FluxPipeline.__call__`` step for step, with one scheduler copy per branch.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+from ..core.dropout import KIND_RFH, KIND_SHARE, keep_mask
+from ..core.harmonize import harmonize_regions
+from ..core.layout import interpolate_layout
+from ..core.masks import subject_attention
+from ..core.sharing import cross_image_tokens, pad_token_sets, shared_attention
+from ..core.state import COND, CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
+from .family import ModelFamily, ModelInfo, RenderResult
+from .unet import BranchLatents, check_finite
+
+DUAL, SINGLE = "transformer_blocks", "single_transformer_blocks"
+# Masks from the dual-stream blocks' joint attention (text and image still separate streams, text
+# keys from the text stream's own projections); sharing and RFH in the single-stream blocks, which
+# all run after every dual-stream block, so this step's masks exist when they share.
+SHARE_LAYERS = (SINGLE,)
+MASK_LAYERS = (DUAL,)
+# FluxPipeline.__call__ defaults: 28 steps, guidance 3.5, max_sequence_length 512 (FLUX.1-dev's
+# recommended settings too). FLUX.1-schnell (no guidance embedding) is distilled for ~4 steps and
+# ignores guidance: 4 steps and guidance 0.0 (its model card's call), so the recorded config says
+# guidance has no effect.
+DEV_DEFAULTS = (28, 3.5)
+SCHNELL_DEFAULTS = (4, 0.0)
+MAX_SEQUENCE_LENGTH = 512
+DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size (latent pixels)
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, N, H*d) -> (B, N, H, d), FLUX's layout (sequence dim 1)."""
+    return x.unflatten(-1, (-1, head_dim))
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, N, H, d) attention, as diffusers' native backend: (B, N, H, d) out."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def image_rope(rotary: tuple[torch.Tensor, torch.Tensor], text_len: int, positions: torch.Tensor):
+    """The (cos, sin) rows of image tokens at grid ``positions`` (M,) from the joint (T+N, D) tables."""
+    cos, sin = rotary
+    return cos[text_len + positions], sin[text_len + positions]
+
+
+def rope_keys(key: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on (B, M, H, d) keys with (M, D) tables, as ``FluxAttnProcessor``."""
+    return apply_rotary_emb(key, rotary, sequence_dim=1)
+
+
+class FluxStorySyncProcessor:
+    """Joint attention with StorySync on the image tokens (see the module docstring).
+
+    ``shares``: sharing (Eq. 5-8, 13) and RFH (Eq. 9-11) here; ``maps``: this layer records subject
+    maps (Eq. 2). BLI (Eq. 12) runs on every layer while the vanilla branch is in the batch.
+    """
+
+    def __init__(self, name: str, state: StorySyncState, shares: bool, maps: bool, text_len: int) -> None:
+        self.name = name
+        self.text_len = text_len  # T, the encoded text length (single-stream blocks: text first)
+        self.state = state
+        self.shares = shares
+        self.maps = maps
+        self.layer = layer_id(name)
+        self.stock = FluxAttnProcessor()
+
+    def _sharing(self) -> bool:
+        st, cfg = self.state, self.state.config
+        return self.shares and st.sharing_ready and (cfg.share_attention or cfg.harmonize)
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Any:
+        st = self.state
+        if self.shares:
+            st.enter_shared_layer(self.name)  # current masks are fixed at the first one
+        dual = encoder_hidden_states is not None
+        text_len = encoder_hidden_states.shape[1] if dual else self.text_len
+        num_img = hidden_states.shape[1] - (0 if dual else text_len)
+        wants = self.maps and st.wants_maps(num_img)
+        if attention_mask is not None or image_rotary_emb is None or not (st.has_vanilla or wants or self._sharing()):
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if hidden_states.shape[0] != st.batch_size:
+            raise RuntimeError(f"{self.name}: batch {hidden_states.shape[0]} != planned {st.batch_size}")
+        return self._storysync(attn, hidden_states, encoder_hidden_states, image_rotary_emb, text_len, wants)
+
+    def _project(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+        """Normed (B, T+N, H, d) joint query, key, value before RoPE, text first."""
+        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (_heads(x, attn.head_dim) for x in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is not None:
+            eq, ek, ev = (_heads(x, attn.head_dim) for x in (eq, ek, ev))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
+        return q, k, v
+
+    def _storysync(self, attn, hidden_states, encoder_hidden_states, rotary, text_len: int, wants: bool):
+        st, cfg = self.state, self.state.config
+        dual = encoder_hidden_states is not None
+        query, key, value = self._project(attn, hidden_states, encoder_hidden_states)
+        if st.has_vanilla and cfg.layout_interpolation and cfg.bli_target == "query":
+            for g in st.guidance_branches:  # Eq. 12 on the image queries
+                c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
+                query[c, text_len:] = interpolate_layout(query[c, text_len:], query[v, text_len:], cfg.bli_lambda)
+        query, key = apply_rotary_emb(query, rotary, sequence_dim=1), apply_rotary_emb(key, rotary, sequence_dim=1)
+        num_img = query.shape[1] - text_len
+        if wants:
+            rows = st.rows(COND, CONSISTENT)
+            q_img = query[rows, text_len:].transpose(1, 2)  # (F, H, N, d)
+            k_txt = key[rows, :text_len].transpose(1, 2)  # (F, H, T, d)
+            st.record_map(num_img, subject_attention(q_img, k_txt, st.token_weights), self.name)  # Eq. 2
+
+        sharing = self._sharing()
+        masks = st.masks(num_img) if sharing else None
+        shared_rows = [st.rows(g, CONSISTENT) for g in st.shared_guidance] if sharing else []
+        out = _sdpa(query, key, value)  # stock joint attention for every row
+        if sharing and cfg.share_attention:
+            for branch, rows in enumerate(shared_rows):
+                k_sh, v_sh, valid = self._shared_tokens(attn, hidden_states, key, value, rows, branch, masks,
+                                                        rotary, text_len)
+                if k_sh is None:
+                    continue
+                # Eq. 7-8 for the image queries; the text queries keep the stock joint attention.
+                q_r = query[rows, text_len:].transpose(1, 2)
+                k_r, v_r = key[rows].transpose(1, 2), value[rows].transpose(1, 2)
+                out[rows, text_len:] = shared_attention(q_r, k_r, v_r, k_sh, v_sh, valid).transpose(1, 2)
+        out = out.flatten(2, 3).to(query.dtype)
+        features = out[:, text_len:]  # R, the image tokens' RFH features
+        if sharing and st.role == ROLE_ANCHORS and st.step < st.num_steps:
+            img_hidden = hidden_states if dual else hidden_states[:, text_len:]
+            st.record_anchor_layer(
+                self.name, num_img, torch.stack([img_hidden[r] for r in shared_rows]),
+                torch.stack([features[r] for r in shared_rows]), masks,
+            )
+        if sharing and cfg.harmonize:
+            out = torch.cat([out[:, :text_len], self._harmonize(features, shared_rows, masks)], dim=1)
+        if dual:
+            text_out, img_out = out[:, :text_len], out[:, text_len:]
+            img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
+            text_out = attn.to_add_out(text_out.contiguous())
+        else:
+            text_out, img_out = None, out[:, text_len:]
+        if st.has_vanilla and cfg.layout_interpolation and cfg.bli_target == "output":
+            img_out = img_out.clone()
+            for g in st.guidance_branches:  # Eq. 12 on the image outputs
+                c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
+                img_out[c] = interpolate_layout(img_out[c], img_out[v], cfg.bli_lambda)
+        if dual:
+            return img_out, text_out
+        return torch.cat([out[:, :text_len], img_out], dim=1)
+
+    def _shared_tokens(self, attn, hidden_states, key, value, rows, branch, masks, rotary, text_len):
+        """Keys/values each consistent image shares with (padded), Eq. 5-8 and 13.
+
+        Returns ``(B, H, M, d)`` keys and values, post-RoPE at each shared token's own grid position,
+        and the ``(B, M)`` validity of each slot, or three Nones when nothing is shared.
+        Anchors take the other anchors' keys as their own attention computed them; frames rebuild
+        the anchors' keys from the published pre-RoPE image hidden states with their own ``to_k``,
+        ``norm_k`` and the RoPE of the anchor token's grid position (same size: same grid).
+        """
+        st, cfg = self.state, self.state.config
+        sets_k: list[torch.Tensor] = []
+        sets_v: list[torch.Tensor] = []
+        if st.role == ROLE_ANCHORS:
+            if st.num_images < 2:
+                return None, None, None
+            k_img = key[rows, text_len:].flatten(2)  # (A, N, H*d), post-RoPE
+            v_img = value[rows, text_len:].flatten(2)
+            for i, seed in enumerate(st.seeds):
+                keep = keep_mask(masks.shape, cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
+                keep = keep.to(masks.device)
+                sets_k.append(cross_image_tokens(k_img, masks, i, keep))
+                sets_v.append(cross_image_tokens(v_img, masks, i, keep))
+        else:
+            anchor = st.anchor_layer(self.name)
+            if anchor is None or anchor.index.numel() == 0:
+                return None, None, None
+            k_all, v_all = self.anchor_keys(attn, anchor.hidden[branch].to(hidden_states.dtype),
+                                            anchor.index % anchor.num_tokens, rotary, text_len)
+            for seed in st.seeds:
+                keep = keep_mask(anchor.index.shape[0], cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
+                keep = keep.to(k_all.device)
+                sets_k.append(k_all[keep])
+                sets_v.append(v_all[keep])
+        if all(s.shape[0] == 0 for s in sets_k):
+            return None, None, None
+        k_pad, valid = pad_token_sets(sets_k)
+        v_pad, _ = pad_token_sets(sets_v)
+        return (_heads(k_pad, attn.head_dim).transpose(1, 2), _heads(v_pad, attn.head_dim).transpose(1, 2), valid)
+
+    @staticmethod
+    def anchor_keys(attn, hidden: torch.Tensor, positions: torch.Tensor, rotary, text_len: int):
+        """(M, C) anchor image hidden states at grid ``positions`` (M,) -> post-RoPE (M, H*d) keys
+        and (M, H*d) values, with this layer's image projections (``to_k``/``to_v``, ``norm_k``)."""
+        k = attn.norm_k(_heads(attn.to_k(hidden[None]), attn.head_dim))  # (1, M, H, d)
+        v = attn.to_v(hidden[None])
+        k = rope_keys(k, image_rope(rotary, text_len, positions.to(k.device)))
+        return k[0].flatten(1), v[0]
+
+    def _harmonize(self, features: torch.Tensor, shared_rows: list[slice], masks: torch.Tensor) -> torch.Tensor:
+        """Eq. 9-11 on the (B, N, C) image features of every consistent image in the shared branches."""
+        st, cfg = self.state, self.state.config
+        harmonized = features.clone()
+        for branch, rows in enumerate(shared_rows):
+            image_features = features[rows]
+            if st.role == ROLE_ANCHORS:
+                refs_all = [image_features[j][masks[j]] for j in range(st.num_images)]
+            else:
+                anchor = st.anchor_layer(self.name)
+                if anchor is None:
+                    continue
+                refs_all = [f.to(features.dtype) for f in anchor.per_anchor_features(branch, st.bundle.num_anchors)]
+            for i, seed in enumerate(st.seeds):
+                refs = [r for j, r in enumerate(refs_all) if st.role != ROLE_ANCHORS or j != i]
+                keep = keep_mask(masks.shape[1], cfg.rfh_dropout, seed, st.step, self.layer, KIND_RFH)
+                harmonized[rows.start + i] = harmonize_regions(
+                    image_features[i], masks[i], refs, cfg.rfh_gamma, cfg.rfh_tau, keep.to(masks.device)
+                )
+        return harmonized
+
+
+class FluxAdapter:
+    """Runs StorySync renders on a diffusers ``FluxPipeline``."""
+
+    family = "flux"
+
+    def __init__(self, pipe: Any) -> None:
+        from diffusers import FluxPipeline
+
+        if not isinstance(pipe, FluxPipeline):
+            raise TypeError(f"{type(pipe).__name__} is not a FluxPipeline")
+        self.pipe = pipe
+        self._stock_processors = dict(pipe.transformer.attn_processors)
+        self._info: ModelInfo | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = FluxFamily().info_from_pipeline(self.pipe)
+        return self._info
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pipe.tokenizer_2
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        """The packed token grid: one token per 2x2 latent patch."""
+        factor = int(self.pipe.vae_scale_factor) * 2
+        return height // factor, width // factor
+
+    def install(self, state: StorySyncState) -> None:
+        """Install StorySync processors for one render. FLUX has no CFG batch
+        (``ModelInfo.cfg_batch`` is False): the guidance scale feeds the guidance embedding."""
+        cfg = state.config
+        if cfg.share_layers is None or cfg.mask_layers is None:
+            raise ValueError("install a config whose layers are resolved (StorySyncConfig.with_layers)")
+        processors: dict[str, Any] = {}
+        for name in self._stock_processors:
+            maps = cfg.needs_masks and name.startswith(cfg.mask_layers)
+            if cfg.any_mechanism:
+                processors[name] = FluxStorySyncProcessor(
+                    name, state, name.startswith(cfg.share_layers), maps, self.info.text_len
+                )
+            else:
+                processors[name] = FluxAttnProcessor()
+        self.pipe.transformer.set_attn_processor(processors)
+
+    def uninstall(self) -> None:
+        self.pipe.transformer.set_attn_processor(dict(self._stock_processors))
+
+    # ---- the denoising loop, step by step as FluxPipeline.__call__ ---------------------------
+    def _timesteps(self, num_steps: int, image_seq_len: int, device: torch.device) -> torch.Tensor:
+        """Sigmas linspace(1, 1/n), resolution shift mu, as ``__call__``."""
+        sched = self.pipe.scheduler
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if getattr(sched.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(
+            image_seq_len, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
+            sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(sched, num_steps, device, sigmas=sigmas, mu=mu)
+        return timesteps
+
+    def _decode(self, latents: torch.Tensor, height: int, width: int) -> list:
+        pipe = self.pipe
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil")
+
+    @torch.no_grad()
+    def generate(
+        self, state: StorySyncState, prompts: list[str], negative_prompts: list[str] | None, seeds: list[int],
+        *, num_steps: int, height: int, width: int, guidance_scale: float,
+        on_step: Callable[[int], None] | None = None,
+    ) -> RenderResult:
+        """Render ``prompts`` (one image each) as ``FluxPipeline.__call__`` with
+        ``max_sequence_length = info.text_len``, one CPU generator per seed; no negative prompt."""
+        if negative_prompts is not None:
+            raise ValueError("FluxPipeline takes no negative prompt (true CFG is not supported)")
+        if state.guidance:
+            raise ValueError("FLUX renders have no CFG batch (ModelInfo.cfg_batch is False)")
+        pipe = self.pipe
+        device = pipe._execution_device
+        pipe._guidance_scale, pipe._joint_attention_kwargs = guidance_scale, {}
+        pipe._current_timestep, pipe._interrupt = None, False
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+            max_sequence_length=self.info.text_len,
+        )
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        latents, image_ids = pipe.prepare_latents(
+            len(seeds), pipe.transformer.config.in_channels // 4, height, width, embeds.dtype, device, generators
+        )
+        timesteps = self._timesteps(num_steps, latents.shape[1], device)
+        branch_latents = BranchLatents(pipe.scheduler, latents, state.bli_steps > 0, {}, scale_input=False)
+        for i, t in enumerate(timesteps):
+            branches = state.branches
+            reps = len(branches)
+            model_in = branch_latents.model_input(branches, t)
+            guidance = None
+            if pipe.transformer.config.guidance_embeds:
+                guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
+                guidance = guidance.expand(model_in.shape[0])
+            timestep = t.expand(model_in.shape[0]).to(model_in.dtype)
+            noise = pipe.transformer(
+                hidden_states=model_in, timestep=timestep / 1000, guidance=guidance,
+                pooled_projections=torch.cat([pooled] * reps), encoder_hidden_states=torch.cat([embeds] * reps),
+                txt_ids=text_ids, img_ids=image_ids, joint_attention_kwargs={}, return_dict=False,
+            )[0]
+            branch_latents.step(branches, noise.chunk(reps), t)
+            state.end_step()
+            if not state.has_vanilla:
+                branch_latents.drop(VANILLA)
+            if on_step is not None:
+                on_step(i)
+        final = branch_latents.latents[CONSISTENT]
+        check_finite(final)
+        return RenderResult(images=self._decode(final, height, width), masks=state.final_masks())
+
+
+# ---- the family ---------------------------------------------------------------------------------
+def _flux_info(tokenizer: Any, transformer: Mapping[str, Any], vae: Mapping[str, Any]) -> ModelInfo:
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    steps, guidance = DEV_DEFAULTS if transformer.get("guidance_embeds", False) else SCHNELL_DEFAULTS
+    size = DEFAULT_SAMPLE_SIZE * vae_scale
+    return ModelInfo(
+        family=FluxFamily.name, tokenizer=tokenizer, size_factor=vae_scale * 2,
+        text_len=min(MAX_SEQUENCE_LENGTH, int(tokenizer.model_max_length)), default_height=size,
+        default_width=size, default_steps=steps, default_guidance_scale=guidance,
+        share_layers=SHARE_LAYERS, mask_layers=MASK_LAYERS, negative_prompt=False, cfg_batch=False,
+    )
+
+
+class FluxFamily(ModelFamily):
+    """FLUX.1 (schnell, dev): ``FluxTransformer2DModel`` with dual- and single-stream joint
+    attention, T5 text tokens (``tokenizer_2``) in the attention, CLIP pooled embedding."""
+
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    info_files = ("model_index.json", "tokenizer_2/*", "transformer/config.json", "vae/config.json")
+
+    def info_from_folder(self, folder: pathlib.Path, model_index: Mapping[str, Any]) -> ModelInfo:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer_2")
+        transformer = json.loads((folder / "transformer" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return _flux_info(tokenizer, transformer, vae)
+
+    def info_from_pipeline(self, pipe: Any) -> ModelInfo:
+        from .presets import UnknownModelError
+
+        parts = [getattr(pipe, name, None) for name in ("transformer", "vae", "tokenizer_2")]
+        if any(p is None for p in parts):
+            raise UnknownModelError(f"{type(pipe).__name__} has no transformer, vae or tokenizer_2")
+        transformer, vae, tokenizer = parts
+        return _flux_info(tokenizer, dict(transformer.config), dict(vae.config))
+
+    def adapter(self, pipe: Any) -> FluxAdapter:
+        return FluxAdapter(pipe)
+
+    def presets(self) -> Mapping[str, Any]:
+        from .flux_presets import FLUX_PRESETS
+
+        return FLUX_PRESETS
