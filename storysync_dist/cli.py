@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="render a story into a Parquet dataset")
     render.add_argument("story", help="story file (.yaml, .yml or .json)")
     render.add_argument("--model", required=True,
-                        help="a preset (tiny-sdxl, tiny-sd), a local diffusers folder, or a hub id in the HF cache")
+                        help="a preset (tiny-sdxl, tiny-sd, tiny-flux, tiny-kandinsky3, random-sdxl, random-flux), "
+                        "a local diffusers folder (SDXL, SD, FLUX.1, Kandinsky 3), or a hub id in the HF cache")
     render.add_argument("--out", required=True, help="output folder or fsspec URL (file://, memory://, s3://, gs://)")
     render.add_argument("--method", choices=["storysync", "vanilla"], default="storysync")
     render.add_argument("--only", help="comma-separated frame ids to render (against the same anchors)")
