@@ -38,8 +38,8 @@ from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
 from ..core.sharing import cross_image_tokens, pad_token_sets, shared_attention
 from ..core.state import COND, CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
+from .denoise import BranchLatents, check_finite
 from .family import ModelFamily, ModelInfo, RenderResult
-from .unet import BranchLatents, check_finite
 
 DUAL, SINGLE = "transformer_blocks", "single_transformer_blocks"
 # Masks from the dual-stream blocks' joint attention (text and image still separate streams, text

@@ -44,8 +44,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.pipelines.kandinsky3.pipeline_kandinsky3 import downscale_height_and_width
 
 from ..core.state import CONSISTENT, VANILLA, StorySyncState
+from .attention import StorySyncSelfAttnProcessor, _split_heads
+from .denoise import BranchLatents, check_finite
 from .family import ModelFamily, ModelInfo, RenderResult
-from .unet import BranchLatents, StorySyncSelfAttnProcessor, _split_heads, check_finite
 
 __all__ = [
     "Kandinsky3Adapter", "Kandinsky3Family", "Kandinsky3SelfAttnProcessor", "Kandinsky3SubjectMapProcessor",

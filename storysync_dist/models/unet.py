@@ -1,6 +1,7 @@
 """StorySync on diffusers UNet pipelines (SDXL, SD 1.x/2.x).
 
-Two attention processors are installed with ``unet.set_attn_processor``; no UNet class is copied:
+Two attention processors (``models/attention.py``) are installed with ``unet.set_attn_processor``;
+no UNet class is copied:
   - :class:`StorySyncSelfAttnProcessor` on every self-attention (``attn1``): BLI (Eq. 12) on all of
     them, masked cross-image sharing (Eq. 5-8, 13) and RFH (Eq. 9-11) on the shared layers;
   - :class:`SubjectMapProcessor` on the cross-attentions (``attn2``) of the mask layers: the stock
@@ -16,8 +17,6 @@ the shared state advances after every step.
 
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 import pathlib
 from collections.abc import Callable, Mapping
@@ -25,232 +24,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
-from ..core.dropout import KIND_RFH, KIND_SHARE, keep_mask
-from ..core.harmonize import harmonize_regions
-from ..core.layout import interpolate_layout
-from ..core.masks import subject_attention
-from ..core.sharing import cross_image_tokens, pad_token_sets, shared_attention
-from ..core.state import CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
-from ..errors import NonFiniteOutputError
+from ..core.state import CONSISTENT, VANILLA, StorySyncState
+from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
+from .denoise import BranchLatents, check_finite
 from .family import ModelFamily, ModelInfo, RenderResult, SamplingDefaults
 
 SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
-
-
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, H*d) -> (B, H, N, d)."""
-    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, d) -> (B, N, H*d)."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
-
-
-class StorySyncSelfAttnProcessor:
-    """Self-attention with BLI (Eq. 12, on the queries or the output: ``bli_target``), and with
-    sharing (Eq. 5-8, 13) + RFH (Eq. 9-11) when ``shares``."""
-
-    def __init__(self, name: str, state: StorySyncState, shares: bool) -> None:
-        self.name = name
-        self.state = state
-        self.shares = shares
-        self.layer = layer_id(name)
-        self.stock = AttnProcessor2_0()
-
-    def _active(self) -> bool:
-        st, cfg = self.state, self.state.config
-        if st.has_vanilla:
-            return True
-        return self.shares and st.sharing_ready and (cfg.share_attention or cfg.harmonize)
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: object,
-        **kwargs: object,
-    ) -> torch.Tensor:
-        if self.shares:
-            self.state.enter_shared_layer(self.name)  # current masks are fixed at the first one
-        plain = (
-            encoder_hidden_states is None
-            and attention_mask is None
-            and attn.spatial_norm is None
-            and attn.group_norm is None
-            and hidden_states.ndim == 3
-        )
-        if not plain or not self._active():
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        st, cfg = self.state, self.state.config
-        if hidden_states.shape[0] != st.batch_size:
-            raise RuntimeError(f"{self.name}: batch {hidden_states.shape[0]} != planned {st.batch_size}")
-
-        num_tokens = hidden_states.shape[1]
-        heads = attn.heads
-        query = _split_heads(attn.to_q(hidden_states), heads)
-        key = _split_heads(attn.to_k(hidden_states), heads)
-        value = _split_heads(attn.to_v(hidden_states), heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if st.has_vanilla and cfg.layout_interpolation and cfg.bli_target == "query":
-            # Eq. 12 on the queries (Figure 2): the consistent branch attends, to its own and the
-            # shared keys at full weight, with queries moved towards the vanilla branch's.
-            for g in st.guidance_branches:
-                c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
-                query[c] = interpolate_layout(query[c], query[v], cfg.bli_lambda)
-
-        sharing = self.shares and st.sharing_ready and (cfg.share_attention or cfg.harmonize)
-        masks = st.masks(num_tokens) if sharing else None
-        shared_rows = [st.rows(g, CONSISTENT) for g in st.shared_guidance] if sharing else []
-
-        out = F.scaled_dot_product_attention(query, key, value)  # stock attention for every row
-        if sharing and cfg.share_attention:
-            for branch, rows in enumerate(shared_rows):
-                k_sh, v_sh, valid = self._shared_tokens(attn, hidden_states, key, value, rows, branch, masks)
-                if k_sh is None:
-                    continue  # nothing to share with any image here: the stock output stands
-                out[rows] = shared_attention(query[rows], key[rows], value[rows], k_sh, v_sh, valid)
-        features = _merge_heads(out).to(query.dtype)  # R, the RFH features
-
-        if sharing and st.role == ROLE_ANCHORS and st.step < st.num_steps:
-            st.record_anchor_layer(
-                self.name,
-                num_tokens,
-                torch.stack([hidden_states[rows] for rows in shared_rows]),
-                torch.stack([features[rows] for rows in shared_rows]),
-                masks,
-            )
-        if sharing and cfg.harmonize:
-            features = self._harmonize(features, shared_rows, masks)
-
-        out = attn.to_out[1](attn.to_out[0](features))
-        if st.has_vanilla and cfg.layout_interpolation and cfg.bli_target == "output":
-            for g in st.guidance_branches:
-                c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
-                out[c] = interpolate_layout(out[c], out[v], cfg.bli_lambda)  # Eq. 12, on the output
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-    def _shared_tokens(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        rows: slice,
-        branch: int,
-        masks: torch.Tensor,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Keys/values each consistent image shares with (padded), Eq. 5-8 and 13.
-
-        Returns ``(B, H, M, d)`` keys and values and the ``(B, M)`` validity of each slot (False on
-        padding), or three Nones when no image has a single token to share with at this layer and
-        step: the subject masks are empty (a small layer, an early step) or dropout removed every
-        key. An image whose own set is empty while others' are not gets only padding, which
-        ``shared_attention`` masks out, so it attends to its own tokens alone.
-        """
-        st, cfg = self.state, self.state.config
-        heads = attn.heads
-        sets_k: list[torch.Tensor] = []
-        sets_v: list[torch.Tensor] = []
-        if st.role == ROLE_ANCHORS:
-            if st.num_images < 2:
-                return None, None, None
-            k_img, v_img = _merge_heads(key[rows]), _merge_heads(value[rows])  # (A, N, C)
-            for i, seed in enumerate(st.seeds):
-                keep = keep_mask(masks.shape, cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
-                keep = keep.to(masks.device)
-                sets_k.append(cross_image_tokens(k_img, masks, i, keep))
-                sets_v.append(cross_image_tokens(v_img, masks, i, keep))
-        else:
-            anchor = st.anchor_layer(self.name)
-            if anchor is None or anchor.index.numel() == 0:
-                return None, None, None
-            shared_hidden = anchor.hidden[branch].to(hidden_states.dtype)
-            k_all = attn.to_k(shared_hidden[None])
-            v_all = attn.to_v(shared_hidden[None])
-            if attn.norm_k is not None:
-                k_all = _merge_heads(attn.norm_k(_split_heads(k_all, heads)))
-            for seed in st.seeds:
-                keep = keep_mask(anchor.index.shape[0], cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
-                keep = keep.to(k_all.device)
-                sets_k.append(k_all[0][keep])
-                sets_v.append(v_all[0][keep])
-        if all(s.shape[0] == 0 for s in sets_k):
-            return None, None, None
-        k_pad, valid = pad_token_sets(sets_k)
-        v_pad, _ = pad_token_sets(sets_v)
-        return _split_heads(k_pad, heads), _split_heads(v_pad, heads), valid
-
-    def _harmonize(self, features: torch.Tensor, shared_rows: list[slice], masks: torch.Tensor) -> torch.Tensor:
-        """Eq. 9-11 for every consistent image in the shared guidance branches."""
-        st, cfg = self.state, self.state.config
-        harmonized = features.clone()
-        for branch, rows in enumerate(shared_rows):
-            image_features = features[rows]
-            if st.role == ROLE_ANCHORS:
-                refs_all = [image_features[j][masks[j]] for j in range(st.num_images)]
-            else:
-                anchor = st.anchor_layer(self.name)
-                if anchor is None:
-                    continue
-                refs_all = [
-                    f.to(features.dtype) for f in anchor.per_anchor_features(branch, st.bundle.num_anchors)
-                ]
-            for i, seed in enumerate(st.seeds):
-                refs = [r for j, r in enumerate(refs_all) if st.role != ROLE_ANCHORS or j != i]
-                keep = keep_mask(masks.shape[1], cfg.rfh_dropout, seed, st.step, self.layer, KIND_RFH)
-                harmonized[rows.start + i] = harmonize_regions(
-                    image_features[i], masks[i], refs, cfg.rfh_gamma, cfg.rfh_tau, keep.to(masks.device)
-                )
-        return harmonized
-
-
-class SubjectMapProcessor:
-    """Cross-attention: stock output, plus the subject maps of Eq. 2 (conditional branch)."""
-
-    def __init__(self, name: str, state: StorySyncState) -> None:
-        self.name = name
-        self.state = state
-        self.stock = AttnProcessor2_0()
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: object,
-        **kwargs: object,
-    ) -> torch.Tensor:
-        out = self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        st = self.state
-        if encoder_hidden_states is not None and hidden_states.ndim == 3 and st.wants_maps(hidden_states.shape[1]):
-            rows = st.rows("cond", CONSISTENT)
-            text = encoder_hidden_states[rows]
-            if attn.norm_cross:
-                text = attn.norm_encoder_hidden_states(text)
-            query = _split_heads(attn.to_q(hidden_states[rows]), attn.heads)
-            key = _split_heads(attn.to_k(text), attn.heads)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            st.record_map(hidden_states.shape[1], subject_attention(query, key, st.token_weights), self.name)
-        return out
 
 
 @dataclass
@@ -342,65 +125,6 @@ class SDXLConditioning(SDConditioning):
         if pipe.watermark is not None:
             image = pipe.watermark.apply_watermark(image)
         return pipe.image_processor.postprocess(image, output_type="pil")
-
-
-class BranchLatents:
-    """The latents of each branch with its own scheduler copy: multistep schedulers keep
-    per-sample history, and the vanilla branch leaves the batch after T steps (BLI, Eq. 12)."""
-
-    def __init__(
-        self, scheduler: object, latents: torch.Tensor, with_vanilla: bool, step_kwargs: dict,
-        scale_input: bool = True,
-    ) -> None:
-        # scale_input=False: pipelines whose loop feeds the latents as they are (flow matching,
-        # Kandinsky 3's DDPM loop) rather than through scheduler.scale_model_input.
-        self.scale_input = scale_input
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        self.schedulers = {CONSISTENT: copy.deepcopy(scheduler)}
-        self.latents = {CONSISTENT: latents}
-        accepts = set(inspect.signature(scheduler.step).parameters)
-        kwargs = {k: v for k, v in step_kwargs.items() if k in accepts}
-        self.step_kwargs = {CONSISTENT: kwargs}
-        if with_vanilla:
-            self.schedulers[VANILLA] = copy.deepcopy(scheduler)
-            self.latents[VANILLA] = latents.clone()
-            # Schedulers that draw noise every step (DDPM, Euler ancestral) must not let the vanilla
-            # branch take the consistent branch's draws: it gets its own copy of each generator.
-            self.step_kwargs[VANILLA] = {
-                k: [_clone_generator(g) for g in v] if k == "generator" and isinstance(v, list) else v
-                for k, v in kwargs.items()
-            }
-
-    def model_input(self, branches: tuple[str, ...], t: torch.Tensor) -> torch.Tensor:
-        if not self.scale_input:
-            return torch.cat([self.latents[b] for b in branches])
-        return torch.cat([self.schedulers[b].scale_model_input(self.latents[b], t) for b in branches])
-
-    def step(self, branches: tuple[str, ...], noise: tuple[torch.Tensor, ...], t: torch.Tensor) -> None:
-        for b, chunk in zip(branches, noise):
-            self.latents[b] = self.schedulers[b].step(chunk, t, self.latents[b], **self.step_kwargs[b],
-                                                      return_dict=False)[0]
-
-    def drop(self, branch: str) -> None:
-        if branch in self.latents:
-            del self.latents[branch], self.schedulers[branch], self.step_kwargs[branch]
-
-
-def _clone_generator(generator: torch.Generator) -> torch.Generator:
-    clone = torch.Generator(device=generator.device)
-    clone.set_state(generator.get_state())
-    return clone
-
-
-def check_finite(latents: torch.Tensor) -> None:
-    """Refuse NaN/inf latents (one device sync per render, not per step)."""
-    if not bool(torch.isfinite(latents).all()):
-        bad = [i for i in range(latents.shape[0]) if not bool(torch.isfinite(latents[i]).all())]
-        raise NonFiniteOutputError(
-            f"the denoiser produced NaN/inf latents for image(s) {bad} of the batch "
-            f"({latents.dtype}; float16 overflows on some models: try --dtype bfloat16 or float32)"
-        )
 
 
 class UNetAdapter:

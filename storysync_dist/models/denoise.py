@@ -1,0 +1,73 @@
+"""Pieces of a denoising loop every family shares: the per-branch latents and schedulers (the
+vanilla branch of BLI leaves the batch after T steps) and the check for non-finite latents."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+
+from ..core.state import CONSISTENT, VANILLA
+from ..errors import NonFiniteOutputError
+
+__all__ = ["BranchLatents", "check_finite"]
+
+
+class BranchLatents:
+    """The latents of each branch with its own scheduler copy: multistep schedulers keep
+    per-sample history, and the vanilla branch leaves the batch after T steps (BLI, Eq. 12)."""
+
+    def __init__(
+        self, scheduler: object, latents: torch.Tensor, with_vanilla: bool, step_kwargs: dict,
+        scale_input: bool = True,
+    ) -> None:
+        # scale_input=False: pipelines whose loop feeds the latents as they are (flow matching,
+        # Kandinsky 3's DDPM loop) rather than through scheduler.scale_model_input.
+        self.scale_input = scale_input
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        self.schedulers = {CONSISTENT: copy.deepcopy(scheduler)}
+        self.latents = {CONSISTENT: latents}
+        accepts = set(inspect.signature(scheduler.step).parameters)
+        kwargs = {k: v for k, v in step_kwargs.items() if k in accepts}
+        self.step_kwargs = {CONSISTENT: kwargs}
+        if with_vanilla:
+            self.schedulers[VANILLA] = copy.deepcopy(scheduler)
+            self.latents[VANILLA] = latents.clone()
+            # Schedulers that draw noise every step (DDPM, Euler ancestral) must not let the vanilla
+            # branch take the consistent branch's draws: it gets its own copy of each generator.
+            self.step_kwargs[VANILLA] = {
+                k: [_clone_generator(g) for g in v] if k == "generator" and isinstance(v, list) else v
+                for k, v in kwargs.items()
+            }
+
+    def model_input(self, branches: tuple[str, ...], t: torch.Tensor) -> torch.Tensor:
+        if not self.scale_input:
+            return torch.cat([self.latents[b] for b in branches])
+        return torch.cat([self.schedulers[b].scale_model_input(self.latents[b], t) for b in branches])
+
+    def step(self, branches: tuple[str, ...], noise: tuple[torch.Tensor, ...], t: torch.Tensor) -> None:
+        for b, chunk in zip(branches, noise):
+            self.latents[b] = self.schedulers[b].step(chunk, t, self.latents[b], **self.step_kwargs[b],
+                                                      return_dict=False)[0]
+
+    def drop(self, branch: str) -> None:
+        if branch in self.latents:
+            del self.latents[branch], self.schedulers[branch], self.step_kwargs[branch]
+
+
+def _clone_generator(generator: torch.Generator) -> torch.Generator:
+    clone = torch.Generator(device=generator.device)
+    clone.set_state(generator.get_state())
+    return clone
+
+
+def check_finite(latents: torch.Tensor) -> None:
+    """Refuse NaN/inf latents (one device sync per render, not per step)."""
+    if not bool(torch.isfinite(latents).all()):
+        bad = [i for i in range(latents.shape[0]) if not bool(torch.isfinite(latents[i]).all())]
+        raise NonFiniteOutputError(
+            f"the denoiser produced NaN/inf latents for image(s) {bad} of the batch "
+            f"({latents.dtype}; float16 overflows on some models: try --dtype bfloat16 or float32)"
+        )
