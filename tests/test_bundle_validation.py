@@ -54,7 +54,7 @@ def make_meta(**changes: Any) -> dict[str, Any]:
         "height": 64,
         "width": 64,
         "guidance_scale": 5.0,
-        "negative_prompt": "blurry, deformed, extra limbs, text, watermark",
+        "negative_prompt": None,  # examples/story.yaml has none (it renders on every family)
         "config": StorySyncConfig().with_layers(SHARE_LAYERS, MASK_LAYERS).to_dict(),  # as tiny-sdxl resolves it
         "num_anchors": 2,
         "anchor_ids": ["beach", "kitchen"],
