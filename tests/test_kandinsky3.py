@@ -26,19 +26,19 @@ from storysync_dist.api import RenderOptions
 from storysync_dist.cli import main
 from storysync_dist.core.anchors import AnchorBundle
 from storysync_dist.core.config import StorySyncConfig
+from storysync_dist.core.masks import subject_attention
 from storysync_dist.core.state import ROLE_ANCHORS, StorySyncState
 from storysync_dist.engine.job import prepare_job
 from storysync_dist.engine.renderer import StoryRenderer
+from storysync_dist.models.attention import SubjectMapProcessor
 from storysync_dist.models.kandinsky3 import (
     DEFAULT_GUIDANCE,
     DEFAULT_SIZE,
     DEFAULT_STEPS,
     Kandinsky3Family,
     Kandinsky3SelfAttnProcessor,
-    Kandinsky3SubjectMapProcessor,
     is_cross_attention,
     is_self_attention,
-    masked_subject_attention,
 )
 from storysync_dist.models.presets import load_pipeline, preset_path
 from storysync_dist.models.registry import adapter_for, family_for_pipeline, model_info
@@ -213,7 +213,7 @@ def test_self_and_cross_attention_told_apart_by_module_name(pipe) -> None:
             assert isinstance(installed[name], Kandinsky3SelfAttnProcessor)
             assert installed[name].shares == name.startswith("up_blocks")
         for name in cross_names:
-            expected = Kandinsky3SubjectMapProcessor if name.startswith("down_blocks.2") else AttnProcessor2_0
+            expected = SubjectMapProcessor if name.startswith("down_blocks.2") else AttnProcessor2_0
             assert type(installed[name]) is expected
     finally:
         adapter.uninstall()
@@ -232,7 +232,7 @@ def test_masked_subject_maps_match_a_dense_reference() -> None:
     weights[:, 1, 0] = 1.0
     weights[:, [2, 3], 1] = 0.5
 
-    maps = masked_subject_attention(query, key, bias, weights)
+    maps = subject_attention(query, key, weights, bias)
     assert maps.shape == (batch, patches, 2)
     for b in range(batch):
         keys = key[b][:, valid[b]]  # padding tokens removed altogether
@@ -240,7 +240,7 @@ def test_masked_subject_maps_match_a_dense_reference() -> None:
         expected = torch.stack([probs[:, 1], probs[:, [2, 3]].mean(dim=-1)], dim=-1)
         torch.testing.assert_close(maps[b], expected, rtol=1e-5, atol=1e-6)
     # Without the mask the padding would take probability mass: the maps would differ.
-    assert not torch.allclose(masked_subject_attention(query, key, None, weights), maps, atol=1e-3)
+    assert not torch.allclose(subject_attention(query, key, weights), maps, atol=1e-3)
 
 
 # ---- StorySync frames -------------------------------------------------------------------------------

@@ -37,19 +37,27 @@ def subject_token_weights(
     return weights
 
 
-def subject_attention(query: torch.Tensor, key: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+def subject_attention(
+    query: torch.Tensor, key: torch.Tensor, token_weights: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. 2: the cross-attention probabilities of the subject tokens, averaged over heads.
 
     Args:
         query: (B, H, N, d) image-patch queries of one cross-attention layer.
         key: (B, H, L, d) text keys.
-        token_weights: (B, L, S) from :func:`subject_token_weights`.
+        token_weights: (B, L', S) from :func:`subject_token_weights`, L' >= L (a text cut to its
+            first L tokens, as Kandinsky 3 cuts it, keeps the first L rows).
+        bias: the layer's additive attention mask over the text, (B, L) or (B, 1, L) (padding
+            tokens at -10000 or -inf), or None.
     Returns:
         (B, N, S) attention map of each subject over the N patches.
     """
     scale = 1.0 / math.sqrt(query.shape[-1])
-    probs = torch.softmax((query.float() @ key.float().transpose(-1, -2)) * scale, dim=-1)  # (B,H,N,L)
-    return probs.mean(dim=1) @ token_weights.to(probs.dtype)
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scale  # (B, H, N, L)
+    if bias is not None:
+        scores = scores + bias.float().reshape(bias.shape[0], 1, 1, -1)
+    probs = torch.softmax(scores, dim=-1)
+    return probs.mean(dim=1) @ token_weights[:, : key.shape[2]].to(probs.dtype)
 
 
 def aggregate_subject_maps(layer_maps: list[torch.Tensor]) -> torch.Tensor:

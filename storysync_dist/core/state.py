@@ -20,7 +20,8 @@ import torch
 
 from .anchors import AnchorBundle, AnchorStep, SharedLayerState
 from .config import StorySyncConfig
-from .dropout import KIND_MASK, keep_mask
+from .dropout import KIND_MASK, KIND_RFH, keep_mask
+from .harmonize import harmonize_regions
 from .masks import aggregate_subject_maps, subject_mask, subject_token_weights, token_grid
 
 ROLE_ANCHORS = "anchors"
@@ -234,6 +235,41 @@ class StorySyncState:
             layer = anchor_step.layers.get(name) if anchor_step is not None else None
             self._anchor_cache[name] = layer.to(self.device) if layer is not None else None
         return self._anchor_cache[name]
+
+    # ---- Regional Feature Harmonization (Eq. 9-11) ----------------------------------------
+    def harmonize(
+        self, name: str, features: torch.Tensor, shared_rows: list[slice], masks: torch.Tensor
+    ) -> torch.Tensor:
+        """RFH of one shared layer's features for every consistent image of the shared branches.
+
+        Args:
+            name: the layer's processor name (its anchor state, and the seed of its RFH dropout).
+            features: (B, N, C) the layer's features R, the whole batch.
+            shared_rows: the batch rows of the consistent images, one slice per shared guidance branch.
+            masks: (F, N) the images' subject masks at this layer.
+        Returns:
+            (B, N, C) features with the consistent images' subject patches harmonized: anchors
+            against the other anchors (a simultaneous update), frames against the anchors.
+        """
+        cfg = self.config
+        layer = layer_id(name)
+        harmonized = features.clone()
+        for branch, rows in enumerate(shared_rows):
+            image_features = features[rows]
+            if self.role == ROLE_ANCHORS:
+                refs_all = [image_features[j][masks[j]] for j in range(self.num_images)]
+            else:
+                anchor = self.anchor_layer(name)
+                if anchor is None or self.bundle is None:
+                    continue
+                refs_all = [f.to(features.dtype) for f in anchor.per_anchor_features(branch, self.bundle.num_anchors)]
+            for i, seed in enumerate(self.seeds):
+                refs = [r for j, r in enumerate(refs_all) if self.role != ROLE_ANCHORS or j != i]
+                keep = keep_mask(masks.shape[1], cfg.rfh_dropout, seed, self.step, layer, KIND_RFH)
+                harmonized[rows.start + i] = harmonize_regions(
+                    image_features[i], masks[i], refs, cfg.rfh_gamma, cfg.rfh_tau, keep.to(masks.device)
+                )
+        return harmonized
 
     # ---- step bookkeeping ---------------------------------------------------------------
     def end_step(self) -> None:

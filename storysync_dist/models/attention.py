@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from ..core.dropout import KIND_RFH, KIND_SHARE, keep_mask
-from ..core.harmonize import harmonize_regions
+from ..core.dropout import KIND_SHARE, keep_mask
 from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
 from ..core.sharing import cross_image_tokens, pad_token_sets, shared_attention
@@ -178,27 +177,8 @@ class StorySyncSelfAttnProcessor:
         return _split_heads(k_pad, heads), _split_heads(v_pad, heads), valid
 
     def _harmonize(self, features: torch.Tensor, shared_rows: list[slice], masks: torch.Tensor) -> torch.Tensor:
-        """Eq. 9-11 for every consistent image in the shared guidance branches."""
-        st, cfg = self.state, self.state.config
-        harmonized = features.clone()
-        for branch, rows in enumerate(shared_rows):
-            image_features = features[rows]
-            if st.role == ROLE_ANCHORS:
-                refs_all = [image_features[j][masks[j]] for j in range(st.num_images)]
-            else:
-                anchor = st.anchor_layer(self.name)
-                if anchor is None:
-                    continue
-                refs_all = [
-                    f.to(features.dtype) for f in anchor.per_anchor_features(branch, st.bundle.num_anchors)
-                ]
-            for i, seed in enumerate(st.seeds):
-                refs = [r for j, r in enumerate(refs_all) if st.role != ROLE_ANCHORS or j != i]
-                keep = keep_mask(masks.shape[1], cfg.rfh_dropout, seed, st.step, self.layer, KIND_RFH)
-                harmonized[rows.start + i] = harmonize_regions(
-                    image_features[i], masks[i], refs, cfg.rfh_gamma, cfg.rfh_tau, keep.to(masks.device)
-                )
-        return harmonized
+        """Eq. 9-11 for every consistent image in the shared guidance branches (``StorySyncState.harmonize``)."""
+        return self.state.harmonize(self.name, features, shared_rows, masks)
 
 
 class SubjectMapProcessor:
@@ -221,7 +201,9 @@ class SubjectMapProcessor:
     ) -> torch.Tensor:
         out = self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         st = self.state
-        if encoder_hidden_states is not None and hidden_states.ndim == 3 and st.wants_maps(hidden_states.shape[1]):
+        # A text cross-attention (Kandinsky 3 calls its self-attentions with context=hidden_states).
+        cross = encoder_hidden_states is not None and encoder_hidden_states is not hidden_states
+        if cross and hidden_states.ndim == 3 and st.wants_maps(hidden_states.shape[1]):
             rows = st.rows("cond", CONSISTENT)
             text = encoder_hidden_states[rows]
             if attn.norm_cross:
@@ -232,5 +214,6 @@ class SubjectMapProcessor:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
-            st.record_map(hidden_states.shape[1], subject_attention(query, key, st.token_weights), self.name)
+            bias = attention_mask[rows] if attention_mask is not None else None  # text padding mask
+            st.record_map(hidden_states.shape[1], subject_attention(query, key, st.token_weights, bias), self.name)
         return out

@@ -32,8 +32,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from ..core.dropout import KIND_RFH, KIND_SHARE, keep_mask
-from ..core.harmonize import harmonize_regions
+from ..core.dropout import KIND_SHARE, keep_mask
 from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
 from ..core.sharing import cross_image_tokens, pad_token_sets, shared_attention
@@ -234,25 +233,8 @@ class FluxStorySyncProcessor:
         return k[0].flatten(1), v[0]
 
     def _harmonize(self, features: torch.Tensor, shared_rows: list[slice], masks: torch.Tensor) -> torch.Tensor:
-        """Eq. 9-11 on the (B, N, C) image features of every consistent image in the shared branches."""
-        st, cfg = self.state, self.state.config
-        harmonized = features.clone()
-        for branch, rows in enumerate(shared_rows):
-            image_features = features[rows]
-            if st.role == ROLE_ANCHORS:
-                refs_all = [image_features[j][masks[j]] for j in range(st.num_images)]
-            else:
-                anchor = st.anchor_layer(self.name)
-                if anchor is None:
-                    continue
-                refs_all = [f.to(features.dtype) for f in anchor.per_anchor_features(branch, st.bundle.num_anchors)]
-            for i, seed in enumerate(st.seeds):
-                refs = [r for j, r in enumerate(refs_all) if st.role != ROLE_ANCHORS or j != i]
-                keep = keep_mask(masks.shape[1], cfg.rfh_dropout, seed, st.step, self.layer, KIND_RFH)
-                harmonized[rows.start + i] = harmonize_regions(
-                    image_features[i], masks[i], refs, cfg.rfh_gamma, cfg.rfh_tau, keep.to(masks.device)
-                )
-        return harmonized
+        """Eq. 9-11 for every consistent image in the shared guidance branches (``StorySyncState.harmonize``)."""
+        return self.state.harmonize(self.name, features, shared_rows, masks)
 
 
 class FluxAdapter:

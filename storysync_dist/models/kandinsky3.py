@@ -10,7 +10,7 @@ up block) and ``attentions.1..`` are the text cross-attentions (one per resnet p
   - :class:`Kandinsky3SelfAttnProcessor` (the UNet family's :class:`StorySyncSelfAttnProcessor`,
     told that the context is its own input) on every ``*.attentions.0.attention``: BLI (Eq. 12),
     and sharing (Eq. 5-8, 13) + RFH (Eq. 9-11) on the shared layers;
-  - :class:`Kandinsky3SubjectMapProcessor` on the cross-attentions of the mask layers: the stock
+  - :class:`~.attention.SubjectMapProcessor` on the cross-attentions of the mask layers: the stock
     output plus the subject maps of Eq. 2, with the text padding masked as the layer masks it;
   - :class:`PerImagePoolingProcessor` on ``add_time_condition.attention`` during a render (below).
 
@@ -44,13 +44,13 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.pipelines.kandinsky3.pipeline_kandinsky3 import downscale_height_and_width
 
 from ..core.state import CONSISTENT, VANILLA, StorySyncState
-from .attention import StorySyncSelfAttnProcessor, _split_heads
+from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
 from .denoise import BranchLatents, check_finite
 from .family import ModelFamily, ModelInfo, RenderResult
 
 __all__ = [
-    "Kandinsky3Adapter", "Kandinsky3Family", "Kandinsky3SelfAttnProcessor", "Kandinsky3SubjectMapProcessor",
-    "PerImagePoolingProcessor", "is_cross_attention", "is_self_attention", "masked_subject_attention",
+    "Kandinsky3Adapter", "Kandinsky3Family", "Kandinsky3SelfAttnProcessor",
+    "PerImagePoolingProcessor", "is_cross_attention", "is_self_attention",
 ]
 
 # ``Kandinsky3Pipeline.__call__``'s defaults (tests/test_kandinsky3.py checks them against its signature).
@@ -101,66 +101,6 @@ class Kandinsky3SelfAttnProcessor(StorySyncSelfAttnProcessor):
         if encoder_hidden_states is hidden_states:
             encoder_hidden_states = None
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-
-def masked_subject_attention(
-    query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, token_weights: torch.Tensor
-) -> torch.Tensor:
-    """Eq. 2 with the layer's text mask: softmax(QK^T / sqrt(d) + bias) over the text tokens, the
-    subject columns kept, averaged over heads.
-
-    Args:
-        query: (B, H, N, d); key: (B, H, L, d).
-        bias: the additive mask the layer gets, (B, 1, L) or (B, L) (``Kandinsky3UNet`` gives
-            -10000 on padding), or None.
-        token_weights: (B, L', S) with L' >= L (the state's 128 positions; the cut text is a prefix).
-    Returns:
-        (B, N, S).
-    """
-    scale = 1.0 / query.shape[-1] ** 0.5
-    scores = (query.float() @ key.float().transpose(-1, -2)) * scale  # (B, H, N, L)
-    if bias is not None:
-        scores = scores + bias.float().reshape(bias.shape[0], 1, 1, -1)
-    probs = torch.softmax(scores, dim=-1).mean(dim=1)
-    return probs @ token_weights[:, : key.shape[2]].to(probs.dtype)
-
-
-class Kandinsky3SubjectMapProcessor:
-    """Text cross-attention: stock output, plus the subject maps of Eq. 2 (conditional branch)."""
-
-    def __init__(self, name: str, state: StorySyncState) -> None:
-        self.name = name
-        self.state = state
-        self.stock = AttnProcessor2_0()
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: object,
-        **kwargs: object,
-    ) -> torch.Tensor:
-        out = self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        st = self.state
-        cross = encoder_hidden_states is not None and encoder_hidden_states is not hidden_states
-        if cross and hidden_states.ndim == 3 and st.wants_maps(hidden_states.shape[1]):
-            rows = st.rows("cond", CONSISTENT)
-            text = encoder_hidden_states[rows]
-            if attn.norm_cross:
-                text = attn.norm_encoder_hidden_states(text)
-            query = _split_heads(attn.to_q(hidden_states[rows]), attn.heads)
-            key = _split_heads(attn.to_k(text), attn.heads)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            bias = attention_mask[rows] if attention_mask is not None else None
-            st.record_map(hidden_states.shape[1], masked_subject_attention(query, key, bias, st.token_weights),
-                          self.name)
-        return out
 
 
 class PerImagePoolingProcessor:
@@ -243,7 +183,7 @@ class Kandinsky3Adapter:
             if is_self_attention(name) and cfg.any_mechanism:
                 processors[name] = Kandinsky3SelfAttnProcessor(name, state, name.startswith(cfg.share_layers))
             elif is_cross_attention(name) and cfg.needs_masks and name.startswith(cfg.mask_layers):
-                processors[name] = Kandinsky3SubjectMapProcessor(name, state)
+                processors[name] = SubjectMapProcessor(name, state)
             else:
                 processors[name] = AttnProcessor2_0()
         self.pipe.unet.set_attn_processor(processors)
