@@ -6,15 +6,16 @@
         --model stabilityai/stable-diffusion-xl-base-1.0 --out s3://bucket/consistory --workers 8
 
 Every subject set becomes a story (``storysync_dist.spec.load_benchmark``); all of them render into
-the same ``--out``: the sink writes one part file per frame, named after the story id, so the
-stories never collide, and a rerun renders only the frames that are missing. Every story is
-checked against the model before anything renders.
+the same ``--out``, one folder per story (``data/<story_id>/``), so the stories never collide, and
+a rerun renders only the frames that are missing. Every story is checked against the model before
+anything renders. With ``--workers N`` every story shares one pool of N workers and one scheduler
+(``storysync_dist.api.render_stories``): the anchors of upcoming stories render while earlier
+stories' frames do.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from collections import Counter
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave out subject sets that do not fit the model (e.g. a concept token that the "
                         "subject text does not contain) instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--bundle-budget", type=positive_int, metavar="BYTES",
+                        help="bytes of anchor steps each worker may keep resident; bounds how many stories are "
+                        "open at once (default 4 GiB; docs/distributed.md)")
     add_cluster_arguments(parser)
     return parser
 
@@ -96,7 +100,7 @@ def check_unique_ids(stories: Sequence[StorySpec]) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from storysync_dist.api import RenderOptions, render_story
+    from storysync_dist.api import RenderOptions, render_stories
     from storysync_dist.spec import load_benchmark
 
     categories = None
@@ -134,24 +138,20 @@ def _main(args: argparse.Namespace) -> int:
     options = RenderOptions(
         model=args.model, out=args.out, method=args.method, device=args.device, dtype=args.dtype,
         progress=not args.no_progress, workers=args.workers, address=resolve_address(args.address),
+        bundle_budget=args.bundle_budget,
     )
     start = time.perf_counter()
     rendered: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
-    with contextlib.ExitStack() as stack:
-        executor = None
-        if args.workers > 0 and stories:
-            # One pool of workers for every story: each loads its pipeline once.
-            from storysync_dist.distributed.executor import RayExecutor
-
-            executor = stack.enter_context(RayExecutor(options))
-        for number, story in enumerate(stories, 1):
-            result = render_story(story, options, pipe=pipe, executor=executor)
-            category = _category(story)
-            rendered[category] += len(result.rendered)
-            skipped[category] += len(result.skipped)
-            print(f"[{number}/{len(stories)}] {story.id}: rendered {len(result.rendered)}, "
-                  f"skipped {len(result.skipped)} already present ({result.seconds:.1f}s)", flush=True)
+    category_of = {story.id: _category(story) for story in stories}
+    # One pool of workers and one scheduler for every story: each worker loads its pipeline
+    # once, and renders upcoming stories' anchors while other stories' frames render.
+    for number, result in enumerate(render_stories(stories, options, pipe=pipe), 1):
+        category = category_of[result.story_id]
+        rendered[category] += len(result.rendered)
+        skipped[category] += len(result.skipped)
+        print(f"[{number}/{len(stories)}] {result.story_id}: rendered {len(result.rendered)}, "
+              f"skipped {len(result.skipped)} already present ({result.seconds:.1f}s)", flush=True)
 
     print(f"{len(stories)} stories, {sum(rendered.values())} frame(s) rendered, {sum(skipped.values())} already "
           f"present, {len(problems)} subject set(s) left out, in {time.perf_counter() - start:.1f}s")

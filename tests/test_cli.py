@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from storysync_dist.cli import main
-from storysync_dist.io.sink import FRAME_SCHEMA
+from storysync_dist.io.sink import FRAME_SCHEMA, open_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "story.yaml"
@@ -40,7 +40,7 @@ def full_render(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_render_writes_the_dataset_storyboard_and_manifest(full_render: Path) -> None:
     story = yaml.safe_load(EXAMPLE.read_text())
-    table = pq.read_table(full_render / "data")
+    table = open_dataset(full_render).to_table()
     assert table.num_rows == len(story["frames"])
     for field in FRAME_SCHEMA:
         assert table.schema.field(field.name).type == field.type

@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import yaml
 
 from storysync_dist.io.lease import Lease
-from storysync_dist.io.sink import FrameRecord, ParquetFrameSink
+from storysync_dist.io.sink import FrameRecord, ParquetFrameSink, open_dataset
 from storysync_dist.io.storyboard import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +56,7 @@ def test_a_second_job_on_the_same_story_is_refused_and_frames_are_written_once(t
     _, err1 = first.communicate(timeout=600)
     assert first.returncode == 0, err1
 
-    table = pq.read_table(out / "data").to_pylist()
+    table = open_dataset(out).to_table().to_pylist()
     ginger = [r["frame_id"] for r in table if r["story_id"] == "ginger-cat"]
     assert sorted(ginger) == sorted(f["id"] for f in story["frames"])  # each frame exactly once
     assert len([r for r in table if r["story_id"] == "other-cat"]) == len(story["frames"])

@@ -18,7 +18,7 @@ from PIL import Image
 
 from storysync_dist.api import RenderOptions, render_story
 from storysync_dist.cli import main
-from storysync_dist.distributed.executor import RayExecutor
+from storysync_dist.distributed.executor import NAMESPACE, RayExecutor
 from storysync_dist.engine.job import prepare_job, run_job
 from storysync_dist.errors import StorySyncUserError
 
@@ -105,18 +105,22 @@ def test_killing_a_worker_mid_story_loses_only_its_frame(tmp_path: Path) -> None
 
     out = tmp_path / "faulty"
     options = RenderOptions(out=str(out), workers=2, **FAST)
-    executor = RayExecutor(options)
-    plan = prepare_job(story, options, device=executor.device)
     killed: list[str] = []
+    dispatched: list[str] = []
 
-    def kill_a_busy_worker(frame) -> None:
-        if len(killed) < 2 and executor.busy:
-            w, frame_id = next(iter(executor.busy.items()))
-            killed.append(frame_id)
-            ray.kill(executor.workers[w], no_restart=False)  # Ray restarts it
+    def kill_a_busy_worker(kind: str, info: dict) -> None:
+        # The worker a frame was just handed to dies (the 3rd and the 6th frame handed out).
+        if kind == "frame_dispatched":
+            dispatched.append(info["frame"])
+            if len(dispatched) in (3, 6):
+                killed.append(info["frame"])
+                ray.kill(ray.get_actor(info["worker"], namespace=NAMESPACE), no_restart=False)  # Ray restarts it
 
-    result = run_job(plan, executor, on_frame=kill_a_busy_worker)
-    assert killed and set(killed) <= set(executor.retried)
+    executor = RayExecutor(options, on_event=kill_a_busy_worker)
+    plan = prepare_job(story, options, device=executor.device)
+    result = run_job(plan, executor)
+    executor.close()
+    assert len(killed) == 2 and set(killed) <= set(result.stats["retried"])
     table = pq.read_table(out / "data")
     ids = table.column("frame_id").to_pylist()
     assert len(ids) == len(set(ids)) == 10  # every frame exactly once
@@ -165,23 +169,43 @@ def slow_story(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str,
     return story, images(folder / "reference")
 
 
-def kill_first_anchor_actor_at_second_step(executor: RayExecutor) -> None:
-    def hook(index: int) -> None:
-        if executor.anchor_attempts == 1 and index == 1:
-            ray.kill(executor.anchor_actor, no_restart=False)  # a pooled worker restarts; an AnchorActor does not
+class KillAnchorsAtSecondStep:
+    """An ``on_event`` hook: kills the worker rendering a story's anchors when the driver gets
+    their second step object, the first time (or each time ``story`` is set anew)."""
 
-    executor.on_anchor_object = hook
+    def __init__(self) -> None:
+        self.story: str | None = None
+        self.killed: list[str] = []
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if kind == "anchor_step" and info["step"] == 1 and info["attempt"] == 1 and info["story"] == self.story:
+            self.killed.append(info["worker"])
+            ray.kill(ray.get_actor(info["worker"], namespace=NAMESPACE), no_restart=False)  # Ray restarts it
 
 
-def test_a_dead_anchor_actor_is_replaced_and_the_anchors_recomputed(tmp_path: Path, slow_story) -> None:
+def alive(executor: RayExecutor) -> list[str]:
+    """The executor's workers that Ray still knows as live actors."""
+    names = []
+    for name in executor.worker_names:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
+def test_a_worker_dying_with_the_anchors_is_replaced_and_the_anchors_recomputed(tmp_path: Path, slow_story) -> None:
     story, reference = slow_story
     out = tmp_path / "anchor-fault"
     options = RenderOptions(out=str(out), workers=1, **SLOW)
-    executor = RayExecutor(options)
+    hook = KillAnchorsAtSecondStep()
+    hook.story = "long-cat"
+    executor = RayExecutor(options, on_event=hook)
     plan = prepare_job(story, options, device=executor.device)
-    kill_first_anchor_actor_at_second_step(executor)
     result = run_job(plan, executor)
-    assert executor.anchor_attempts == 2
+    executor.close()
+    assert len(hook.killed) == 1 and result.stats["anchor_attempts"] == 2
     assert sorted(result.rendered) == sorted(reference)
     assert_same_pixels(images(out), reference)
 
@@ -192,19 +216,20 @@ def test_a_pooled_executor_keeps_its_workers_from_story_to_story(tmp_path: Path,
     render_story(story, RenderOptions(out=str(reference), **FAST))
 
     options = RenderOptions(out=str(tmp_path / "pooled"), workers=2, **FAST)
-    with RayExecutor(options) as executor:
+    hook = KillAnchorsAtSecondStep()
+    with RayExecutor(options, on_event=hook) as executor:
         first = render_story(EXAMPLE, options, executor=executor)
         pids = sorted(s["pid"] for s in first.stats["worker_stats"])
         second = render_story(story, options, executor=executor)
         # The same two processes rendered both stories: no pipeline was loaded twice.
         assert sorted(s["pid"] for s in second.stats["worker_stats"]) == pids
-        assert len(executor.workers) == 2
+        assert len(alive(executor)) == 2
         # A third story whose anchors' worker is killed halfway: the next worker renders them again.
-        kill_first_anchor_actor_at_second_step(executor)
+        hook.story = "long-cat"
         third_out = tmp_path / "pooled-slow"
         third = render_story(story, RenderOptions(out=str(third_out), workers=2, **SLOW), executor=executor)
-        assert executor.anchor_attempts == 2
-    assert executor.workers == []  # leaving the block stopped the pool
+        assert len(hook.killed) == 1 and third.stats["anchor_attempts"] == 2
+    assert alive(executor) == []  # leaving the block stopped the pool
     assert sum(s["frames"] for s in second.stats["worker_stats"]) == 4 + 1  # counted since the pool started
     assert sorted(third.rendered) == sorted(slow_reference)
 

@@ -30,7 +30,7 @@ from PIL import Image
 from storysync_dist.api import RenderOptions, render_story
 from storysync_dist.distributed.actors import choose_device
 from storysync_dist.distributed.cluster import gpus_are_physical
-from storysync_dist.distributed.executor import RayExecutor
+from storysync_dist.distributed.executor import NAMESPACE, RayExecutor
 from storysync_dist.engine.job import prepare_job, run_job
 from storysync_dist.errors import StorySyncUserError
 from storysync_dist.models.presets import preset_path
@@ -67,9 +67,21 @@ def model_copy(tmp_path: Path) -> Path:
     return folder
 
 
-def planned(options: RenderOptions, story: str = EXAMPLE) -> tuple:
-    executor = RayExecutor(options)
+def planned(options: RenderOptions, story: str = EXAMPLE, on_event=None) -> tuple:
+    executor = RayExecutor(options, on_event=on_event)
     return prepare_job(story, options, device=executor.device), executor
+
+
+def alive(executor: RayExecutor) -> list[str]:
+    """The executor's workers that Ray still knows as live actors."""
+    names = []
+    for name in executor.worker_names:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
 
 
 def images(out: Path) -> dict[str, np.ndarray]:
@@ -90,14 +102,14 @@ def test_a_model_folder_missing_on_the_workers_is_a_user_error_naming_it(tmp_pat
     message = str(caught.value)
     assert message.startswith(f"--model: unknown model or preset {str(model)!r}: not a local folder")
     assert message.endswith(f"(workers 0, 1 on {HOST})") and "\n" not in message
-    assert executor.workers == []  # nothing left running
+    assert alive(executor) == []  # nothing left running
 
-    # With anchors, the anchor actor meets the same cause first and says so.
+    # With anchors, the one worker (which would render them) meets the same cause and says so.
     model = model_copy(tmp_path / "again")
     options = RenderOptions(model=str(model), out=str(tmp_path / "out2"), workers=1, **CPU_ON_GPU, **FAST)
     plan, executor = planned(options)
     shutil.rmtree(model)
-    with pytest.raises(StorySyncUserError, match=rf"^--model: unknown model .*\(the anchor actor on {HOST}\)$"):
+    with pytest.raises(StorySyncUserError, match=rf"^--model: unknown model .*\(worker 0 on {HOST}\)$"):
         run_job(plan, executor)
 
 
@@ -138,8 +150,8 @@ def test_workers_that_die_for_good_end_the_job_with_their_causes(tmp_path: Path)
     plan, executor = planned(options, story)
 
     def kill_every_worker(frame) -> None:
-        for handle in executor.workers:
-            ray.kill(handle, no_restart=True)
+        for name in alive(executor):
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
 
     with pytest.raises(RuntimeError) as caught:
         run_job(plan, executor, on_frame=kill_every_worker)
@@ -180,10 +192,10 @@ def test_a_reserved_gpu_that_torch_cannot_use_is_an_error_not_a_cpu_render(tmp_p
     with pytest.raises(StorySyncUserError) as caught:
         run_job(plan, executor)
     message = str(caught.value)
-    # The anchor actor holds one of the two GPUs (id 0 or 1).
+    # The one worker holds one of the two GPUs (id 0 or 1).
     assert message.startswith(f"host {HOST}: this actor holds Ray GPU ")
     assert "but torch there cannot use CUDA" in message and "or pass --device cpu" in message
-    assert message.endswith(f"(the anchor actor on {HOST})")
+    assert message.endswith(f"(worker 0 on {HOST})")
 
 
 def test_device_choice_on_the_actor() -> None:
@@ -205,9 +217,10 @@ def test_device_cpu_requests_no_gpu(tmp_path: Path) -> None:
     plan = prepare_job(EXAMPLE, options, device=executor.device)
     free_gpus: list[float] = []
     result = run_job(plan, executor, on_frame=lambda frame: free_gpus.append(ray.available_resources().get("GPU", 0)))
+    executor.close()
     assert len(result.rendered) == 6 and free_gpus and set(free_gpus) == {2.0}
     devices = result.stats["devices"]
-    assert [(d["role"], d["index"]) for d in devices] == [("anchor", 0), ("worker", 0), ("worker", 1)]
+    assert [(d["role"], d["index"]) for d in devices] == [("worker", 0), ("worker", 1)]
     for d in devices:
         assert d["device"] == "cpu" and d["gpu_ids"] == [] and d["host"] == HOST
         assert isinstance(d["pid"], int) and d["threads"] >= 1
@@ -234,7 +247,7 @@ class Placeholder:
 
 
 @pytest.mark.parametrize(("method", "workers", "who"), [
-    ("storysync", 1, "the anchor actor"),  # the anchor actor is asked for first, alone
+    ("storysync", 1, "1 of 1 frame worker(s)"),  # the worker that would render the anchors
     ("vanilla", 2, "2 of 2 frame worker(s)"),
 ])
 def test_a_job_that_cannot_get_its_gpus_gives_up_after_start_timeout(
@@ -259,33 +272,35 @@ def test_a_job_that_cannot_get_its_gpus_gives_up_after_start_timeout(
     assert 5 <= waited < 12
 
 
-# ---- the anchor actor dies with every GPU taken -------------------------------------------
-def test_a_dead_anchor_actor_is_replaced_when_gpus_equal_workers(tmp_path: Path) -> None:
-    # 30 steps at 128 px: the anchor actor streams for about a second, so the kill at its second
-    # step object lands while most steps are still to render.
+# ---- the worker rendering the anchors dies with every GPU taken -----------------------------
+def test_a_worker_dying_with_the_anchors_is_replaced_when_gpus_equal_workers(tmp_path: Path) -> None:
+    # 30 steps at 128 px: the anchors stream for about a second, so the kill at their second step
+    # object lands while most steps are still to render.
     story = long_story(tmp_path, 3, 30, 128)
     size = {"steps": 30, "height": 128, "width": 128, "progress": False}
     reference = tmp_path / "reference"
     render_story(story, RenderOptions(model="tiny-sdxl", out=str(reference), device="cpu", **size))
 
     out = tmp_path / "out"
-    # 2 GPUs, 2 workers: the anchor actor takes one GPU, worker 0 the other, worker 1 waits. The
-    # dead anchor actor's GPU goes to worker 1, so a fresh AnchorActor would wait forever.
+    # 2 GPUs, 2 workers: every GPU is a worker's. The worker rendering the anchors dies; Ray
+    # restarts it on the GPU it freed, and the anchors render again on the next free worker.
     options = RenderOptions(model="tiny-sdxl", out=str(out), workers=2, start_timeout=120, **CPU_ON_GPU, **size)
-    plan, executor = planned(options, story)
+    killed: list[str] = []
 
-    def kill_the_anchor_actor_at_its_second_step(index: int) -> None:
-        if executor.anchor_attempts == 1 and index == 1:
-            ray.kill(executor.anchor_actor, no_restart=False)  # an AnchorActor is never restarted
+    def kill_the_anchors_worker_at_its_second_step(kind: str, info: dict) -> None:
+        if kind == "anchor_step" and info["step"] == 1 and info["attempt"] == 1:
+            killed.append(info["worker"])
+            ray.kill(ray.get_actor(info["worker"], namespace=NAMESPACE), no_restart=False)
 
-    executor.on_anchor_object = kill_the_anchor_actor_at_its_second_step
+    plan, executor = planned(options, story, on_event=kill_the_anchors_worker_at_its_second_step)
     start = time.perf_counter()
     result = run_job(plan, executor)
     assert time.perf_counter() - start < 420  # start_timeout=120 turns a deadlock into an error
-    assert executor.anchor_attempts == 2
+    executor.close()
+    assert len(killed) == 1 and result.stats["anchor_attempts"] == 2
     assert sorted(result.rendered) == sorted(images(reference))
     devices = result.stats["devices"]
-    assert [(d["role"], d["index"]) for d in devices] == [("anchor", 0), ("worker", 0), ("worker", 1)]
+    assert [(d["role"], d["index"]) for d in devices] == [("worker", 0), ("worker", 1)]
     worker_gpus = [tuple(d["gpu_ids"]) for d in devices if d["role"] == "worker"]
     assert all(len(g) == 1 for g in worker_gpus) and worker_gpus[0] != worker_gpus[1]
     got, want = images(out), images(reference)

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -30,6 +29,7 @@ from storysync_dist.core.anchors import AnchorBundle
 from storysync_dist.core.config import StorySyncConfig
 from storysync_dist.engine.job import prepare_job
 from storysync_dist.engine.renderer import StoryRenderer
+from storysync_dist.io.sink import open_dataset
 from storysync_dist.models.presets import PRESETS, load_pipeline
 from storysync_dist.models.registry import adapter_for, families, family_for_pipeline
 
@@ -81,7 +81,7 @@ def story_file(tmp_path: Path, negative: str | None = None) -> Path:
 
 
 def frames_of(out: Path) -> dict[str, np.ndarray]:
-    rows = pq.read_table(out / "data").to_pylist()
+    rows = open_dataset(out).to_table().to_pylist()
     return {r["frame_id"]: np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))).astype(np.int16) for r in rows}
 
 

@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -22,6 +21,7 @@ from storysync_dist.core.anchors import AnchorBundle
 from storysync_dist.core.config import StorySyncConfig
 from storysync_dist.core.state import ROLE_ANCHORS, StorySyncState
 from storysync_dist.engine.renderer import FrameJob, RenderSettings, StoryRenderer
+from storysync_dist.io.sink import open_dataset
 from storysync_dist.models.flux import FluxAdapter, FluxFamily, FluxStorySyncProcessor
 from storysync_dist.models.flux_presets import FLUX_PRESETS
 from storysync_dist.models.presets import load_pipeline, preset_path
@@ -292,7 +292,7 @@ def test_cli_renders_and_refuses_a_negative_prompt(tmp_path: Path) -> None:
     story.write_text(yaml.safe_dump(STORY))
     args = ["--model", "tiny-flux", "--steps", "2", "--height", "64", "--width", "64", "--no-progress"]
     assert main(["render", str(story), "--out", str(tmp_path / "out"), *args]) == 0
-    rows = pq.read_table(tmp_path / "out" / "data").to_pylist()
+    rows = open_dataset(tmp_path / "out").to_table().to_pylist()
     assert {r["frame_id"] for r in rows} == {"meadow", "stream", "snow"}
     assert all(Image.open(io.BytesIO(r["image"]["bytes"])).size == (64, 64) for r in rows)
     negative = tmp_path / "negative.yaml"

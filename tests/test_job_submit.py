@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
 
+from storysync_dist.io.sink import open_dataset
 from storysync_dist.spec import load_story
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_ray_job_submit_renders_the_story_on_the_cluster(ray_head: dict, tmp_pat
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "succeeded" in log and "rendered 6 frame(s)" in log
-    table = pq.read_table(out / "data")
+    table = open_dataset(out).to_table()
     assert table.num_rows == 6
     assert sorted(table.column("frame_id").to_pylist()) == sorted(f.id for f in load_story(str(EXAMPLE)).frames)
 

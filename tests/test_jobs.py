@@ -44,9 +44,9 @@ def run_job(script: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def load_parquet(out: Path, cache: Path) -> datasets.Dataset:
-    return datasets.load_dataset(
-        "parquet", data_files=str(out / "data" / "*.parquet"), split="train", cache_dir=str(cache)
-    )
+    # The dataset folder itself: its README.md card points datasets at data/**/*.parquet (without
+    # it, the storyboard PNGs would be loaded as an image folder).
+    return datasets.load_dataset(str(out), split="train", cache_dir=str(cache))
 
 
 def test_make_dataset_writes_one_dataset_that_datasets_reads(tmp_path: Path) -> None:

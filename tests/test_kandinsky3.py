@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -30,6 +29,7 @@ from storysync_dist.core.masks import subject_attention
 from storysync_dist.core.state import ROLE_ANCHORS, StorySyncState
 from storysync_dist.engine.job import prepare_job
 from storysync_dist.engine.renderer import StoryRenderer
+from storysync_dist.io.sink import open_dataset
 from storysync_dist.models.attention import SubjectMapProcessor
 from storysync_dist.models.kandinsky3 import (
     DEFAULT_GUIDANCE,
@@ -278,7 +278,7 @@ def test_cli_render(tmp_path: Path) -> None:
     story = _story(tmp_path)
     assert main(["render", str(story), "--model", PRESET, "--out", str(out), "--steps", "2", "--height", "64",
                  "--width", "64", "--no-progress"]) == 0
-    rows = pq.read_table(out / "data").to_pylist()
+    rows = open_dataset(out).to_table().to_pylist()
     assert {r["frame_id"] for r in rows} == {f["id"] for f in STORY["frames"]}
     for row in rows:
         image = Image.open(io.BytesIO(row["image"]["bytes"]))

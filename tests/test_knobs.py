@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from storysync_dist.cli import main
 from storysync_dist.core.config import StorySyncConfig
+from storysync_dist.io.sink import open_dataset
 from storysync_dist.models.unet import MASK_LAYERS, SHARE_LAYERS
 
 FAST = ["--model", "tiny-sdxl", "--workers", "0", "--steps", "2", "--height", "64", "--width", "64",
@@ -44,7 +44,7 @@ def render(story: Path, out: Path, *extra: str) -> int:
 
 def configs(out: Path) -> dict[str, dict]:
     """frame id -> the parsed ``config`` column; every frame of the story occurs exactly once."""
-    rows = pq.read_table(out / "data").to_pylist()
+    rows = open_dataset(out).to_table().to_pylist()
     ids = [r["frame_id"] for r in rows]
     assert sorted(ids) == ["pond", "reeds", "sky"], ids
     return {r["frame_id"]: json.loads(r["config"]) for r in rows}

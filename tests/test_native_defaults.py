@@ -9,7 +9,6 @@ import io
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -17,6 +16,7 @@ from PIL import Image
 
 from storysync_dist.api import RenderOptions, render_story
 from storysync_dist.engine.job import prepare_job
+from storysync_dist.io.sink import open_dataset
 from storysync_dist.models.info import load_model_info, model_info_from_pipeline
 from storysync_dist.models.presets import UnknownModelError, load_pipeline
 from storysync_dist.models.unet import FAMILY_SAMPLING_DEFAULTS, sampling_defaults
@@ -71,7 +71,7 @@ def test_a_story_without_sizes_renders_at_the_pipelines_own_size(model: str, tmp
     result = render_story(write_story(tmp_path), RenderOptions(model=model, out=str(out), steps=2, progress=False),
                           pipe=pipe)
     assert sorted(result.rendered) == ["barn", "branch", "moon"]
-    rows = pq.read_table(out / "data").to_pylist()
+    rows = open_dataset(out).to_table().to_pylist()
     assert len(rows) == 3
     for row in rows:
         assert Image.open(io.BytesIO(row["image"]["bytes"])).size == (width, height)

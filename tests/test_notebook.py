@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from nbclient import NotebookClient
 
+from storysync_dist.io.sink import FRAME_SCHEMA
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -63,5 +65,5 @@ def test_notebook_runs_against_a_running_cluster(
         o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
     )
     assert "rendered 6 frames" in outputs and "skipped 6 frames already written" in outputs
-    assert pq.read_table(out / "data").num_rows == 6
+    assert pq.read_table(out / "data", schema=FRAME_SCHEMA).num_rows == 6
     assert (out / "storyboard.png").exists()

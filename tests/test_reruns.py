@@ -19,6 +19,7 @@ from storysync_dist.api import JobResult, RenderOptions, render_story
 from storysync_dist.cli import main
 from storysync_dist.core.config import StorySyncConfig
 from storysync_dist.errors import StorySyncUserError
+from storysync_dist.io.sink import open_dataset
 from storysync_dist.models.presets import load_pipeline
 
 FAST = {"model": "tiny-sdxl", "steps": 4, "height": 64, "width": 64, "progress": False}
@@ -56,7 +57,7 @@ def render(story: dict, out: Path, tmp: Path, **extra) -> JobResult:
 
 
 def rows(out: Path) -> list[dict]:
-    return pq.read_table(out / "data").to_pylist()
+    return open_dataset(out).to_table().to_pylist()
 
 
 def state(out: Path) -> dict[str, tuple]:
@@ -251,18 +252,19 @@ def test_save_anchors_on_a_finished_dataset(base: Path, tmp_path: Path, capsys) 
 
 def test_a_damaged_part_file_is_set_aside_not_a_traceback(base: Path, tmp_path: Path, capsys) -> None:
     out = copy_dataset(base, tmp_path / "rerun")
-    garbage = out / "data" / "part-fox-00002-0123456789abcdef.parquet"
+    folder = out / "data" / "fox"
+    garbage = folder / "part-00002-0123456789abcdef.parquet"
     garbage.write_bytes(b"PAR1 this is not a parquet file")
-    wrong = out / "data" / "part-fox-00003-fedcba9876543210.parquet"
-    pq.write_table(pq.read_table(out / "data" / next(p.name for p in (out / "data").iterdir()
-                                                     if p.name.startswith("part-fox-00000"))).drop(["frame_id"]),
+    wrong = folder / "part-00003-fedcba9876543210.parquet"
+    pq.write_table(pq.read_table(folder / next(p.name for p in folder.iterdir()
+                                               if p.name.startswith("part-00000"))).drop(["frame_id"]),
                    wrong)
     path = write_story(tmp_path / "story.yaml", STORY)
     assert main(["render", path, "--out", str(out), *_cli_fast()]) == 0
     printed = capsys.readouterr().out
     assert printed.count("set aside:") == 2
-    assert (out / "quarantine" / garbage.name).exists() and not garbage.exists()
-    assert (out / "quarantine" / wrong.name).exists() and not wrong.exists()
+    assert (out / "quarantine" / folder.name / garbage.name).exists() and not garbage.exists()
+    assert (out / "quarantine" / folder.name / wrong.name).exists() and not wrong.exists()
     assert_manifest_true(out, STORY)
     # pyarrow reads the dataset again: nothing unreadable is left under data/.
     assert len(rows(out)) == 4

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import boto3
 import datasets
+import pyarrow.dataset
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -18,7 +19,14 @@ from PIL import Image
 
 from storysync_dist.api import JobResult, RenderOptions, render_story
 from storysync_dist.io.lease import Lease, LeaseHeldError
-from storysync_dist.io.sink import FRAME_SCHEMA, ParquetFrameSink, create_exclusive
+from storysync_dist.io.sink import (
+    FRAME_SCHEMA,
+    LAYOUT_MARKER,
+    ParquetFrameSink,
+    create_exclusive,
+    dataset_files,
+    open_dataset,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "story.yaml"
 BUCKET = "bucket"
@@ -90,10 +98,13 @@ def test_objects_in_the_bucket(endpoint: str, first_run: JobResult) -> None:
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     keys = sorted(obj["Key"] for obj in s3.list_objects_v2(Bucket=BUCKET)["Contents"])
     data = [key for key in keys if key.startswith(f"{PREFIX}/data/")]
-    # One part per frame, no temporary objects left behind.
-    assert len(data) == 2 and all(key.rsplit("/", 1)[1].startswith("part-ginger-cat-") for key in data)
+    # The story's frames compacted into one part in its folder; no staged or temporary objects left.
+    assert len(data) == 2 and f"{PREFIX}/data/{LAYOUT_MARKER}" in data
+    [part] = [key for key in data if not key.endswith(LAYOUT_MARKER)]
+    assert part.startswith(f"{PREFIX}/data/ginger-cat/part-00000-") and part.endswith(".parquet")
     assert set(keys) - set(data) == {
-        f"{PREFIX}/storyboard.png", f"{PREFIX}/storyboards/ginger-cat.png", f"{PREFIX}/manifest.json"
+        f"{PREFIX}/storyboard.png", f"{PREFIX}/storyboards/ginger-cat.png", f"{PREFIX}/manifest.json",
+        f"{PREFIX}/stories/ginger-cat.json", f"{PREFIX}/README.md"
     }
     board = Image.open(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/storyboard.png")["Body"].read()))
     assert board.format == "PNG" and board.width >= 64
@@ -106,8 +117,11 @@ def test_objects_in_the_bucket(endpoint: str, first_run: JobResult) -> None:
 
 def test_pyarrow_reads_it_through_s3fs(endpoint: str, first_run: JobResult) -> None:
     fs = s3fs.S3FileSystem(**storage_options(endpoint), skip_instance_cache=True)
-    table = pq.read_table(f"{BUCKET}/{PREFIX}/data", filesystem=fs)
+    table = pq.read_table(f"{BUCKET}/{PREFIX}/data", filesystem=fs, schema=FRAME_SCHEMA)
     assert table.num_rows == 2
+    hive = pyarrow.dataset.dataset(f"{BUCKET}/{PREFIX}/data", filesystem=fs, format="parquet", partitioning=None)
+    assert sorted(hive.to_table()["frame_id"].to_pylist()) == ["beach", "garden"]
+    assert open_dataset(OUT, storage_options(endpoint)).to_table().num_rows == 2
     assert sorted(table["frame_id"].to_pylist()) == ["beach", "garden"]
     # The Hugging Face feature metadata travels with the files.
     assert b"huggingface" in table.schema.metadata
@@ -122,11 +136,18 @@ def test_hugging_face_datasets_reads_it_from_s3(
     # the only remote here is the loopback moto server ("parquet" is a builder shipped with datasets).
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     ds = datasets.load_dataset(
-        "parquet", data_files=f"{OUT}/data/*.parquet", split="train",
+        "parquet", data_files=f"{OUT}/data/**/*.parquet", split="train",
         storage_options=storage_options(endpoint), cache_dir=str(tmp_path / "hf-cache"),
     )
     assert ds.num_rows == 2 and isinstance(ds.features["image"], datasets.Image)
     assert ds[0]["image"].size == (64, 64)
+    files = dataset_files(OUT, storage_options(endpoint))
+    assert len(files) == 1 and files[0].startswith(f"{OUT}/data/ginger-cat/part-")
+    listed = datasets.load_dataset(
+        "parquet", data_files=files, split="train",
+        storage_options=storage_options(endpoint), cache_dir=str(tmp_path / "hf-cache-2"),
+    )
+    assert sorted(listed["frame_id"]) == ["beach", "garden"]
 
 
 def test_rerun_renders_nothing(endpoint: str, first_run: JobResult) -> None:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pathlib
+import posixpath
 import uuid
 
 import fsspec
@@ -18,7 +19,9 @@ from storysync_dist.io import (
     FRAME_SCHEMA,
     FrameRecord,
     ParquetFrameSink,
+    dataset_files,
     make_storyboard,
+    open_dataset,
     png_bytes,
     read_manifest,
     write_bytes,
@@ -26,8 +29,11 @@ from storysync_dist.io import (
 )
 from storysync_dist.io import sink as sink_module
 from storysync_dist.io import storage as storage_module
+from storysync_dist.io.sink import LAYOUT_MARKER
 
 STORY = "ginger-cat"
+FOLDER = f"data/{STORY}"
+MARKER = f"data/{LAYOUT_MARKER}"
 
 
 def record(
@@ -98,9 +104,18 @@ def test_round_trip(root: str) -> None:
     second = sink.write([record(1), record(2)])
     assert first != second
     for url in (first, second):
-        name = url.rsplit("/", 1)[1]
-        assert name.startswith(f"part-{STORY}-0000") and name.endswith(".parquet")
-    assert second.rsplit("/", 1)[1].startswith(f"part-{STORY}-00001-")
+        folder, name = url.rsplit("/", 2)[1:]
+        assert folder == STORY
+        assert name.startswith(".frame-0000") and name.endswith(".staged")
+    assert second.rsplit("/", 1)[1].startswith(".frame-00001-")
+    # Staged frames are stored (a rerun skips them) but not visible to readers yet.
+    assert sorted(ParquetFrameSink(root).existing(STORY)) == ["frame-0000", "frame-0001", "frame-0002"]
+    assert all(row.staged for row in ParquetFrameSink(root).stored(STORY))
+    assert sink.read_table().num_rows == 0 and sink.part_paths(STORY) == []
+    assert sink.commit_story(STORY) == []
+    [part] = sink.part_paths(STORY)
+    assert posixpath.basename(part).startswith("part-00000-") and part.endswith(".parquet")
+    assert not any(row.staged for row in ParquetFrameSink(root).stored(STORY))
 
     table = sink.read_table()
     assert table.schema.equals(FRAME_SCHEMA, check_metadata=True)
@@ -121,63 +136,126 @@ def test_round_trip(root: str) -> None:
             assert row["mask"] is None
 
     # Each part file on its own carries the full schema, HF metadata included.
-    with fsspec.open(first, "rb") as handle:
+    with fsspec.open(sink.url(part), "rb") as handle:
         assert pq.read_schema(handle).equals(FRAME_SCHEMA, check_metadata=True)
-    # Only committed part files are there: no temporaries left behind.
-    assert [p.split("/")[-1].startswith("part-") for p in visible_files(root)] == [True, True]
+    # Only the committed part (and the layout marker) is there: no temporaries, no staged files.
+    assert visible_files(root) == [MARKER, f"{FOLDER}/{posixpath.basename(part)}"]
+    # The same dataset through pyarrow.dataset (hive partition folder) and the file list.
+    assert open_dataset(root).to_table().sort_by("frame_index").to_pylist() == rows
+    assert [url.rsplit("/", 1)[1] for url in dataset_files(root)] == [posixpath.basename(part)]
 
 
 def test_existing_and_writes_replace_older_rows(root: str) -> None:
     sink = ParquetFrameSink(root)
     assert sink.existing(STORY) == {}
-    part_a = sink.write([record(0, fingerprint="a0"), record(1, fingerprint="a1")])
-    part_b = sink.write([record(2, fingerprint="a2")])
+    sink.write([record(0, fingerprint="a0"), record(1, fingerprint="a1")])
+    sink.write([record(2, fingerprint="a2")])
     # Another story in the same dataset, whose id shares a prefix, is kept apart.
     sink.write([record(0, story=f"{STORY}-2", fingerprint="x")])
+    sink.commit_story(STORY)
+    sink.commit_story(f"{STORY}-2")
+    [part_a] = [sink.url(p) for p in sink.part_paths(STORY)]
 
     # A fresh sink (a rerun) sees the same thing from the files alone.
-    def stored(story: str = STORY) -> dict[str, list[tuple[str | None, str]]]:
+    def stored(story: str = STORY) -> dict[str, list[tuple[str | None, str, bool]]]:
         found = ParquetFrameSink(root).existing(story)
-        return {f: [(r.fingerprint, ParquetFrameSink(root).url(r.part)) for r in rows] for f, rows in found.items()}
+        return {f: [(r.fingerprint, ParquetFrameSink(root).url(r.part), r.staged) for r in rows]
+                for f, rows in found.items()}
 
-    assert stored() == {"frame-0000": [("a0", part_a)], "frame-0001": [("a1", part_a)], "frame-0002": [("a2", part_b)]}
+    assert stored() == {"frame-0000": [("a0", part_a, False)], "frame-0001": [("a1", part_a, False)],
+                        "frame-0002": [("a2", part_a, False)]}
     assert list(stored(f"{STORY}-2")) == ["frame-0000"]
     with pytest.raises(ValueError, match="occurs twice"):
         sink.write([record(4), record(4)])
 
-    # Writing frame 1 again (a new render) replaces its old row; frame 0, which shared the old
-    # part, survives in a rewritten part.
-    part_c = sink.write([record(1, fingerprint="b1")])
+    # Writing frame 1 again (a new render) stages it, then a second render replaces the first
+    # staged row at once; the committed part is not touched by writes.
+    staged_1 = sink.write([record(1, fingerprint="b1")])
+    staged_2 = sink.write([record(1, fingerprint="c1")])
+    assert staged_1 != staged_2
     now = stored()
-    assert now["frame-0001"] == [("b1", part_c)]
-    assert [fp for fp, _ in now["frame-0000"]] == ["a0"] and now["frame-0000"][0][1] != part_a
+    assert sorted(now["frame-0001"]) == [("a1", part_a, False), ("c1", staged_2, True)]
+    assert ParquetFrameSink(root).read_table(STORY)["fingerprint"].to_pylist() == ["a0", "a1", "a2"]
+    # commit_story: the newest row wins; the part that lost frame 1 is rewritten.
+    assert sink.commit_story(STORY) == []
+    now = stored()
+    assert [fp for fp, _, _ in now["frame-0001"]] == ["c1"] and now["frame-0001"][0][1] != part_a
     table = ParquetFrameSink(root).read_table(STORY)
     assert table["frame_id"].to_pylist() == ["frame-0000", "frame-0001", "frame-0002"]
-    assert table["fingerprint"].to_pylist() == ["a0", "b1", "a2"]
+    assert table["fingerprint"].to_pylist() == ["a0", "c1", "a2"]
+    assert not any(staged for rows in now.values() for _, _, staged in rows)
 
-    # The same frame with the same fingerprint lands on the same part name: written once.
-    assert sink.write([record(2, fingerprint="a2")]) == part_b
+    # The same frame with the same fingerprint: committed again, the committed row is kept and
+    # nothing is rewritten.
+    parts = ParquetFrameSink(root).part_paths(STORY)
+    sink.write([record(2, fingerprint="a2")])
+    sink.commit_story(STORY, current={"frame-0002": "a2"})
+    assert ParquetFrameSink(root).part_paths(STORY) == parts
     assert ParquetFrameSink(root).read_table(STORY).num_rows == 3
 
-    # remove_frames drops frames that left the story.
-    assert sink.remove_frames(STORY, {"frame-0002"}) == ["frame-0002"]
+    # remove drops frames that left the story.
+    assert sink.commit_story(STORY, remove={"frame-0002", "frame-0009"}) == ["frame-0002"]
     assert sorted(stored()) == ["frame-0000", "frame-0001"]
+    assert list(stored(f"{STORY}-2")) == ["frame-0000"]
 
 
 def test_a_damaged_part_is_set_aside(root: str) -> None:
     sink = ParquetFrameSink(root)
     sink.write([record(0, fingerprint="a0")])
     fs, path = fsspec.core.url_to_fs(root)
-    bad = f"{path.rstrip('/')}/data/part-{STORY}-00001-00000000deadbeef.parquet"
+    sink.commit_story(STORY)
+    base = path.rstrip("/")
+    bad = f"{base}/{FOLDER}/part-00001-00000000deadbeef.parquet"
     fs.pipe_file(bad, b"PAR1 garbage")
+    bad_staged = f"{base}/{FOLDER}/.frame-00002-00000000deadbeef.staged"
+    fs.pipe_file(bad_staged, b"not parquet at all")
     looking = ParquetFrameSink(root, read_only=True)
     assert list(looking.existing(STORY)) == ["frame-0000"]
-    assert len(looking.damaged) == 1 and "part-ginger-cat-00001" in looking.damaged[0]
-    assert fs.exists(bad)  # a read-only look moves nothing
+    assert len(looking.damaged) == 2 and "part-00001" in " ".join(looking.damaged)
+    assert fs.exists(bad) and fs.exists(bad_staged)  # a read-only look moves nothing
     writing = ParquetFrameSink(root)
     assert list(writing.existing(STORY)) == ["frame-0000"]
-    assert not fs.exists(bad) and fs.exists(f"{path.rstrip('/')}/quarantine/part-{STORY}-00001-00000000deadbeef.parquet")
+    assert not fs.exists(bad) and fs.exists(f"{base}/quarantine/{STORY}/part-00001-00000000deadbeef.parquet")
+    assert not fs.exists(bad_staged)
+    assert fs.exists(f"{base}/quarantine/{STORY}/.frame-00002-00000000deadbeef.staged")
+    assert len(writing.damaged) == 2
     assert writing.read_table().num_rows == 1
+    assert open_dataset(root).count_rows() == 1
+
+
+def test_old_flat_layout_is_moved_into_story_folders(root: str) -> None:
+    # A dataset of the flat layout: data/part-<story>-<index>-<hash>.parquet, several stories.
+    fs, path = fsspec.core.url_to_fs(root)
+    base = path.rstrip("/")
+    builder = ParquetFrameSink(root)
+    fs.makedirs(f"{base}/data", exist_ok=True)
+    for story in (STORY, "fox"):
+        for index in range(2):
+            rec = record(index, story=story)
+            fs.pipe_file(f"{base}/data/part-{story}-{index:05d}-{index:016x}.parquet", builder.build_part([rec]))
+    # Readers see the flat parts where they are.
+    assert ParquetFrameSink(root, read_only=True).read_table().num_rows == 4
+    assert len(dataset_files(root)) == 4
+    assert sorted(ParquetFrameSink(root, read_only=True).existing(STORY)) == ["frame-0000", "frame-0001"]
+    # A writing sink moves the story's own flat parts into its folder, and only those.
+    writing = ParquetFrameSink(root)
+    assert sorted(writing.existing(STORY)) == ["frame-0000", "frame-0001"]
+    files = visible_files(root)
+    assert f"{FOLDER}/part-00000-{0:016x}.parquet" in files and f"{FOLDER}/part-00001-{1:016x}.parquet" in files
+    assert "data/part-fox-00000-0000000000000000.parquet" in files
+    assert not any(f.startswith(f"data/part-{STORY}-") for f in files)
+    writing.write([record(2)])
+    writing.commit_story(STORY)
+    assert MARKER not in visible_files(root)  # the fox story is still flat
+    assert ParquetFrameSink(root).read_table(STORY).num_rows == 3
+    assert open_dataset(root).count_rows() == 5
+    other = ParquetFrameSink(root)
+    assert sorted(other.existing("fox")) == ["frame-0000", "frame-0001"]
+    other.write([record(2, story="fox")])
+    other.commit_story("fox")
+    assert MARKER in visible_files(root)
+    assert not any(f.startswith("data/part-") for f in visible_files(root))
+    assert open_dataset(root).count_rows() == 6
 
 
 def test_invalid_records_are_refused(root: str) -> None:
@@ -225,7 +303,7 @@ def test_failure_while_committing_local_leaves_nothing(
         sink.write([record(0)])
     monkeypatch.undo()
     # Neither the part nor the temporary file is left behind.
-    assert os.listdir(tmp_path / "out" / "data") == []
+    assert [p for p in (tmp_path / "out" / "data").rglob("*") if p.is_file()] == []
     assert sink.existing(STORY) == {}
     assert sink.read_table().num_rows == 0
 
@@ -242,7 +320,15 @@ def test_remote_commit_is_a_single_pipe(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(type(sink.fs), "pipe_file", spy)
     url = sink.write([record(0)])
+    # One PUT for the staged frame (and one for the layout marker of a new dataset).
+    assert [c.rsplit("/", 1)[1] for c in calls] == [url.rsplit("/", 1)[1], LAYOUT_MARKER]
+    calls.clear()
+    url = sink.write([record(2)])
     assert len(calls) == 1 and url.endswith(calls[0].rsplit("/", 1)[1])
+    calls.clear()
+    sink.commit_story(STORY)
+    assert len(calls) == 1 and calls[0].rsplit("/", 1)[1].startswith("part-00000-")
+    calls = [c for c in calls]
 
     def failing_put(self, path, value, *args, **kwargs):
         raise ConnectionError("PUT failed")
@@ -251,8 +337,8 @@ def test_remote_commit_is_a_single_pipe(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ConnectionError):
         sink.write([record(1)])
     monkeypatch.undo()
-    assert visible_files(root) == [calls[0].rsplit("/", 2)[1] + "/" + calls[0].rsplit("/", 1)[1]]
-    assert sink.read_table().num_rows == 1
+    assert visible_files(root) == [MARKER, f"{FOLDER}/" + calls[0].rsplit("/", 1)[1]]
+    assert sink.read_table().num_rows == 2
     sink.fs.rm(sink.fs._strip_protocol(root), recursive=True)
 
 
@@ -264,8 +350,23 @@ def test_add_and_flush_batch_rows(root: str) -> None:
     assert sink.add(record(2)) is None
     last = sink.flush()
     assert last is not None and sink.flush() is None
-    assert len(sink.part_paths(STORY)) == 2
+    assert len([r for r in sink.stored(STORY) if r.staged]) == 3
+    assert len({r.part for r in sink.stored(STORY)}) == 2
+    sink.commit_story(STORY)
+    assert len(sink.part_paths(STORY)) == 1
     assert sink.read_table().num_rows == 3
+    # Frame 2 written again in a batch with frame 3: the older staged row of frame 2 goes.
+    sink.add(record(2, fingerprint="again"))
+    sink.add(record(3))
+    assert sorted((r.frame_id, r.fingerprint) for r in sink.stored(STORY) if r.staged) == [
+        ("frame-0002", "again"), ("frame-0003", "fp-3")]
+    sink.add(record(3, fingerprint="b3"))
+    sink.add(record(4))
+    # A staged file of frames 2 and 3 lost frame 3 to the new write: frame 2 is staged anew.
+    assert sorted((r.frame_id, r.fingerprint) for r in sink.stored(STORY) if r.staged) == [
+        ("frame-0002", "again"), ("frame-0003", "b3"), ("frame-0004", "fp-4")]
+    sink.commit_story(STORY)
+    assert sink.read_table()["fingerprint"].to_pylist() == ["fp-0", "fp-1", "again", "b3", "fp-4"]
 
 
 def test_manifest_and_bytes(root: str) -> None:
@@ -335,11 +436,13 @@ def test_the_index_carries_each_rows_config(root: str, monkeypatch: pytest.Monke
     sink = ParquetFrameSink(root)
     sink.write([record(0, config='{"a": 1}'), record(1, config='{"a": 2}')])
     sink.write([record(2, config='{"a": 1}')])
+    sink.commit_story(STORY)
     # Reached from the writer's own index, from a fresh sink reading the files, and after a part
     # was rewritten (frame 0's old part kept frame 1).
     assert {r.frame_id: r.config for r in sink.stored(STORY)} == {
         "frame-0000": '{"a": 1}', "frame-0001": '{"a": 2}', "frame-0002": '{"a": 1}'}
     sink.write([record(0, config='{"a": 3}', fingerprint="new")])
+    sink.commit_story(STORY)
     expected = {"frame-0000": '{"a": 3}', "frame-0001": '{"a": 2}', "frame-0002": '{"a": 1}'}
     assert {r.frame_id: r.config for r in sink.stored(STORY)} == expected
 

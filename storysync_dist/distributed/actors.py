@@ -18,8 +18,9 @@ import queue
 import resource
 import socket
 import threading
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import ray
 import torch
@@ -156,57 +157,128 @@ class _PipelineHolder:
             yield payload
 
 
-class AnchorActor(_PipelineHolder):
-    """Renders the anchor frames with full StorySync among themselves and streams their state
-    (``render_anchors``); released as soon as the anchors are done."""
+class _AnchorStream:
+    """One story's anchor steps as this worker knows them: the ObjectRefs published so far (the
+    driver pushes each new one) and the bundle built from them, kept for every later frame."""
+
+    def __init__(self, meta: dict, device: str, cond: threading.Condition) -> None:
+        self.refs: dict[int, Any] = {}
+        self.final = False  # every step is in refs: a step missing from them publishes nothing
+        self.cond = cond
+        self.wait_seconds = 0.0  # time frames spent blocked on steps not yet published
+        self.bundle = StreamedBundle(meta, self._fetch, device)
+
+    def add(self, start: int, refs: list[Any], final: bool = False) -> None:
+        for t, ref in enumerate(refs, start):
+            self.refs.setdefault(t, ref)
+        self.final = self.final or final
+
+    def _fetch(self, t: int) -> dict | None:
+        # A frame's step t needs only anchor step t: block until the driver has pushed it.
+        if t not in self.refs and not self.final:
+            began = time.perf_counter()
+            with self.cond:
+                self.cond.wait_for(lambda: t in self.refs or self.final)
+            self.wait_seconds += time.perf_counter() - began
+        return ray.get(self.refs[t]) if t in self.refs else None
 
 
 class FrameWorker(_PipelineHolder):
-    """Renders non-anchor frames one at a time against a streamed anchor bundle.
+    """One pipeline on one device: renders a story's anchors (``render_anchors``) or one of its
+    frames (``render``), one call at a time.
 
-    The bundle of a story is pulled step by step on the first frame that reaches each step and
-    stays resident on the worker's device for every later frame of that story; a new story's
-    bundle replaces it. A worker also renders a story's anchors (``render_anchors``, the same
-    stream as ``AnchorActor``) in a pooled executor (many stories, see ``RayExecutor``) and when the
-    anchor actor died.
+    A frame may start before its story's anchors are done: it carries the anchor step refs
+    published so far, the driver pushes each later one (``add_steps``, in the ``control``
+    concurrency group, so it lands while a frame renders), and the frame's denoising step t waits
+    only for anchor step t. The steps of each story whose frames this worker still has stay
+    resident on its device (pulled once per worker, not per frame) until the driver says the
+    story is finished (``forget``).
     """
+
+    CONCURRENCY_GROUPS: ClassVar[dict[str, int]] = {"control": 1}
 
     def __init__(self, model: str, device: str, requested: str | None, dtype: str) -> None:
         super().__init__(model, device, requested, dtype)
-        self._bundle_key: str | None = None
-        self._bundle: StreamedBundle | None = None
-        self._pulled_before = 0  # bytes pulled for earlier stories' bundles
+        self._cond = threading.Condition()
+        self._streams: dict[str, _AnchorStream] = {}
+        self._pulled_before = 0  # bytes pulled for stories already forgotten
+        self._wait_before = 0.0
         self.frames = 0
+        self.busy_seconds = 0.0  # time spent in render/render_anchors calls
+
+    def _stream(self, key: str, meta: dict) -> _AnchorStream:
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _AnchorStream(meta, self.device, self._cond)
+        return stream
+
+    @ray.method(concurrency_group="control")
+    def add_steps(self, key: str, meta: dict, start: int, refs: list[Any]) -> None:
+        """Anchor steps ``start, start + 1, ...`` of story ``key`` were published (refs in a list,
+        so Ray hands over the refs, not the payloads)."""
+        with self._cond:
+            self._stream(key, meta).add(start, refs)
+            self._cond.notify_all()
+
+    @ray.method(concurrency_group="control")
+    def end_steps(self, key: str, meta: dict) -> None:
+        """Every anchor step of story ``key`` has been pushed."""
+        with self._cond:
+            self._stream(key, meta).final = True
+            self._cond.notify_all()
+
+    @ray.method(concurrency_group="control")
+    def forget(self, key: str) -> None:
+        """The story is finished: drop its resident anchor steps."""
+        with self._cond:
+            stream = self._streams.pop(key, None)
+            if stream is not None:
+                self._pulled_before += stream.bundle.pulled_bytes
+                self._wait_before += stream.wait_seconds
 
     def render(
         self, job: FrameJob, config: dict, settings: dict,
-        bundle_key: str | None, meta: dict | None, step_refs: list[Any] | None,
+        key: str | None, meta: dict | None, step_refs: list[Any] | None, final: bool = True,
     ) -> FrameOutput:
-        """Render one frame; ``step_refs[t]`` is the ObjectRef of anchor step t (or None)."""
-        renderer = self.renderer(config, settings)  # loads the pipeline if ready() has not
-        bundle = None
-        if bundle_key is not None:
-            if bundle_key != self._bundle_key or self._bundle is None:
-                if self._bundle is not None:  # only one story's anchors stay resident
-                    self._pulled_before += self._bundle.pulled_bytes
-                refs = list(step_refs or [])
+        """Render one frame; ``step_refs[t]`` is the ObjectRef of anchor step t, for the steps
+        published when the frame was handed out; unless ``final``, the rest arrive through
+        ``add_steps`` and ``end_steps``."""
+        began = time.perf_counter()
+        try:
+            renderer = self.renderer(config, settings)  # loads the pipeline if ready() has not
+            bundle = None
+            if key is not None:
+                with self._cond:
+                    stream = self._stream(key, meta or {})
+                    stream.add(0, list(step_refs or []), final)
+                    self._cond.notify_all()
+                bundle = stream.bundle
+            output = encode_frame(renderer.render_frame(job, bundle))
+            self.frames += 1
+            return output
+        finally:
+            self.busy_seconds += time.perf_counter() - began
 
-                def fetch(t: int) -> dict | None:
-                    return ray.get(refs[t]) if t < len(refs) and refs[t] is not None else None
-
-                self._bundle = StreamedBundle(meta or {}, fetch, self.device)
-                self._bundle_key = bundle_key
-            bundle = self._bundle
-        output = encode_frame(renderer.render_frame(job, bundle))
-        self.frames += 1
-        return output
+    def render_anchors(self, jobs: list[FrameJob], config: dict, settings: dict) -> Iterator[Any]:
+        """See ``_PipelineHolder.render_anchors``; counted in ``busy_seconds``."""
+        began = time.perf_counter()
+        try:
+            for payload in stream_anchor_payloads(self.renderer(config, settings), jobs):  # noqa: UP028 - Ray drives generators with send()
+                yield payload
+        finally:
+            self.busy_seconds += time.perf_counter() - began
 
     def stats(self) -> dict[str, Any]:
-        """Frames rendered, anchor bytes pulled, and the process's peak resident memory."""
-        pulled = self._pulled_before + (self._bundle.pulled_bytes if self._bundle is not None else 0)
+        """Frames rendered, seconds busy and blocked on anchor steps, anchor bytes pulled, and the
+        process's peak resident memory."""
+        with self._cond:
+            streams = list(self._streams.values())
         return {
             "frames": self.frames,
-            "pulled_bytes": pulled,
+            "busy_seconds": self.busy_seconds,
+            "wait_seconds": self._wait_before + sum(s.wait_seconds for s in streams),
+            "pulled_bytes": self._pulled_before + sum(s.bundle.pulled_bytes for s in streams),
+            "resident_stories": len(streams),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             **_describe(self.device),
         }

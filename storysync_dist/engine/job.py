@@ -55,13 +55,14 @@ from ..spec import StorySpec, load_story, validate_for_model
 from .bundles import check_bundle_for_job, read_bundle
 from .devices import default_dtype, device_and_dtype
 from .identity import AnchorIdentity, RenderIdentity, frame_fingerprint
-from .outputs import write_story_outputs
+from .outputs import ManifestWriter, write_story_outputs
 from .plan import JobPlan, bundle_relpath, frame_config_json, plan_jobs, plan_work
+from .progress import JobProgress
 from .renderer import METHODS, FrameOutput, RenderSettings, StoryRenderer, encode_frame
 
 __all__ = [
-    "JobContext", "JobPlan", "JobResult", "RenderOptions", "device_and_dtype", "job_config", "local_executor",
-    "prepare_job", "run_job", "with_model_defaults",
+    "JobContext", "JobPlan", "JobResult", "RenderOptions", "StoryJob", "device_and_dtype", "job_config",
+    "local_executor", "prepare_job", "run_job", "run_story", "with_model_defaults",
 ]
 
 log = logging.getLogger("storysync")
@@ -108,6 +109,10 @@ class RenderOptions:
     start_timeout: float = 600.0
     # Plan only: report what would be rendered, replaced and removed, and write nothing.
     dry_run: bool = False
+    # Bytes of anchor steps each Ray worker may keep resident: a pool renders the anchors of
+    # upcoming stories while earlier stories' frames render, and keeps at most this budget divided
+    # by the largest bundle seen stories open at once (None: 4 GiB; see docs/distributed.md).
+    bundle_budget: int | None = None
 
 
 @dataclass
@@ -135,7 +140,7 @@ class JobContext:
     """What an executor calls back into: write a finished frame, report a step, save a bundle."""
 
     def __init__(self, plan: JobPlan, sink: ParquetFrameSink,
-                 on_frame: Callable[[FrameOutput], None] | None) -> None:
+                 on_frame: Callable[[FrameOutput], None] | None, progress: JobProgress | None = None) -> None:
         self.plan = plan
         self.sink = sink
         self.start = time.perf_counter()
@@ -143,13 +148,20 @@ class JobContext:
         self.bundle_url: str | None = None
         self.first_frame_seconds: float | None = None
         self._on_frame = on_frame
-        self.bar = tqdm(total=plan.total, unit="frame", disable=not plan.options.progress or None,
+        # A job of many stories shows one JobProgress; a single story its own bar.
+        self.progress = progress
+        if progress is not None:
+            progress.add_story(plan.spec.id, plan.total)
+        self.bar = tqdm(total=plan.total, unit="frame", disable=progress is not None or not plan.options.progress or None,
                         desc=plan.spec.id)
 
     def emit(self, output: FrameOutput) -> None:
         """Write one finished frame (one atomic part file, replacing any older row of it)."""
         plan = self.plan
         self.sink.write([_record(plan, output)])
+        if self.sink.staged_bytes(plan.spec.id) >= self.sink.target_part_bytes:
+            # A long story: make what is staged visible now, as parts of the target size.
+            self.sink.commit_story(plan.spec.id, current=plan.fingerprints)
         self.rendered.append(output.job.frame_id)
         done = len(self.rendered)
         elapsed = time.perf_counter() - self.start
@@ -159,6 +171,8 @@ class JobContext:
         self.bar.set_postfix(frame=output.job.frame_id, sec=f"{output.seconds:.2f}")
         log.info("frame %s done in %.2fs (%d/%d, ETA %.0fs)", output.job.frame_id, output.seconds, done,
                  plan.total, elapsed / done * max(0, plan.total - done))
+        if self.progress is not None:
+            self.progress.frame_done(plan.spec.id, output.seconds)
         if self._on_frame is not None:
             self._on_frame(output)
 
@@ -174,6 +188,8 @@ class JobContext:
 
     def close(self) -> None:
         self.bar.close()
+        if self.progress is not None:
+            self.progress.story_done(self.plan.spec.id)
 
 
 Executor = Callable[[JobPlan, JobContext], dict]
@@ -425,42 +441,105 @@ def _out_exists(options: RenderOptions) -> bool | None:
         return None
 
 
-def run_job(plan: JobPlan, executor: Executor, on_frame: Callable[[FrameOutput], None] | None = None) -> JobResult:
-    """Run a planned job with ``executor``: lease the story, re-plan against the dataset as it is
-    now, render, remove what the story no longer has, then write the storyboard and the manifest."""
-    options = plan.options
-    start = time.perf_counter()
-    existed = _out_exists(options)
-    lease = _lease_story(plan)
-    try:
-        sink = ParquetFrameSink(options.out, storage_options=options.storage_options)
-        plan = plan_work(plan, sink)  # what changed between planning and taking the lease
-        ctx = JobContext(plan, sink, on_frame)
+class StoryJob:
+    """One story of a job, from the lease to the manifest: ``start()`` leases the story and plans
+    it against the dataset as it is now; an executor renders ``plan`` through ``ctx``; ``finish``
+    commits the staged frames (drops superseded rows and frames the story no longer has), writes
+    the storyboard and the manifest entry, and lets go of the lease; ``abort`` lets go after a
+    failure. ``run_job`` runs one; ``RayExecutor.render`` runs many on one pool of workers."""
+
+    def __init__(self, plan: JobPlan, on_frame: Callable[[FrameOutput], None] | None = None,
+                 progress: JobProgress | None = None, manifest: ManifestWriter | None = None) -> None:
+        self.plan = plan
+        self.manifest = manifest  # shared by the stories of one job; None: roll up at once
+        self.on_frame = on_frame
+        self.progress = progress
+        self.ctx: JobContext | None = None
+        self._lease: Lease | None = None
+        self._sink: ParquetFrameSink | None = None
+        self._start = 0.0
+        self._existed: bool | None = None
+
+    def start(self) -> tuple[JobPlan, JobContext] | None:
+        """Lease the story and re-plan it; return (plan, ctx), or None when nothing renders."""
+        options = self.plan.options
+        self._start = time.perf_counter()
+        self._existed = _out_exists(options)
+        self._lease = _lease_story(self.plan)
         try:
-            stats = executor(plan, ctx) if (plan.total or plan.anchor_jobs or plan.save_bundle) else {}
-        finally:
+            self._sink = ParquetFrameSink(options.out, storage_options=options.storage_options)
+            self.plan = plan_work(self.plan, self._sink)  # what changed between planning and the lease
+            self.ctx = JobContext(self.plan, self._sink, self.on_frame, progress=self.progress)
+        except BaseException:
+            self.abort()
+            raise
+        plan = self.plan
+        return (plan, self.ctx) if (plan.anchor_jobs or plan.frame_jobs) else None
+
+    def finish(self, stats: dict) -> JobResult:
+        """Commit and write the story's outputs (see the class docstring); return its result."""
+        plan, ctx, sink = self.plan, self.ctx, self._sink
+        assert ctx is not None and sink is not None
+        try:
             ctx.close()
-        if plan.save_bundle and plan.bundle is not None and not plan.anchor_jobs:
-            ctx.save_bundle(plan.bundle)  # an imported bundle, saved next to the dataset as asked
-        removed = sink.remove_frames(plan.spec.id, set(plan.remove)) if plan.remove else []
-        if plan.leftovers:
-            sink.remove_stale_rows(plan.spec.id, {i: plan.fingerprints[i] for i in plan.leftovers})
-        stats = dict(stats or {})
-        stats["first_frame_seconds"] = ctx.first_frame_seconds
-        changed = bool(ctx.rendered or removed or plan.leftovers or sink.damaged)
-        storyboard, manifest = write_story_outputs(sink, plan, stats, changed=changed, removed=removed)
-    except BaseException:
-        lease.release()
-        if existed is False:
-            _remove_if_empty(options)
-        raise
-    lease.release()
-    return JobResult(
-        out=options.out, story_id=plan.spec.id, rendered=ctx.rendered, skipped=plan.skipped,
-        storyboard=storyboard, manifest=manifest, seconds=time.perf_counter() - start,
-        anchor_bundle=ctx.bundle_url, stats=stats, replaced=[i for i in plan.replace if i in ctx.rendered],
-        removed=removed, stale=plan.stale, damaged=list(sink.damaged), notes=plan.notes,
-    )
+            if plan.save_bundle and plan.bundle is not None and not plan.anchor_jobs:
+                ctx.save_bundle(plan.bundle)  # an imported bundle, saved next to the dataset as asked
+            # Make the staged frames visible, drop superseded rows and the frames the story no longer has.
+            removed = sink.commit_story(plan.spec.id, current=plan.fingerprints, remove=set(plan.remove))
+            stats = dict(stats or {})
+            stats["first_frame_seconds"] = ctx.first_frame_seconds
+            changed = bool(ctx.rendered or removed or plan.leftovers or sink.damaged)
+            storyboard, manifest = write_story_outputs(sink, plan, stats, changed=changed, removed=removed,
+                                                       manifest=self.manifest)
+        except BaseException:
+            self.abort()
+            raise
+        self._release()
+        return JobResult(
+            out=plan.options.out, story_id=plan.spec.id, rendered=ctx.rendered, skipped=plan.skipped,
+            storyboard=storyboard, manifest=manifest, seconds=time.perf_counter() - self._start,
+            anchor_bundle=ctx.bundle_url, stats=stats, replaced=[i for i in plan.replace if i in ctx.rendered],
+            removed=removed, stale=plan.stale, damaged=list(sink.damaged), notes=plan.notes,
+        )
+
+    def abort(self) -> None:
+        """Let go of the story after a failure: the frames written so far are committed (best
+        effort: a rerun commits them otherwise), so readers see them."""
+        if self.ctx is not None:
+            self.ctx.close()
+        if self._sink is not None and self._lease is not None:
+            try:
+                self._sink.commit_story(self.plan.spec.id, current=self.plan.fingerprints)
+            except Exception as exc:  # the job's own error matters more
+                log.warning("could not commit the frames of %s written so far: %s", self.plan.spec.id, one_line(exc))
+        self._release()
+        if self._existed is False:
+            _remove_if_empty(self.plan.options)
+
+    def _release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+
+def run_job(plan: JobPlan, executor: Executor, on_frame: Callable[[FrameOutput], None] | None = None) -> JobResult:
+    """Run a planned story with ``executor``: lease the story, re-plan against the dataset as it
+    is now, render, commit, then write the storyboard and the manifest (``StoryJob``)."""
+    return run_story(StoryJob(plan, on_frame), executor)
+
+
+def run_story(job: StoryJob, executor: Executor) -> JobResult:
+    """Open ``job``, render it with ``executor`` (in this process, or one story on a Ray pool),
+    finish it."""
+    opened = job.start()
+    stats: dict = {}
+    if opened is not None or job.plan.save_bundle:
+        try:
+            stats = executor(job.plan, job.ctx)
+        except BaseException:
+            job.abort()
+            raise
+    return job.finish(stats)
 
 
 def _remove_if_empty(options: RenderOptions) -> None:
@@ -469,6 +548,12 @@ def _remove_if_empty(options: RenderOptions) -> None:
     root = sink._fs_root
     if sink.url(root) != root:
         return
-    for folder in (os.path.join(root, "_locks"), os.path.join(root, "data"), root):
+    data = os.path.join(root, "data")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(data):
+            if entry.is_dir():
+                with contextlib.suppress(OSError):
+                    os.rmdir(entry.path)
+    for folder in (os.path.join(root, "_locks"), data, root):
         with contextlib.suppress(OSError):
             os.rmdir(folder)

@@ -2,10 +2,10 @@
 
 Both describe the story as it is now: only frames whose stored fingerprint is the current one,
 in story order. The storyboard is built one sheet of thumbnails at a time, so its memory does not
-grow with the story; it is only rebuilt when the job changed the story's frames. The manifest is
-shared by every story of a dataset: it is updated (read, one entry replaced, written) under a short
-lease, so concurrent jobs on other stories never lose each other's entries, and it is written even
-when the storyboard fails.
+grow with the story; it is only rebuilt when the job changed the story's frames. Each story's
+manifest entry is its own file, rolled up into the dataset's ``manifest.json`` under a short lease
+(``ManifestWriter``), so concurrent jobs on other stories never lose each other's entries; it is
+written even when the storyboard fails.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import datetime
 import json
 import logging
 import posixpath
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING
 
 from ..errors import StorySyncUserError, one_line
 from ..io.lease import Lease, LeaseHeldError
@@ -27,7 +28,7 @@ from ..io.sink import (
     write_bytes,
     write_manifest,
 )
-from ..io.storage import url_of
+from ..io.storage import resolve, url_of
 from ..io.storyboard import storyboard_sheets
 
 if TYPE_CHECKING:
@@ -35,10 +36,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("storysync")
 
-__all__ = ["MANIFEST_FORMAT", "STORYBOARD_DIR", "update_manifest", "write_story_outputs", "write_storyboards"]
+__all__ = ["MANIFEST_FORMAT", "STORYBOARD_DIR", "STORY_ENTRY_DIR", "ManifestWriter", "story_entry_path",
+           "write_story_outputs", "write_storyboards"]
 
 MANIFEST_FORMAT = "storysync-dataset/2"
 STORYBOARD_DIR = "storyboards"
+STORY_ENTRY_DIR = "stories"
 FRAMES_PER_SHEET = 48
 MANIFEST_LEASE_WAIT = 120.0
 
@@ -72,31 +75,114 @@ def write_storyboards(sink: ParquetFrameSink, plan: JobPlan, previous: list[str]
     return written
 
 
-def update_manifest(plan: JobPlan, entry_for: Any) -> str:
-    """Replace this story's entry of ``manifest.json`` under the manifest lease; return its URL.
+class ManifestWriter:
+    """The dataset's manifest, kept at a cost that does not grow with the dataset.
 
-    ``entry_for(previous_entry_or_None, stories)`` builds the new entry (it may write files).
+    Each story's entry is its own file, ``stories/<story_id>.json``, written by the job that holds
+    the story's lease (one small read and one small write per story). ``manifest.json`` is the
+    roll-up of every entry (the file users and tools read): ``flush()`` merges the entries this job
+    wrote into it under the short manifest lease, so concurrent jobs on other stories never lose
+    each other's entries. A job of one story flushes when the story is done (as before); a job of
+    many stories (``api.render_stories``) flushes every ``flush_every`` seconds and at its end, so
+    the roll-up is rewritten a bounded number of times per job, not once per story. The roll-up is
+    read once per job, for the entries of datasets written before per-story entries existed.
     """
-    options = plan.options
-    lease = Lease(options.out, "manifest", storage_options=options.storage_options, ttl=30.0,
-                  purpose=f"manifest update for story {plan.spec.id}")
-    try:
-        lease.acquire(wait=MANIFEST_LEASE_WAIT)
-    except LeaseHeldError as exc:
-        raise RuntimeError(f"{options.out}: manifest.json stayed locked for {MANIFEST_LEASE_WAIT:.0f}s ({exc})") from None
-    try:
-        manifest = read_manifest(options.out, storage_options=options.storage_options) or {}
-        stories = dict(manifest.get("stories", {}))
-        previous = stories.get(plan.spec.id)
-        entry = entry_for(previous, stories)
-        if previous is not None and manifest.get("format") == MANIFEST_FORMAT and _same_entry(previous, entry):
-            # Nothing changed (a rerun into a finished dataset): leave the file alone.
-            return url_of(options.out, MANIFEST_NAME, options.storage_options)
-        stories[plan.spec.id] = entry
-        return write_manifest(options.out, {"format": MANIFEST_FORMAT, "stories": stories},
-                              storage_options=options.storage_options)
-    finally:
-        lease.release()
+
+    def __init__(self, out: str, storage_options: dict | None = None, *, flush_every: float | None = None) -> None:
+        self.out = out
+        self.storage_options = storage_options
+        self.flush_every = flush_every
+        self._rolled: dict | None = None
+        self._pending: dict[str, dict] = {}
+        self._last_flush = time.monotonic()
+
+    def _rolled_up(self) -> dict:
+        if self._rolled is None:
+            self._rolled = read_manifest(self.out, storage_options=self.storage_options) or {}
+        return self._rolled
+
+    def previous(self, story_id: str) -> dict | None:
+        """The story's entry as the dataset has it: its own file, else the roll-up's."""
+        fs, root = resolve(self.out, self.storage_options)
+        try:
+            return json.loads(fs.cat_file(posixpath.join(root, story_entry_path(story_id))).decode("utf-8"))
+        except FileNotFoundError:
+            pass
+        except (ValueError, UnicodeDecodeError):
+            log.warning("unreadable manifest entry of %s; writing it again", story_id)
+            return None
+        return dict(self._rolled_up().get("stories", {})).get(story_id)
+
+    def story_ids(self) -> set[str]:
+        """The stories the roll-up and this job know of."""
+        return {*self._rolled_up().get("stories", {}), *self._pending}
+
+    def put(self, story_id: str, entry: dict, previous: dict | None) -> None:
+        """Write the story's entry (unless it did not change) and queue it for the roll-up."""
+        if previous is None or not _same_entry(previous, entry):
+            write_bytes(self.out, story_entry_path(story_id), (json.dumps(entry, indent=1, sort_keys=True) + "\n").encode(),
+                        storage_options=self.storage_options)
+        else:
+            entry = previous
+        rolled = dict(self._rolled_up().get("stories", {})).get(story_id)
+        if rolled is None or not _same_entry(rolled, entry) or self._rolled_up().get("format") != MANIFEST_FORMAT:
+            self._pending[story_id] = entry
+        if self.flush_every is not None and time.monotonic() - self._last_flush >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> str:
+        """Merge the queued entries into ``manifest.json`` under the manifest lease; return its URL."""
+        self._last_flush = time.monotonic()
+        url = url_of(self.out, MANIFEST_NAME, self.storage_options)
+        if not self._pending:
+            return url
+        lease = Lease(self.out, "manifest", storage_options=self.storage_options, ttl=30.0,
+                      purpose=f"manifest update for {len(self._pending)} story entries")
+        try:
+            lease.acquire(wait=MANIFEST_LEASE_WAIT)
+        except LeaseHeldError as exc:
+            raise RuntimeError(f"{self.out}: manifest.json stayed locked for {MANIFEST_LEASE_WAIT:.0f}s ({exc})") from None
+        try:
+            manifest = read_manifest(self.out, storage_options=self.storage_options) or {}
+            stories = {**manifest.get("stories", {}), **self._pending}
+            rolled = {"format": MANIFEST_FORMAT, "stories": stories}
+            url = write_manifest(self.out, rolled, storage_options=self.storage_options)
+            self._rolled, self._pending = rolled, {}
+            write_dataset_card(self.out, self.storage_options)
+            return url
+        finally:
+            lease.release()
+
+
+DATASET_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/**/*.parquet
+---
+# A storysync-dist dataset
+
+One row per rendered frame, in `data/<story_id>/part-*.parquet` (the `image` column is a Hugging
+Face Image). `manifest.json` describes every story; `storyboards/` holds contact sheets. Read it
+with `datasets.load_dataset("<this folder>")`, `pyarrow.dataset.dataset("<this folder>/data")` or
+`ray.data.read_parquet("<this folder>/data")`.
+"""
+
+
+def write_dataset_card(out: str, storage_options: dict | None = None) -> None:
+    """Write ``README.md`` at the dataset's root once: its ``configs`` tell Hugging Face
+    ``datasets`` that the frames are ``data/**/*.parquet`` (without it, ``load_dataset(root)``
+    would pick the storyboard PNGs, which can outnumber the compacted part files)."""
+    fs, root = resolve(out, storage_options)
+    path = posixpath.join(root, "README.md")
+    if not fs.exists(path):
+        write_bytes(out, "README.md", DATASET_CARD.encode("utf-8"), storage_options=storage_options)
+
+
+def story_entry_path(story_id: str) -> str:
+    """``stories/<story_id>.json``: the story's manifest entry (ids are validated)."""
+    return f"{STORY_ENTRY_DIR}/{story_id}.json"
 
 
 def _same_entry(a: dict, b: dict) -> bool:
@@ -108,15 +194,18 @@ def now_iso() -> str:
 
 
 def write_story_outputs(sink: ParquetFrameSink, plan: JobPlan, stats: dict, *, changed: bool,
-                        removed: list[str]) -> tuple[str, str]:
-    """Write the storyboard sheets and this story's manifest entry from what the dataset holds."""
+                        removed: list[str], manifest: ManifestWriter | None = None) -> tuple[str, str]:
+    """Write the storyboard sheets and this story's manifest entry from what the dataset holds.
+
+    ``manifest`` is the job's ``ManifestWriter`` (a job of many stories shares one); without one,
+    the entry is rolled up into ``manifest.json`` at once."""
     spec, options = plan.spec, plan.options
     stored = sink.existing(spec.id)
     done = {f.id for f in spec.frames if any(r.fingerprint == plan.fingerprints[f.id] for r in stored.get(f.id, []))}
     root_url = sink.url(sink._fs_root)
     board: dict[str, str] = {}
 
-    def entry_for(previous: dict | None, stories: dict) -> dict:
+    def entry_for(previous: dict | None, stories: set[str]) -> dict:
         previous = previous or {}
         sheets = list(previous.get("storyboards") or [])
         before = {f.get("id"): (f.get("fingerprint"), f.get("done")) for f in previous.get("frames", [])}
@@ -169,8 +258,12 @@ def write_story_outputs(sink: ParquetFrameSink, plan: JobPlan, stats: dict, *, c
             "updated": now_iso(),
         }
 
+    own = manifest is None
+    writer = manifest or ManifestWriter(options.out, options.storage_options)
     try:
-        manifest = update_manifest(plan, entry_for)
+        previous = writer.previous(spec.id)
+        writer.put(spec.id, entry_for(previous, writer.story_ids() | {spec.id}), previous)
+        url = writer.flush() if own else url_of(options.out, MANIFEST_NAME, options.storage_options)
     except OSError as exc:
         raise StorySyncUserError(f"--out {options.out}: cannot write the manifest ({one_line(exc)})") from None
-    return board.get("url", ""), manifest
+    return board.get("url", ""), url

@@ -1,0 +1,167 @@
+"""The pool scheduler across stories: anchors of upcoming stories render while other stories'
+frames do, frames start while their anchors stream, a killed worker costs only its call, and the
+pixels are those of rendering each story in this process. One local Ray for the module."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+import ray
+import torch
+import yaml
+from PIL import Image
+
+from storysync_dist.api import RenderOptions, render_stories, render_story
+from storysync_dist.distributed.executor import NAMESPACE, RayExecutor
+
+FAST = {"model": "tiny-sdxl", "steps": 4, "height": 64, "width": 64, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(address="local", num_cpus=3, num_gpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray worker (see test_distributed.py)
+    yield
+    torch.set_num_threads(threads)
+    ray.shutdown()
+
+
+def write_story(folder: Path, story_id: str, frames: int, steps: int = 4) -> str:
+    story = {
+        "id": story_id,
+        "subjects": [{"name": "fox", "description": "a red fox", "tokens": ["fox"]}],
+        "defaults": {"steps": steps, "height": 64, "width": 64, "seed": sum(map(ord, story_id))},
+        "frames": [{"id": f"s{k}", "prompt": f"{{fox}} in place number {k}"} for k in range(frames)],
+    }
+    path = folder / f"{story_id}.yaml"
+    path.write_text(yaml.safe_dump(story))
+    return str(path)
+
+
+def images(out: Path) -> dict[tuple[str, str], np.ndarray]:
+    rows = ds.dataset(out / "data", format="parquet").to_table().to_pylist()
+    keys = [(r["story_id"], r["frame_id"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a frame is in the dataset twice"
+    return {(r["story_id"], r["frame_id"]): np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))).astype(np.int16)
+            for r in rows}
+
+
+def assert_same_pixels(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        diff = np.abs(a[key] - b[key])
+        assert diff.max() <= 2 and diff.mean() < 0.05, key
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict]:
+    """Four stories of 4 frames (2 anchors, 2 frames), and their pixels rendered one by one in
+    this process."""
+    folder = tmp_path_factory.mktemp("stories")
+    paths = [write_story(folder, f"fox-{i}", 4) for i in range(4)]
+    reference = folder / "reference"
+    for path in paths:
+        render_story(path, RenderOptions(out=str(reference), **FAST))
+    return paths, images(reference)
+
+
+class Timeline:
+    """The executor's events, with the time each arrived."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str, dict]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, kind: str, info: dict) -> None:
+        with self.lock:
+            self.events.append((time.monotonic(), kind, info))
+
+    def of(self, kind: str) -> list[dict]:
+        return [info for _, k, info in self.events if k == kind]
+
+
+def overlaps(timeline: Timeline) -> list[tuple[str, str]]:
+    """(story whose anchors streamed, story whose frame was rendering meanwhile) pairs."""
+    frames: dict[tuple[str, str], list[float]] = {}
+    for when, kind, info in timeline.events:
+        if kind in ("frame_dispatched", "frame_done"):
+            frames.setdefault((info["story"], info["frame"]), []).append(when)
+    pairs = []
+    for when, kind, info in timeline.events:
+        if kind != "anchor_step":
+            continue
+        for (story, _), times in frames.items():
+            if story != info["story"] and len(times) >= 2 and times[0] < when < times[-1]:
+                pairs.append((info["story"], story))
+    return pairs
+
+
+def test_the_pool_renders_anchors_while_other_stories_frames_render(tmp_path: Path, stories) -> None:
+    paths, reference = stories
+    timeline = Timeline()
+    options = RenderOptions(out=str(tmp_path / "pooled"), workers=2, **FAST)
+    with RayExecutor(options, on_event=timeline) as executor:
+        results = list(render_stories(paths, options, executor=executor))
+    assert sorted(r.story_id for r in results) == [f"fox-{i}" for i in range(4)]
+    assert all(len(r.rendered) == 4 for r in results)
+    # Some story's anchors streamed while another story's frame was rendering on the other worker.
+    assert overlaps(timeline), timeline.events
+    # Both workers rendered, and the pool was reused: two processes for all four stories.
+    pids = {s["pid"] for r in results for s in r.stats["worker_stats"] if s}
+    assert len(pids) == 2
+    busy = {i for r in results for i in r.stats["worker_busy_seconds"]}
+    assert busy == {0, 1}
+    assert_same_pixels(images(tmp_path / "pooled"), reference)
+    # A rerun into the finished dataset renders nothing.
+    again = list(render_stories(paths, options))
+    assert all(r.rendered == [] and len(r.skipped) == 4 for r in again)
+
+
+def test_frames_start_while_the_anchors_stream(tmp_path: Path) -> None:
+    story = write_story(tmp_path, "long-fox", 6, steps=12)
+    settings = {**FAST, "steps": 12}
+    reference = tmp_path / "reference"
+    render_story(story, RenderOptions(out=str(reference), **settings))
+
+    timeline = Timeline()
+    options = RenderOptions(out=str(tmp_path / "streamed"), workers=2, **settings)
+    with RayExecutor(options, on_event=timeline) as executor:
+        # Load both pipelines first, so the second worker is free while the anchors render.
+        list(render_stories([write_story(tmp_path, "warm-up", 2, steps=1)], options, executor=executor))
+        result = render_story(story, options, executor=executor)
+    early = [e for e in timeline.of("frame_dispatched") if e["story"] == "long-fox" and e["steps_published"] < 12]
+    assert early, "no frame was handed out before the anchors finished"
+    assert all(e["steps_published"] >= 1 for e in early)  # never before anchor step 0
+    assert sorted(result.rendered) == [f"s{k}" for k in range(6)]
+    assert result.stats["first_non_anchor_seconds"] < result.stats["anchor_seconds"] + result.stats["story_seconds"]
+    streamed = {k: v for k, v in images(tmp_path / "streamed").items() if k[0] == "long-fox"}
+    assert_same_pixels(streamed, images(reference))
+
+
+def test_a_worker_killed_during_overlapped_stories_loses_only_its_frame(tmp_path: Path, stories) -> None:
+    paths, reference = stories
+    killed: list[tuple[str, str]] = []
+
+    def kill_once(kind: str, info: dict) -> None:
+        # Kill the worker of a frame of the second story as it is handed out: other stories are
+        # open then (their anchors or frames on the other worker).
+        if kind == "frame_dispatched" and info["story"] == "fox-1" and not killed:
+            killed.append((info["story"], info["frame"]))
+            ray.kill(ray.get_actor(info["worker"], namespace=NAMESPACE), no_restart=False)  # Ray restarts it
+
+    options = RenderOptions(out=str(tmp_path / "faulty"), workers=2, **FAST)
+    with RayExecutor(options, on_event=kill_once) as executor:
+        results = {r.story_id: r for r in render_stories(paths, options, executor=executor)}
+    assert killed
+    story_id, frame_id = killed[0]
+    assert frame_id in results[story_id].stats["retried"]
+    assert all(not r.stats.get("retried") for s, r in results.items() if s != story_id)
+    assert_same_pixels(images(tmp_path / "faulty"), reference)  # every frame once, same pixels
