@@ -55,6 +55,11 @@ def _waits(stats: list[dict]) -> float:
     return sum(s.get("wait_seconds", 0.0) for s in stats if s)
 
 
+def _busy(stats: list[dict]) -> float | None:
+    values = [s.get("busy_seconds") for s in stats if s]
+    return sum(values) if values and all(v is not None for v in values) else None
+
+
 def measure_pool(folder: pathlib.Path, stories: int, frames: int, workers: int, steps: int, size: int) -> dict:
     from storysync_dist import api
     from storysync_dist.api import RenderOptions, render_story
@@ -66,6 +71,7 @@ def measure_pool(folder: pathlib.Path, stories: int, frames: int, workers: int, 
     with RayExecutor(options) as executor:
         warm = render_story(write_story(folder, "warm-up", 1, 1, size), options, executor=executor)
         waited_before = _waits(warm.stats.get("worker_stats", []))
+        busy_before = _busy(warm.stats.get("worker_stats", []))
         start = time.perf_counter()
         if hasattr(api, "render_stories"):
             results = list(api.render_stories(paths, options, executor=executor))
@@ -73,13 +79,19 @@ def measure_pool(folder: pathlib.Path, stories: int, frames: int, workers: int, 
             results = [render_story(path, options, executor=executor) for path in paths]
         wall = time.perf_counter() - start
     last = max(results, key=lambda r: r.seconds)
-    waited = _waits(results[-1].stats.get("worker_stats", [])) - waited_before
+    final_stats = results[-1].stats.get("worker_stats", [])
+    waited = _waits(final_stats) - waited_before
+    busy_after = _busy(final_stats)
+    # Where the workers report it: seconds inside render calls (rendering plus PNG encoding and
+    # anchor-step transfers), less the seconds blocked on anchor steps.
+    busy = None if busy_after is None or busy_before is None else busy_after - busy_before - waited
     rows = [r for r in dataset_rows(out) if r["story_id"] != "warm-up"]
     rendering = sum(r["render_seconds"] for r in rows) - waited
     return {
         "stories": stories, "frames_per_story": frames, "workers": workers, "steps": steps, "size": size,
         "frames": len(rows), "wall_seconds": wall, "render_seconds": rendering, "wait_seconds": waited,
         "utilisation": rendering / (workers * wall), "slowest_story_seconds": last.seconds,
+        "busy_seconds": busy, "busy_utilisation": None if busy is None else busy / (workers * wall),
         "mode": "render_stories" if hasattr(api, "render_stories") else "render_story loop",
     }
 

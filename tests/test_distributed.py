@@ -183,17 +183,6 @@ class KillAnchorsAtSecondStep:
             ray.kill(ray.get_actor(info["worker"], namespace=NAMESPACE), no_restart=False)  # Ray restarts it
 
 
-def alive(executor: RayExecutor) -> list[str]:
-    """The executor's workers that Ray still knows as live actors."""
-    names = []
-    for name in executor.worker_names:
-        try:
-            ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            continue
-        names.append(name)
-    return names
-
 
 def test_a_worker_dying_with_the_anchors_is_replaced_and_the_anchors_recomputed(tmp_path: Path, slow_story) -> None:
     story, reference = slow_story
@@ -223,13 +212,13 @@ def test_a_pooled_executor_keeps_its_workers_from_story_to_story(tmp_path: Path,
         second = render_story(story, options, executor=executor)
         # The same two processes rendered both stories: no pipeline was loaded twice.
         assert sorted(s["pid"] for s in second.stats["worker_stats"]) == pids
-        assert len(alive(executor)) == 2
+        assert len(executor.live_workers()) == 2
         # A third story whose anchors' worker is killed halfway: the next worker renders them again.
         hook.story = "long-cat"
         third_out = tmp_path / "pooled-slow"
         third = render_story(story, RenderOptions(out=str(third_out), workers=2, **SLOW), executor=executor)
         assert len(hook.killed) == 1 and third.stats["anchor_attempts"] == 2
-    assert alive(executor) == []  # leaving the block stopped the pool
+    assert executor.live_workers() == []  # leaving the block stopped the pool
     assert sum(s["frames"] for s in second.stats["worker_stats"]) == 4 + 1  # counted since the pool started
     assert sorted(third.rendered) == sorted(slow_reference)
 

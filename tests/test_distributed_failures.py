@@ -72,17 +72,6 @@ def planned(options: RenderOptions, story: str = EXAMPLE, on_event=None) -> tupl
     return prepare_job(story, options, device=executor.device), executor
 
 
-def alive(executor: RayExecutor) -> list[str]:
-    """The executor's workers that Ray still knows as live actors."""
-    names = []
-    for name in executor.worker_names:
-        try:
-            ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            continue
-        names.append(name)
-    return names
-
 
 def images(out: Path) -> dict[str, np.ndarray]:
     rows = pq.read_table(out / "data").to_pylist()
@@ -102,7 +91,7 @@ def test_a_model_folder_missing_on_the_workers_is_a_user_error_naming_it(tmp_pat
     message = str(caught.value)
     assert message.startswith(f"--model: unknown model or preset {str(model)!r}: not a local folder")
     assert message.endswith(f"(workers 0, 1 on {HOST})") and "\n" not in message
-    assert alive(executor) == []  # nothing left running
+    assert executor.live_workers() == []  # nothing left running
 
     # With anchors, the one worker (which would render them) meets the same cause and says so.
     model = model_copy(tmp_path / "again")
@@ -150,7 +139,7 @@ def test_workers_that_die_for_good_end_the_job_with_their_causes(tmp_path: Path)
     plan, executor = planned(options, story)
 
     def kill_every_worker(frame) -> None:
-        for name in alive(executor):
+        for name in executor.live_workers():
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
 
     with pytest.raises(RuntimeError) as caught:

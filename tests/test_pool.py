@@ -5,6 +5,7 @@ pixels are those of rendering each story in this process. One local Ray for the 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
 import time
@@ -119,6 +120,11 @@ def test_the_pool_renders_anchors_while_other_stories_frames_render(tmp_path: Pa
     assert len(pids) == 2
     busy = {i for r in results for i in r.stats["worker_busy_seconds"]}
     assert busy == {0, 1}
+    # The manifest records, per story, each worker's busy seconds on it (utilisation afterwards).
+    manifest = json.loads((tmp_path / "pooled" / "manifest.json").read_text())
+    recorded = [manifest["stories"][f"fox-{i}"]["render"] for i in range(4)]
+    assert {w for r in recorded for w in r["worker_busy_seconds"]} == {"0", "1"}
+    assert all(0 < sum(r["worker_busy_seconds"].values()) <= 2 * r["story_seconds"] + 1e-6 for r in recorded)
     assert_same_pixels(images(tmp_path / "pooled"), reference)
     # A rerun into the finished dataset renders nothing.
     again = list(render_stories(paths, options))

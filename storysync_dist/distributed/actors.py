@@ -268,9 +268,11 @@ class FrameWorker(_PipelineHolder):
         finally:
             self.busy_seconds += time.perf_counter() - began
 
+    @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, Any]:
         """Frames rendered, seconds busy and blocked on anchor steps, anchor bytes pulled, and the
-        process's peak resident memory."""
+        process's peak resident memory. In the ``control`` group: the driver asks while the worker
+        renders, and must not wait for the frame to finish."""
         with self._cond:
             streams = list(self._streams.values())
         return {

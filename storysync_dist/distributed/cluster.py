@@ -53,7 +53,7 @@ def connect(address: str | None, workers: int) -> None:
     _loopback_only()
     ray.init(
         address="local",
-        # Logical CPUs: one per actor (the anchor actor and every worker) even on a small machine.
+        # Logical CPUs: one per worker (and one spare) even on a small machine.
         num_cpus=max(os.cpu_count() or 1, workers + 1),
         include_dashboard=False,
         logging_level=logging.WARNING,
@@ -79,7 +79,7 @@ def _loopback_only() -> None:
 
 @dataclass(frozen=True)
 class ActorResources:
-    """What every actor of a job (the AnchorActor and each FrameWorker) asks Ray for, and the
+    """What every actor of a job (each FrameWorker) asks Ray for, and the
     device it renders on.
 
     ``amounts`` uses Ray's resource names (``GPU``, ``CPU``, ``memory``, custom ones); ``device``

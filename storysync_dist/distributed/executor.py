@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import ray
+
 from ..engine.job import JobContext, JobPlan, RenderOptions
 from .cluster import actor_resources, connect
 from .pool import NAMESPACE, WorkerPool
@@ -68,6 +70,17 @@ class RayExecutor:
     @property
     def worker_names(self) -> list[str]:
         return self._pool.names
+
+    def live_workers(self) -> list[str]:
+        """The names of this executor's workers that Ray has as live actors now."""
+        names = []
+        for name in self.worker_names:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:  # never started, stopped, or dead for good
+                continue
+            names.append(name)
+        return names
 
     def __enter__(self) -> RayExecutor:
         return self

@@ -190,13 +190,13 @@ class WorkerPool:
             "add nodes, lower --workers, or raise --start-timeout"
         )
 
-    def wait(self, calls: Collection[Any]) -> Any | None:
-        """Wait (one tick at most) for the next event: a start event is handled here; a finished
-        ref (or generator with a new item) of ``calls`` is returned."""
+    def wait(self, calls: Collection[Any], timeout: float | None = None) -> Any | None:
+        """Wait (one tick, or ``timeout``, at most) for the next event: a start event is handled
+        here; a finished ref (or generator with a new item) of ``calls`` is returned."""
         start = self.start_refs()
         self.check_start(running=bool(calls))
         refs = [*start, *calls]  # start events first: quick to handle, and they name the hosts
-        timeout = self.tick()
+        timeout = self.tick() if timeout is None else min(timeout, self.tick())
         if not refs:
             time.sleep(timeout)
             return None

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -134,44 +135,49 @@ class PoolScheduler:
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self, sources: Iterable[StorySource]) -> Iterator[tuple[StorySource, dict]]:
-        """Render every story of ``sources``; yield (source, stats) as each one finishes."""
+        """Render every story of ``sources``; yield (source, what its ``finish`` returned) as each
+        one finishes. A story's finish (commit, storyboard, manifest entry) runs on one helper
+        thread, in order, so the loop goes on handing out work meanwhile."""
         pending = iter(sources)
         exhausted = False
         active: list[_Story] = []
         calls: dict[Any, _Call] = {}
-        done: list[tuple[StorySource, dict]] = []
+        done: deque[tuple[StorySource, Future]] = deque()
         self.pool.start()
-        try:
-            while True:
-                for worker in self._free_workers(calls):
-                    story, kind = self._next_task(active, admit=not exhausted)
-                    if kind == "admit":
-                        exhausted = not self._admit(pending, active, done)
-                        story, kind = self._next_task(active, admit=False)
-                    if story is None:
-                        break
-                    self._dispatch(kind, story, worker, calls)
-                while done:
-                    yield done.pop(0)
-                if exhausted and not active and not calls:
-                    return
-                if not calls and self.pool.all_gone():
-                    raise self.pool.failed_error()
-                ref = self.pool.wait(list(calls))
-                if ref is None:
-                    continue
-                call = calls.pop(ref)
-                if call.kind == "anchors":
-                    self._on_anchor_item(ref, call, calls)
-                else:
-                    self._on_frame(ref, call)
-                self._close_finished(active, done)
-                while done:
-                    yield done.pop(0)
-        except BaseException:
-            for story in active:
-                story.source.abort()
-            raise
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="story-finish") as finisher:
+            try:
+                while True:
+                    for worker in self._free_workers(calls):
+                        story, kind = self._next_task(active, admit=not exhausted)
+                        if kind == "admit":
+                            exhausted = not self._admit(pending, active, done, finisher)
+                            story, kind = self._next_task(active, admit=False)
+                        if story is None:
+                            break
+                        self._dispatch(kind, story, worker, calls)
+                    while done and done[0][1].done():
+                        source, future = done.popleft()
+                        yield source, future.result()
+                    if exhausted and not active and not calls:
+                        while done:
+                            source, future = done.popleft()
+                            yield source, future.result()
+                        return
+                    if not calls and self.pool.all_gone():
+                        raise self.pool.failed_error()
+                    ref = self.pool.wait(list(calls), timeout=0.05 if done else None)
+                    if ref is None:
+                        continue
+                    call = calls.pop(ref)
+                    if call.kind == "anchors":
+                        self._on_anchor_item(ref, call, calls)
+                    else:
+                        self._on_frame(ref, call)
+                    self._close_finished(active, done, finisher)
+            except BaseException:
+                for story in active:
+                    story.source.abort()
+                raise
 
     def _free_workers(self, calls: dict[Any, _Call]) -> list[Worker]:
         busy = {call.worker.index for call in calls.values()}
@@ -193,12 +199,13 @@ class PoolScheduler:
                 return story, "frame"
         return None, ""
 
-    def _admit(self, pending: Iterator[StorySource], active: list[_Story], done: list) -> bool:
+    def _admit(self, pending: Iterator[StorySource], active: list[_Story], done: deque,
+               finisher: ThreadPoolExecutor) -> bool:
         """Open the next story that has work; False when there are none left."""
         for source in pending:
             opened = source.start()
             if opened is None:
-                done.append((source, source.finish({})))
+                done.append((source, finisher.submit(source.finish, {})))
                 continue
             plan, ctx = opened
             story = _Story(source, plan, ctx, time.monotonic(), queue=deque(plan.frame_jobs))
@@ -372,7 +379,7 @@ class PoolScheduler:
         story.queue.appendleft(job)
 
     # ---- closing stories --------------------------------------------------------------------
-    def _close_finished(self, active: list[_Story], done: list) -> None:
+    def _close_finished(self, active: list[_Story], done: deque, finisher: ThreadPoolExecutor) -> None:
         for story in [s for s in active if s.finished]:
             active.remove(story)
             if story.key is not None:
@@ -384,4 +391,4 @@ class PoolScheduler:
             stats["story_seconds"] = time.monotonic() - story.opened
             stats["worker_stats"] = self.pool.stats()
             stats["devices"] = self.pool.device_list()
-            done.append((story.source, story.source.finish(stats)))
+            done.append((story.source, finisher.submit(story.source.finish, stats)))

@@ -31,6 +31,7 @@ driver alone writes, one atomic part file per frame, as frames arrive.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -335,9 +336,19 @@ def _model_info(options: RenderOptions, pipe: object | None) -> ModelInfo:
     """What the job needs of the model (tokenizer, size factor, sampling defaults): from the loaded
     pipeline when one is given, else from the model's folder without loading weights."""
     try:
-        return model_info_from_pipeline(pipe) if pipe is not None else load_model_info(options.model)
+        if pipe is not None:
+            return model_info_from_pipeline(pipe)
+        return _folder_model_info(options.model, model_revision(options.model))
     except (ValueError, TypeError) as exc:  # UnknownModelError, unsupported pipeline
         raise StorySyncUserError(f"--model: {exc}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_model_info(model: str, revision: str | None) -> ModelInfo:
+    # Building the tokenizer takes about half a second: a job of many stories plans each against
+    # the same model, so it is read once per (model, revision); an edited folder has another
+    # revision (models.revision hashes its configs and weight files) and is read again.
+    return load_model_info(model)
 
 
 def with_model_defaults(spec: StorySpec, info: ModelInfo) -> StorySpec:

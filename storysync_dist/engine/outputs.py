@@ -185,6 +185,15 @@ def story_entry_path(story_id: str) -> str:
     return f"{STORY_ENTRY_DIR}/{story_id}.json"
 
 
+def _render_record(stats: dict) -> dict:
+    keys = ("workers", "story_seconds", "anchor_seconds", "anchor_first_step_seconds", "first_non_anchor_seconds",
+            "first_frame_seconds")
+    record = {key: stats[key] for key in keys if stats.get(key) is not None}
+    if "worker_busy_seconds" in stats:
+        record["worker_busy_seconds"] = {str(k): v for k, v in stats["worker_busy_seconds"].items()}
+    return record if len(record) > 1 or "worker_busy_seconds" in record else {}
+
+
 def _same_entry(a: dict, b: dict) -> bool:
     return {k: v for k, v in a.items() if k != "updated"} == {k: v for k, v in b.items() if k != "updated"}
 
@@ -254,6 +263,10 @@ def write_story_outputs(sink: ParquetFrameSink, plan: JobPlan, stats: dict, *, c
             ],
             "removed": removed,
             "devices": stats.get("devices", previous.get("devices", [])),
+            # How the last job that rendered frames of the story spent its workers' time (seconds):
+            # busy time per worker index on this story's calls, the story's wall time, when its
+            # first anchor step and first non-anchor frame came (a job that renders nothing keeps it).
+            "render": _render_record(stats) or previous.get("render", {}),
             "damaged": list(sink.damaged),
             "updated": now_iso(),
         }
