@@ -16,18 +16,11 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from .engine.job import (
-    JobPlan,
-    JobResult,
-    RenderOptions,
-    StoryJob,
-    local_executor,
-    prepare_job,
-    run_story,
-)
+from .engine.job import JobPlan, JobResult, RenderOptions, prepare_job
 from .engine.outputs import ManifestWriter
 from .engine.progress import JobProgress
 from .engine.renderer import FrameOutput
+from .engine.run import StoryJob, local_executor, run_story
 from .spec import StorySpec, load_story
 
 if TYPE_CHECKING:

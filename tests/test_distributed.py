@@ -19,7 +19,8 @@ from PIL import Image
 from storysync_dist.api import RenderOptions, render_story
 from storysync_dist.cli import main
 from storysync_dist.distributed.executor import NAMESPACE, RayExecutor
-from storysync_dist.engine.job import prepare_job, run_job
+from storysync_dist.engine.job import prepare_job
+from storysync_dist.engine.run import run_job
 from storysync_dist.errors import StorySyncUserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,8 @@ from storysync_dist.api import RenderOptions, render_story
 from storysync_dist.distributed.actors import choose_device
 from storysync_dist.distributed.cluster import gpus_are_physical
 from storysync_dist.distributed.executor import NAMESPACE, RayExecutor
-from storysync_dist.engine.job import prepare_job, run_job
+from storysync_dist.engine.job import prepare_job
+from storysync_dist.engine.run import run_job
 from storysync_dist.errors import StorySyncUserError
 from storysync_dist.models.presets import preset_path
 

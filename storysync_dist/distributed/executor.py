@@ -4,7 +4,7 @@
 or one CPU each, following ``--device``), started on first use and kept until ``close()`` (or the
 end of a ``with`` block), so every story it renders reuses the loaded pipelines. It runs one
 scheduler (``scheduler.PoolScheduler``) whatever the number of stories: ``executor(plan, ctx)``
-renders one planned story (what ``engine.job.run_job`` calls), ``executor.render(sources)`` many
+renders one planned story (what ``engine.run.run_job`` calls), ``executor.render(sources)`` many
 stories, overlapping one story's anchors with other stories' frames.
 
 Every wait for a worker to be placed is bounded by ``RenderOptions.start_timeout``; a job whose
@@ -19,7 +19,8 @@ from typing import Any
 
 import ray
 
-from ..engine.job import JobContext, JobPlan, RenderOptions
+from ..engine.job import JobPlan, RenderOptions
+from ..engine.run import JobContext
 from .cluster import actor_resources, connect
 from .pool import NAMESPACE, WorkerPool
 from .scheduler import EventHook, PoolScheduler, StorySource
@@ -103,7 +104,7 @@ class RayExecutor:
             raise
 
     def __call__(self, plan: JobPlan, ctx: JobContext) -> dict:
-        """Render one opened story (``engine.job.run_job``'s executor protocol); return its stats."""
+        """Render one opened story (``engine.run.run_job``'s executor protocol); return its stats."""
         if not plan.anchor_jobs and not plan.frame_jobs:
             return {"workers": self.options.workers}  # nothing renders (an imported bundle to save, say)
         results = [stats for _, stats in self.render([_Opened(plan, ctx)])]

@@ -41,8 +41,9 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..core.anchors import AnchorBundle
-from ..engine.job import JobContext, JobPlan
+from ..engine.job import JobPlan
 from ..engine.renderer import FrameJob, FrameOutput, bundle_meta
+from ..engine.run import JobContext
 from .failures import failure_of
 from .pool import Worker, WorkerPool
 
