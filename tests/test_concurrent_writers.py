@@ -37,14 +37,16 @@ def test_a_second_job_on_the_same_story_is_refused_and_frames_are_written_once(t
     story["id"] = "other-cat"
     other.write_text(yaml.safe_dump(story))
     size = ["--height", "64", "--width", "64"]
-    first = cli(str(EXAMPLE), "--out", str(out), "--steps", "12", *size)
+    # Enough steps that the first job is still rendering while the second starts up (a few seconds
+    # on a loaded machine): the second must meet its lease, not a finished story.
+    first = cli(str(EXAMPLE), "--out", str(out), "--steps", "40", *size)
     lock = out / "_locks" / "story-ginger-cat.lock"
     deadline = time.monotonic() + 120
     while not lock.exists():
         assert first.poll() is None, first.communicate()
         assert time.monotonic() < deadline, "the first job never took its lease"
         time.sleep(0.05)
-    second = cli(str(EXAMPLE), "--out", str(out), "--steps", "12", *size)
+    second = cli(str(EXAMPLE), "--out", str(out), "--steps", "40", *size)
     third = cli(str(other), "--out", str(out), "--steps", "2", *size)  # another story, same dataset
     out2, err2 = second.communicate(timeout=300)
     assert second.returncode == 2, (out2, err2)
@@ -66,7 +68,7 @@ def test_a_second_job_on_the_same_story_is_refused_and_frames_are_written_once(t
     assert not (out / "_locks").exists()  # both leases were released
 
     # The refused job can simply be run again: everything is there now.
-    again = cli(str(EXAMPLE), "--out", str(out), "--steps", "12", *size)
+    again = cli(str(EXAMPLE), "--out", str(out), "--steps", "40", *size)
     printed, _ = again.communicate(timeout=300)
     assert again.returncode == 0 and "rendered 0 frame(s), skipped 6 already present" in printed
 
