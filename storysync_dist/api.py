@@ -121,6 +121,8 @@ def render_stories(
             yield from (_dry_run_result(plan) for plan in plans)
             return
         progress = stack.enter_context(JobProgress(options.out, show=options.progress))
+        for plan in plans:  # every story counts from the start: the job's total and ETA cover them all
+            progress.add_story(plan.spec.id, plan.total)
         # One roll-up of manifest.json a minute and one at the end, not one per story.
         manifest = ManifestWriter(options.out, options.storage_options, flush_every=MANIFEST_FLUSH_SECONDS)
         stack.callback(manifest.flush)

@@ -97,6 +97,31 @@ def test_zero_frame_story_and_misuse(clock: FakeClock) -> None:
     p.close()
 
 
+def test_stories_added_ahead_count_from_the_start_and_reopen(clock: FakeClock) -> None:
+    # A job that plans every story first: the job's total covers them all before any renders.
+    p = JobProgress("job", show=False, metrics=False, clock=clock)
+    p.add_story("a", 4)
+    p.add_story("b", 6)
+    assert p.snapshot()["total"] == 10
+    clock.at(2)
+    p.open_story("a", 3)  # re-planned when it opens: one frame turned out to be stored already
+    clock.at(5)
+    for _ in range(3):
+        p.frame_done("a")
+    snap = p.snapshot()
+    assert (snap["done"], snap["total"]) == (3, 9)
+    assert snap["fps"] == pytest.approx(3 / 5)
+    assert snap["eta_seconds"] == pytest.approx(6 / (3 / 5))
+    # The story's clock restarted at open_story (t=2): 3 frames in 3 s.
+    assert snap["stories"]["a"]["fps"] == pytest.approx(1.0)
+    assert snap["stories"]["b"]["total"] == 6
+    p.open_story("c", 2)  # not added ahead: added now
+    assert p.snapshot()["total"] == 11
+    with pytest.raises(ValueError, match=">= 0"):
+        p.open_story("b", -1)
+    p.close()
+
+
 def test_show_false_prints_nothing(clock: FakeClock, capsys: pytest.CaptureFixture[str]) -> None:
     p = JobProgress("quiet", show=False, metrics=False, clock=clock)
     p.add_story("a", 2)

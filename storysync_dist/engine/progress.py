@@ -14,8 +14,8 @@ What the numbers mean (all times in seconds of ``clock``, ``time.monotonic`` by 
 - ``elapsed``: seconds since the job's progress was created (or until :meth:`JobProgress.close`).
 - ``fps``: frames per second over the job, ``done / elapsed`` (0.0 while nothing is done).
 - ``eta_seconds``: estimated seconds left, ``(total - done) / fps``; ``None`` until a frame is done.
-- Per story the same, with the story's own clock: it starts at ``add_story`` for that story and
-  stops at ``story_done`` (so a finished story's fps stays what it was when it finished);
+- Per story the same, with the story's own clock: it starts at ``add_story`` for that story (or
+  at ``open_story``, when the story was added ahead of rendering) and stops at ``story_done`` (so a finished story's fps stays what it was when it finished);
   ``finished`` says whether ``story_done`` was called.
 
 Ray metrics (created once per process; exported when ``metrics`` is True, or when it is None and
@@ -149,6 +149,24 @@ class JobProgress:
                 raise ValueError(f"story {story_id!r} was already added to job {self.job_name!r}")
             self._stories[story_id] = _Story(total=total, added_at=self._clock())
             self._total += total
+            self._bar.total = self._total
+            self._refresh_bar()
+            self._export(story_id, frame=False)
+
+    def open_story(self, story_id: str, total: int) -> None:
+        """The story starts rendering now with ``total`` frames: add it, or, when it was added ahead
+        (a job that knows all its stories at the start, so the job's total and ETA cover them
+        from the first frame), set its total anew and restart its clock."""
+        if total < 0:
+            raise ValueError(f"story {story_id!r}: total must be >= 0, got {total}")
+        with self._lock:
+            story = self._stories.get(story_id)
+            if story is None:
+                self.add_story(story_id, total)
+                return
+            self._total += total - story.total
+            story.total = total
+            story.added_at = self._clock()
             self._bar.total = self._total
             self._refresh_bar()
             self._export(story_id, frame=False)

@@ -52,7 +52,7 @@ class JobContext:
         # A job of many stories shows one JobProgress; a single story its own bar.
         self.progress = progress
         if progress is not None:
-            progress.add_story(plan.spec.id, plan.total)
+            progress.open_story(plan.spec.id, plan.total)
         self.bar = tqdm(total=plan.total, unit="frame", disable=progress is not None or not plan.options.progress or None,
                         desc=plan.spec.id)
 
