@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from _common import add_cluster_arguments, positive_int, resolve_address, run, warn_if_driver_only
 
+from storysync_dist.cli import add_efficiency_arguments, efficiency_options
 from storysync_dist.errors import StorySpecError, StorySyncUserError
 from storysync_dist.spec import StorySpec
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bundle-budget", type=positive_int, metavar="BYTES",
                         help="bytes of anchor steps each worker may keep resident; bounds how many stories are "
                         "open at once (default 4 GiB; docs/distributed.md)")
+    add_efficiency_arguments(parser)
     add_cluster_arguments(parser)
     return parser
 
@@ -101,6 +103,7 @@ def check_unique_ids(stories: Sequence[StorySpec]) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     from storysync_dist.api import RenderOptions, render_stories
+    from storysync_dist.engine.job import check_efficiency_options
     from storysync_dist.spec import load_benchmark
 
     categories = None
@@ -125,6 +128,12 @@ def _main(args: argparse.Namespace) -> int:
     check_unique_ids(stories)
     warn_if_driver_only(PROG, args.workers)
 
+    options = RenderOptions(
+        model=args.model, out=args.out, method=args.method, device=args.device, dtype=args.dtype,
+        progress=not args.no_progress, workers=args.workers, address=resolve_address(args.address),
+        bundle_budget=args.bundle_budget, **efficiency_options(args),
+    )
+    check_efficiency_options(options)  # a bad --bundle-on or --offload fails before anything loads
     pipe = None
     if args.workers == 0 and stories:
         # One pipeline for every story, instead of one load per story; the device/dtype defaults
@@ -133,13 +142,8 @@ def _main(args: argparse.Namespace) -> int:
         from storysync_dist.models.presets import load_pipeline
 
         device, dtype = device_and_dtype(args.device, args.dtype)
-        pipe = load_pipeline(args.model, device=device, dtype=dtype)
+        pipe = load_pipeline(args.model, device=device, dtype=dtype, offload=options.offload)
 
-    options = RenderOptions(
-        model=args.model, out=args.out, method=args.method, device=args.device, dtype=args.dtype,
-        progress=not args.no_progress, workers=args.workers, address=resolve_address(args.address),
-        bundle_budget=args.bundle_budget,
-    )
     start = time.perf_counter()
     rendered: Counter[str] = Counter()
     skipped: Counter[str] = Counter()

@@ -96,8 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print what a run would render, replace and remove, and write nothing")
     render.add_argument("--start-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                         help="with --workers: how long to wait for the cluster's resources (default 600)")
+    add_efficiency_arguments(render)
     render.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def add_efficiency_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--frame-batch``, ``--bundle-on`` and ``--offload`` (``storysync render`` and the jobs)."""
+    parser.add_argument("--frame-batch", type=_positive_int, metavar="B",
+                        help="render up to B non-anchor frames of a story in one denoiser batch (default: per "
+                        "device, see docs/memory.md); each frame keeps its own seed, and its pixels equal its "
+                        "batch-of-one render within the documented tolerance")
+    # Not argparse choices: the engine checks them, so a wrong one is a one-line error (exit 2).
+    parser.add_argument("--bundle-on", default="auto", metavar="{device,host,auto}",
+                        help="where a frame worker keeps the anchor bundle: device, host (pinned host memory, "
+                        "two steps at a time on the device) or auto (from free device memory; default)")
+    parser.add_argument("--offload", default="none", metavar="{none,model}",
+                        help="model: diffusers' enable_model_cpu_offload, for small GPUs (the text encoders "
+                        "and VAE leave the device while the denoiser runs); default none")
+
+
+def efficiency_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``RenderOptions`` fields of ``add_efficiency_arguments``."""
+    return {"frame_batch": args.frame_batch, "bundle_on": args.bundle_on, "offload": args.offload}
 
 
 def print_result(result: JobResult) -> None:
@@ -150,6 +171,7 @@ def options_from_args(args: argparse.Namespace, **changes: Any) -> RenderOptions
         anchors=args.anchors, save_anchors=args.save_anchors, progress=not args.no_progress,
         workers=args.workers, address=args.address, dry_run=args.dry_run, start_timeout=args.start_timeout,
         ablation=args.ablation, overrides=overrides, replace_config=args.replace_config,
+        **efficiency_options(args),
     )
     return RenderOptions(**{**fields, **changes})
 

@@ -83,3 +83,30 @@ def test_pooled_dataset_section_reports_both_modes() -> None:
     report.ray["pool"][1] = {"mode": "pooled", "error": "RuntimeError: boom"}
     text = run.render_markdown(report)
     assert "not measured: pooled: RuntimeError: boom" in text and "| per-story | 2 |" in text
+
+
+def test_the_gpu_mode_runs_in_its_quick_cpu_variant(tmp_path: pathlib.Path) -> None:
+    from bench import gpu_benchmark
+
+    out, raw = tmp_path / "benchmarks.md", tmp_path / "gpu.json"
+    out.write_text("# Benchmarks\n\nNotes stay.\n", encoding="utf-8")
+    assert gpu_benchmark.main(["--quick", "--device", "cpu", "--out", str(out), "--json", str(raw)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("# Benchmarks\n\nNotes stay.\n") and text.count(gpu_benchmark.START_MARK) == 1
+    setup = gpu_benchmark.QUICK_SETUPS[0]
+    size = f"{setup.size}x{setup.size}"
+    number = r"[0-9][0-9.,]*"
+    # The ratio row: vanilla, StorySync, their ratio, the host placement and offload, all measured.
+    assert re.search(rf"^\| {setup.model} \| {size} \| {setup.steps} \| float32 \|( {number} \|){{5}}$", text, re.M)
+    # Memory: no device counter on a CPU, and it says so; the resident anchor bytes are counted.
+    memory = re.search(rf"^\| {setup.model} \| {size} \|( n/a \(CPU\) \|){{4}} (.+)$", text, re.M)
+    assert memory, text
+    data = json.loads(raw.read_text(encoding="utf-8"))["results"][0]
+    rows = data["rows"]
+    assert rows["bundle_bytes"] > 0 and rows["step_bytes"] > 0
+    # The host placement holds at most two steps on the device, the device placement all of them.
+    assert rows["resident_bytes_device"] == rows["bundle_bytes"]
+    assert rows["resident_bytes_host"] <= 2 * rows["step_bytes"] < rows["bundle_bytes"]
+    # Frames per second at every batch of the setup.
+    assert sorted(int(b) for b in data["fps"]) == list(setup.batches) and all(v > 0 for v in data["fps"].values())
+    assert re.search(rf"^\| {setup.model} \| {size} \|( {number} \|){{{len(setup.batches) + 1}}}$", text, re.M)

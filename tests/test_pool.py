@@ -23,6 +23,7 @@ from storysync_dist.api import RenderOptions, render_stories, render_story
 from storysync_dist.distributed.executor import NAMESPACE, RayExecutor
 
 FAST = {"model": "tiny-sdxl", "steps": 4, "height": 64, "width": 64, "progress": False}
+FRAMES = [3, 4, 3, 4]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,10 +65,11 @@ def assert_same_pixels(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def stories(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict]:
-    """Four stories of 4 frames (2 anchors, 2 frames), and their pixels rendered one by one in
-    this process."""
+    """Four stories of 3, 4, 3 and 4 frames (2 anchors each), and their pixels rendered one by
+    one in this process. The odd frame counts matter: with an even number of frames ready at
+    once, two workers stay in step and no anchors need to start while a frame renders."""
     folder = tmp_path_factory.mktemp("stories")
-    paths = [write_story(folder, f"fox-{i}", 4) for i in range(4)]
+    paths = [write_story(folder, f"fox-{i}", FRAMES[i]) for i in range(4)]
     reference = folder / "reference"
     for path in paths:
         render_story(path, RenderOptions(out=str(reference), **FAST))
@@ -90,19 +92,21 @@ class Timeline:
 
 
 def overlaps(timeline: Timeline) -> list[tuple[str, str]]:
-    """(story whose anchors streamed, story whose frame was rendering meanwhile) pairs."""
-    frames: dict[tuple[str, str], list[float]] = {}
+    """(story whose anchors were rendering, story whose frame was rendering meanwhile on another
+    worker) pairs: the two calls' [dispatched, done] intervals intersect."""
+    spans: dict[tuple, list] = {}
     for when, kind, info in timeline.events:
-        if kind in ("frame_dispatched", "frame_done"):
-            frames.setdefault((info["story"], info["frame"]), []).append(when)
-    pairs = []
-    for when, kind, info in timeline.events:
-        if kind != "anchor_step":
-            continue
-        for (story, _), times in frames.items():
-            if story != info["story"] and len(times) >= 2 and times[0] < when < times[-1]:
-                pairs.append((info["story"], story))
-    return pairs
+        if kind in ("anchors_dispatched", "frame_dispatched"):
+            key = ("anchors", info["story"], None) if kind == "anchors_dispatched" else ("frame", info["story"], info["frame"])
+            spans[key] = [when, None, info["worker"]]
+        elif kind == "anchors_done":
+            spans[("anchors", info["story"], None)][1] = when
+        elif kind == "frame_done":
+            spans[("frame", info["story"], info["frame"])][1] = when
+    anchors = [(k[1], *v) for k, v in spans.items() if k[0] == "anchors" and v[1] is not None]
+    frames = [(k[1], *v) for k, v in spans.items() if k[0] == "frame" and v[1] is not None]
+    return [(a, f) for a, a0, a1, aw in anchors for f, f0, f1, fw in frames
+            if a != f and aw != fw and a0 < f1 and f0 < a1]
 
 
 def test_the_pool_renders_anchors_while_other_stories_frames_render(tmp_path: Path, stories) -> None:
@@ -110,9 +114,11 @@ def test_the_pool_renders_anchors_while_other_stories_frames_render(tmp_path: Pa
     timeline = Timeline()
     options = RenderOptions(out=str(tmp_path / "pooled"), workers=2, **FAST)
     with RayExecutor(options, on_event=timeline) as executor:
+        # Both pipelines loaded first: a worker that loads late would leave the other alone.
+        assert sorted(executor.warm_up()) == sorted(executor.worker_names)
         results = list(render_stories(paths, options, executor=executor))
     assert sorted(r.story_id for r in results) == [f"fox-{i}" for i in range(4)]
-    assert all(len(r.rendered) == 4 for r in results)
+    assert [len(r.rendered) for r in sorted(results, key=lambda r: r.story_id)] == FRAMES
     # Some story's anchors streamed while another story's frame was rendering on the other worker.
     assert overlaps(timeline), timeline.events
     # Both workers rendered, and the pool was reused: two processes for all four stories.
@@ -128,7 +134,8 @@ def test_the_pool_renders_anchors_while_other_stories_frames_render(tmp_path: Pa
     assert_same_pixels(images(tmp_path / "pooled"), reference)
     # A rerun into the finished dataset renders nothing.
     again = list(render_stories(paths, options))
-    assert all(r.rendered == [] and len(r.skipped) == 4 for r in again)
+    assert [len(r.skipped) for r in sorted(again, key=lambda r: r.story_id)] == FRAMES
+    assert all(r.rendered == [] for r in again)
 
 
 def test_frames_start_while_the_anchors_stream(tmp_path: Path) -> None:
@@ -141,7 +148,7 @@ def test_frames_start_while_the_anchors_stream(tmp_path: Path) -> None:
     options = RenderOptions(out=str(tmp_path / "streamed"), workers=2, **settings)
     with RayExecutor(options, on_event=timeline) as executor:
         # Load both pipelines first, so the second worker is free while the anchors render.
-        list(render_stories([write_story(tmp_path, "warm-up", 2, steps=1)], options, executor=executor))
+        assert len(executor.warm_up()) == 2
         result = render_story(story, options, executor=executor)
     early = [e for e in timeline.of("frame_dispatched") if e["story"] == "long-fox" and e["steps_published"] < 12]
     assert early, "no frame was handed out before the anchors finished"
@@ -171,3 +178,24 @@ def test_a_worker_killed_during_overlapped_stories_loses_only_its_frame(tmp_path
     assert frame_id in results[story_id].stats["retried"]
     assert all(not r.stats.get("retried") for s, r in results.items() if s != story_id)
     assert_same_pixels(images(tmp_path / "faulty"), reference)  # every frame once, same pixels
+
+
+def test_frame_batches_on_the_pool_equal_the_same_batches_in_process(tmp_path: Path) -> None:
+    story = write_story(tmp_path, "batched-fox", 7)  # 2 anchors, then batches of 2, 2 and 1
+    settings = {**FAST, "frame_batch": 2}
+    reference = tmp_path / "reference"
+    local = render_story(story, RenderOptions(out=str(reference), **settings))
+    assert local.stats["frame_batch"] == 2
+    timeline = Timeline()
+    options = RenderOptions(out=str(tmp_path / "pooled"), workers=2, bundle_on="host", **settings)
+    with RayExecutor(options, on_event=timeline) as executor:
+        result = render_story(story, options, executor=executor)
+    assert sorted(result.rendered) == [f"s{k}" for k in range(7)]
+    # Three calls for the five non-anchor frames, each handed out with its batch.
+    batches = sorted(e["batch"] for e in timeline.of("frame_dispatched"))
+    assert batches == [1, 2, 2, 2, 2]
+    assert_same_pixels(images(tmp_path / "pooled"), images(reference))
+    # With --bundle-on host no worker held more than two anchor steps on its device at once.
+    peaks = [s["peak_resident_steps"] for s in result.stats["worker_stats"] if s]
+    assert peaks and max(peaks) <= 2
+    assert {p for s in result.stats["worker_stats"] if s for p in s["bundle_on"]} == {"host"}

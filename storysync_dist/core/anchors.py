@@ -289,23 +289,31 @@ class AnchorBundle:
 
 class StreamedBundle(AnchorBundle):
     """An anchor bundle whose steps are fetched on first use (step t when a frame reaches step t)
-    and then kept, on ``device``, for every later frame: one pull per worker, not per frame.
+    and then kept in host memory for every later frame: one pull per worker, not per frame (where
+    the frames read them from is ``core.residency.PlacedBundle``'s business).
 
     ``fetch(t)`` returns :meth:`AnchorStep.to_numpy` payloads (or None for steps that publish
-    nothing); ``pulled_bytes`` counts what was fetched.
+    nothing), blocking until step t exists; ``available(t)`` says whether it exists already, so a
+    prefetch never waits. ``pulled_bytes`` counts what was fetched.
     """
 
     def __init__(
         self,
         meta: dict[str, Any],
         fetch: Callable[[int], dict[str, Any] | None],
-        device: torch.device | str = "cpu",
+        available: Callable[[int], bool] | None = None,
     ) -> None:
         super().__init__(meta=meta)
         self._fetch = fetch
-        self._device = device
+        self._available = available
         self._missing: set[int] = set()
         self.pulled_bytes = 0
+
+    def has_step(self, t: int) -> bool:
+        """Whether step t can be read without waiting for the anchors."""
+        if t in self.steps or t in self._missing:
+            return True
+        return self._available(t) if self._available is not None else False
 
     def step(self, t: int) -> AnchorStep | None:
         if t in self.steps:
@@ -316,7 +324,7 @@ class StreamedBundle(AnchorBundle):
         if payload is None:
             self._missing.add(t)
             return None
-        anchor_step = AnchorStep.from_numpy(payload, self._device)
+        anchor_step = AnchorStep.from_numpy(payload)
         self.pulled_bytes += anchor_step.nbytes()
         self.steps[t] = anchor_step
         return anchor_step

@@ -66,6 +66,39 @@ def pad_token_sets(sets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return padded, valid
 
 
+def gather_shared_tokens(
+    keys: torch.Tensor, values: torch.Tensor, keeps: list[torch.Tensor]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[int]]:
+    """Eq. 13 for a batch of frames: the anchor tokens each frame keeps after its share dropout,
+    gathered and padded in one indexing, without a host-device synchronisation.
+
+    The keep masks are drawn on the CPU (``core.dropout``), so the indices and every length are
+    known on the host; boolean indexing on the device would wait for the device once per frame.
+
+    Args:
+        keys, values: (M, C) the anchors' shared keys and values (on the device).
+        keeps: B (M,) boolean CPU keep masks, one per frame.
+    Returns:
+        keys and values (B, M_max, C), the (B, M_max) validity of each slot (None when no slot is
+        padding), and the B lengths; three Nones (and the lengths) when no frame keeps a token.
+    """
+    rows = [keep.cpu().nonzero(as_tuple=True)[0] for keep in keeps]
+    lengths = [int(r.numel()) for r in rows]
+    longest = max(lengths, default=0)
+    if longest == 0:
+        return None, None, None, lengths
+    index = torch.zeros(len(rows), longest, dtype=torch.long)
+    valid = torch.zeros(len(rows), longest, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        index[b, : r.numel()] = r
+        valid[b, : r.numel()] = True
+    index = index.to(keys.device, non_blocking=True)
+    gathered_k, gathered_v = keys[index], values[index]
+    if all(n == longest for n in lengths):
+        return gathered_k, gathered_v, None, lengths
+    return gathered_k, gathered_v, valid.to(keys.device, non_blocking=True), lengths
+
+
 def shared_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -73,6 +106,7 @@ def shared_attention(
     shared_key: torch.Tensor | None = None,
     shared_value: torch.Tensor | None = None,
     shared_valid: torch.Tensor | None = None,
+    lengths: list[int] | None = None,
 ) -> torch.Tensor:
     """Eq. 7-8 on a gathered key set: attention over own tokens plus shared subject tokens.
 
@@ -80,6 +114,9 @@ def shared_attention(
         query, key, value: (B, H, N, d) the images' own projections.
         shared_key, shared_value: (B, H, M, d) the admitted tokens of other images, or None.
         shared_valid: (B, M) boolean, False on padding; None when every shared token is valid.
+        lengths: optional B host-side counts of each row's valid slots (valid slots come first,
+            as ``pad_token_sets`` lays them out): then no device value decides the path, so the
+            host never waits for the device here.
     Returns:
         (B, H, N, d) attention output h_i.
 
@@ -91,12 +128,19 @@ def shared_attention(
         return F.scaled_dot_product_attention(query, key, value)
     if shared_value is None:
         raise ValueError("shared_attention: shared_key given without shared_value")
-    if shared_valid is not None and not bool(shared_valid.any()):
-        return F.scaled_dot_product_attention(query, key, value)
+    if shared_valid is not None:
+        if lengths is not None:
+            any_valid, all_valid = any(lengths), all(n == shared_key.shape[2] for n in lengths)
+        else:  # two host-device synchronisations
+            any_valid, all_valid = bool(shared_valid.any()), bool(shared_valid.all())
+        if not any_valid:
+            return F.scaled_dot_product_attention(query, key, value)
+        if all_valid:
+            shared_valid = None
     keys = torch.cat([key, shared_key], dim=2)
     values = torch.cat([value, shared_value], dim=2)
     bias = None
-    if shared_valid is not None and not bool(shared_valid.all()):
+    if shared_valid is not None:
         # log(Gamma): 0 where admitted, -inf on padding; own tokens are always admitted.
         own = torch.ones(query.shape[0], key.shape[2], dtype=torch.bool, device=query.device)
         admitted = torch.cat([own, shared_valid], dim=1)

@@ -27,6 +27,7 @@ import torch
 
 from ..core.anchors import AnchorStep, StreamedBundle
 from ..core.config import StorySyncConfig
+from ..core.residency import PlacedBundle
 from ..engine.renderer import FrameJob, FrameOutput, RenderSettings, StoryRenderer, encode_frame
 from ..errors import StorySyncUserError
 from ..models.family import Adapter
@@ -113,9 +114,11 @@ class _PipelineHolder:
     serve every story of a dataset without loading its pipeline again.
     """
 
-    def __init__(self, model: str, device: str, requested: str | None, dtype: str) -> None:
+    def __init__(self, model: str, device: str, requested: str | None, dtype: str, offload: str = "none",
+                 bundle_on: str = "auto") -> None:
         # Only the arguments: the pipeline loads in ready() (see the module docstring).
-        self._args = (model, device, requested, dtype)
+        self._args = (model, device, requested, dtype, offload)
+        self.bundle_on = bundle_on
         self.adapter: Adapter | None = None
         self.device = device
         self._renderer_key: str | None = None
@@ -132,9 +135,10 @@ class _PipelineHolder:
 
     def _load(self) -> Adapter:
         if self.adapter is None:
-            model, device, requested, dtype = self._args
+            model, device, requested, dtype, offload = self._args
             device = choose_device(device, requested, _placement()["gpu_ids"], socket.gethostname())
-            self.adapter = adapter_for(load_pipeline(model, device=device, dtype=getattr(torch, dtype)))
+            pipe = load_pipeline(model, device=device, dtype=getattr(torch, dtype), offload=offload)
+            self.adapter = adapter_for(pipe)
             self.device = str(self.adapter.device)
         return self.adapter
 
@@ -161,12 +165,16 @@ class _AnchorStream:
     """One story's anchor steps as this worker knows them: the ObjectRefs published so far (the
     driver pushes each new one) and the bundle built from them, kept for every later frame."""
 
-    def __init__(self, meta: dict, device: str, cond: threading.Condition) -> None:
+    def __init__(self, meta: dict, device: str, placement: str, cond: threading.Condition) -> None:
         self.refs: dict[int, Any] = {}
         self.final = False  # every step is in refs: a step missing from them publishes nothing
         self.cond = cond
         self.wait_seconds = 0.0  # time frames spent blocked on steps not yet published
-        self.bundle = StreamedBundle(meta, self._fetch, device)
+        self.streamed = StreamedBundle(meta, self._fetch, self._published)
+        self.bundle = PlacedBundle(self.streamed, device, placement)  # what the frames read
+
+    def _published(self, t: int) -> bool:
+        return t in self.refs or self.final
 
     def add(self, start: int, refs: list[Any], final: bool = False) -> None:
         for t, ref in enumerate(refs, start):
@@ -190,26 +198,30 @@ class FrameWorker(_PipelineHolder):
     A frame may start before its story's anchors are done: it carries the anchor step refs
     published so far, the driver pushes each later one (``add_steps``, in the ``control``
     concurrency group, so it lands while a frame renders), and the frame's denoising step t waits
-    only for anchor step t. The steps of each story whose frames this worker still has stay
-    resident on its device (pulled once per worker, not per frame) until the driver says the
-    story is finished (``forget``).
+    only for anchor step t. The steps of each story whose frames this worker still has stay in
+    its host memory (pulled once per worker, not per frame) until the driver says the story is
+    finished (``forget``); ``bundle_on`` says whether they are also kept on the device or travel
+    there two at a time (``core.residency``).
     """
 
     CONCURRENCY_GROUPS: ClassVar[dict[str, int]] = {"control": 1}
 
-    def __init__(self, model: str, device: str, requested: str | None, dtype: str) -> None:
-        super().__init__(model, device, requested, dtype)
+    def __init__(self, model: str, device: str, requested: str | None, dtype: str, offload: str = "none",
+                 bundle_on: str = "auto") -> None:
+        super().__init__(model, device, requested, dtype, offload, bundle_on)
         self._cond = threading.Condition()
         self._streams: dict[str, _AnchorStream] = {}
         self._pulled_before = 0  # bytes pulled for stories already forgotten
         self._wait_before = 0.0
+        self._peak_steps = 0
+        self._placements: set[str] = set()
         self.frames = 0
         self.busy_seconds = 0.0  # time spent in render/render_anchors calls
 
     def _stream(self, key: str, meta: dict) -> _AnchorStream:
         stream = self._streams.get(key)
         if stream is None:
-            stream = self._streams[key] = _AnchorStream(meta, self.device, self._cond)
+            stream = self._streams[key] = _AnchorStream(meta, self.device, self.bundle_on, self._cond)
         return stream
 
     @ray.method(concurrency_group="control")
@@ -233,16 +245,19 @@ class FrameWorker(_PipelineHolder):
         with self._cond:
             stream = self._streams.pop(key, None)
             if stream is not None:
-                self._pulled_before += stream.bundle.pulled_bytes
+                self._pulled_before += stream.streamed.pulled_bytes
+                self._peak_steps = max(self._peak_steps, stream.bundle.peak_resident_steps)
+                if stream.bundle.placement is not None:
+                    self._placements.add(stream.bundle.placement)
                 self._wait_before += stream.wait_seconds
 
     def render(
-        self, job: FrameJob, config: dict, settings: dict,
+        self, jobs: list[FrameJob], config: dict, settings: dict,
         key: str | None, meta: dict | None, step_refs: list[Any] | None, final: bool = True,
-    ) -> FrameOutput:
-        """Render one frame; ``step_refs[t]`` is the ObjectRef of anchor step t, for the steps
-        published when the frame was handed out; unless ``final``, the rest arrive through
-        ``add_steps`` and ``end_steps``."""
+    ) -> list[FrameOutput]:
+        """Render a batch of a story's frames (one denoiser batch); ``step_refs[t]`` is the
+        ObjectRef of anchor step t, for the steps published when the batch was handed out; unless
+        ``final``, the rest arrive through ``add_steps`` and ``end_steps``."""
         began = time.perf_counter()
         try:
             renderer = self.renderer(config, settings)  # loads the pipeline if ready() has not
@@ -253,9 +268,9 @@ class FrameWorker(_PipelineHolder):
                     stream.add(0, list(step_refs or []), final)
                     self._cond.notify_all()
                 bundle = stream.bundle
-            output = encode_frame(renderer.render_frame(job, bundle))
-            self.frames += 1
-            return output
+            outputs = [encode_frame(frame) for frame in renderer.render_frames(jobs, bundle)]
+            self.frames += len(outputs)
+            return outputs
         finally:
             self.busy_seconds += time.perf_counter() - began
 
@@ -279,7 +294,11 @@ class FrameWorker(_PipelineHolder):
             "frames": self.frames,
             "busy_seconds": self.busy_seconds,
             "wait_seconds": self._wait_before + sum(s.wait_seconds for s in streams),
-            "pulled_bytes": self._pulled_before + sum(s.bundle.pulled_bytes for s in streams),
+            "pulled_bytes": self._pulled_before + sum(s.streamed.pulled_bytes for s in streams),
+            # The most anchor steps of one story this worker held on its device at once.
+            "peak_resident_steps": max([self._peak_steps, *(s.bundle.peak_resident_steps for s in streams)]),
+            # Where this worker's stories' bundles were read from (auto resolves per story).
+            "bundle_on": sorted(self._placements | {s.bundle.placement for s in streams if s.bundle.placement}),
             "resident_stories": len(streams),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             **_describe(self.device),

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from ..engine.job import JobPlan, RenderOptions
+from ..engine.job import JobPlan, RenderOptions, check_efficiency_options
 from ..engine.run import JobContext
 from .cluster import actor_resources, connect
 from .pool import NAMESPACE, WorkerPool
@@ -59,13 +59,15 @@ class RayExecutor:
 
     def __init__(self, options: RenderOptions, *, on_event: EventHook | None = None) -> None:
         self.options = options
+        check_efficiency_options(options)  # before Ray starts
         connect(options.address, options.workers)
         # Fails fast when the cluster is too small, or --device does not fit it.
         self.resources = actor_resources(options.workers, options.device, options.resources_per_worker,
                                          options.dtype)
         self.device: str = self.resources.device
         self.on_event = on_event
-        args = (options.model, self.resources.device, options.device, self.resources.dtype)
+        args = (options.model, self.resources.device, options.device, self.resources.dtype, options.offload,
+                options.bundle_on)
         self._pool = WorkerPool(options.workers, self.resources, args, options.start_timeout)
 
     @property
@@ -82,6 +84,12 @@ class RayExecutor:
                 continue
             names.append(name)
         return names
+
+    def warm_up(self) -> list[str]:
+        """Start the pool now and wait until every worker has loaded its pipeline (``--start-timeout``
+        applies); return the actor names of the ready workers. Rendering starts the pool anyway;
+        this is for timing a job without the load, or for failing early in a notebook."""
+        return self._pool.wait_ready()
 
     def __enter__(self) -> RayExecutor:
         return self

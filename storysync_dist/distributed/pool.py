@@ -97,6 +97,23 @@ class WorkerPool:
             worker.watch()
             self.workers.append(worker)
 
+    def wait_ready(self) -> list[str]:
+        """Start the workers and wait until each is ready or gone (``start_timeout`` applies as
+        in a job); return the names of the ready ones."""
+        self.start()
+        while True:
+            waiting = [w for w in self.workers if not (w.ready or w.gone)]
+            unplaced = [w for w in waiting if not w.placed]
+            # Workers the cluster has not placed within start_timeout while others are ready: a job
+            # would go on with the ready ones, and so does this (check_start raises when none is).
+            overdue = bool(unplaced) and time.monotonic() - max(w.since for w in unplaced) >= self.start_timeout
+            if not waiting or (overdue and len(unplaced) == len(waiting) and any(w.usable for w in self.workers)):
+                break
+            self.wait([])
+        if self.all_gone():
+            raise self.failed_error()
+        return [w.actor_name for w in self.workers if w.usable]
+
     def close(self) -> None:
         for worker in self.workers:
             ray.kill(worker.handle)

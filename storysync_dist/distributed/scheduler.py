@@ -2,25 +2,27 @@
 
 A job is a sequence of stories (one for ``storysync render``, hundreds for ``jobs/make_dataset.py``).
 Each story is a set of calls: its anchors (one streaming call, one object per denoising step, then
-the anchor images) and one call per non-anchor frame. A free worker takes, in this order:
+the anchor images) and one call per batch of non-anchor frames (``--frame-batch``; the batches
+are ``renderer.frame_batches`` of the plan, the same as in-process). A free worker takes, in this
+order:
 
-1. a frame of a story whose anchors are done (oldest story first);
+1. a frame batch of a story whose anchors are done (oldest story first);
 2. the anchors of a story whose anchor worker died (frames may be waiting on them);
 3. the anchors of the next story, if fewer than ``max_in_flight`` stories are open;
-4. a frame of a story whose anchors are still streaming, once anchor step 0 is published: the
+4. a frame batch of a story whose anchors are still streaming, once anchor step 0 is published: the
    frame carries the step refs published so far and the driver pushes each later one to the
    workers rendering that story's frames (``FrameWorker.add_steps``); a frame's step t waits only
    for anchor step t, so the pixels are those of a frame started after the anchors.
 
 So a worker never waits for another story's anchors: it renders the next story's anchors while the
 others finish the current story's frames. The number of open stories is bounded because each
-worker keeps the anchor steps of every open story it has frames of on its device until the story
-is finished (``FrameWorker.forget``): ``max_in_flight`` is the resident-bundle budget divided by
+worker keeps the anchor steps of every open story it has frames of (in host memory, and on the
+device with ``--bundle-on device``) until the story is finished (``FrameWorker.forget``): ``max_in_flight`` is the resident-bundle budget divided by
 the largest bundle seen so far (two stories until one is known), at most ``workers + 1``.
 
 The driver owns every anchor step object (a Ray generator's items belong to its caller), so the
 steps outlive the worker that rendered them; it writes every frame itself, once, as it arrives.
-Faults: a worker that dies costs only its call (its frame goes back to the front of its story's
+Faults: a worker that dies costs only its call (its frame batch goes back to the front of its story's
 queue; dead anchors render again on the next free worker, and frames already following them keep
 going with the new stream's steps, which are the same); Ray restarts the worker and it rejoins.
 """
@@ -42,7 +44,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..core.anchors import AnchorBundle
 from ..engine.job import JobPlan
-from ..engine.renderer import FrameJob, FrameOutput, bundle_meta
+from ..engine.renderer import FrameJob, FrameOutput, bundle_meta, frame_batches
 from ..engine.run import JobContext
 from .failures import failure_of
 from .pool import Worker, WorkerPool
@@ -84,7 +86,7 @@ class _Story:
     anchor_items: int = 0  # items received from the current anchor stream
     anchor_started: float = 0.0
     last_anchor_item: Any = None
-    queue: deque[FrameJob] = field(default_factory=deque)
+    queue: deque[list[FrameJob]] = field(default_factory=deque)  # frame batches still to hand out
     attempts: Counter = field(default_factory=Counter)
     followers: set[int] = field(default_factory=set)  # workers rendering its frames now
     in_flight: int = 0
@@ -109,7 +111,7 @@ class _Call:
     story: _Story
     worker: Worker
     started: float
-    job: FrameJob | None = None
+    jobs: list[FrameJob] = field(default_factory=list)  # a frame call's batch
 
 
 class PoolScheduler:
@@ -209,8 +211,10 @@ class PoolScheduler:
                 done.append((source, finisher.submit(source.finish, {})))
                 continue
             plan, ctx = opened
-            story = _Story(source, plan, ctx, time.monotonic(), queue=deque(plan.frame_jobs))
-            story.stats = {"workers": self.pool.count, "retried": [], "worker_busy_seconds": {}}
+            story = _Story(source, plan, ctx, time.monotonic(),
+                           queue=deque(frame_batches(plan.frame_jobs, plan.frame_batch)))
+            story.stats = {"workers": self.pool.count, "retried": [], "worker_busy_seconds": {},
+                           "frame_batch": plan.frame_batch}
             if plan.anchor_jobs:
                 story.key = uuid.uuid4().hex
                 story.meta = bundle_meta(plan.config, plan.settings, plan.anchor_jobs)
@@ -243,14 +247,15 @@ class PoolScheduler:
             self._event("anchors_dispatched", story=story.story_id, worker=worker.actor_name,
                         attempt=story.anchor_attempts)
             return
-        job = story.queue.popleft()
-        ref = worker.handle.render.remote(job, *story.story_args(), story.key, story.meta, list(story.steps),
+        jobs = story.queue.popleft()
+        ref = worker.handle.render.remote(jobs, *story.story_args(), story.key, story.meta, list(story.steps),
                                           story.anchors == "done")
-        calls[ref] = _Call("frame", story, worker, now, job)
+        calls[ref] = _Call("frame", story, worker, now, jobs)
         story.in_flight += 1
         story.followers.add(worker.index)
-        self._event("frame_dispatched", story=story.story_id, frame=job.frame_id, worker=worker.actor_name,
-                    steps_published=len(story.steps))
+        for job in jobs:
+            self._event("frame_dispatched", story=story.story_id, frame=job.frame_id, worker=worker.actor_name,
+                        steps_published=len(story.steps), batch=len(jobs))
 
     def _account(self, call: _Call) -> None:
         seconds = time.monotonic() - call.started
@@ -342,42 +347,46 @@ class PoolScheduler:
 
     # ---- frames -----------------------------------------------------------------------------
     def _on_frame(self, ref: Any, call: _Call) -> None:
-        story, worker, job = call.story, call.worker, call.job
-        assert job is not None
+        story, worker, jobs = call.story, call.worker, call.jobs
         story.in_flight -= 1
         story.followers.discard(worker.index)
         self._account(call)
         try:
-            output: FrameOutput = ray.get(ref)
+            outputs: list[FrameOutput] = ray.get(ref)
         except RayActorError as exc:
             # The worker died (or is restarting): its frame goes back to the queue, and the worker
             # rejoins once Ray has restarted it.
             self.pool.lost(worker, exc)
-            self._requeue(story, job, worker)
+            self._requeue(story, jobs, worker)
             return
         except RayTaskError as exc:
             # An exception inside the frame (out of memory, say): try it on another worker.
             worker.error = failure_of(exc)
-            self._requeue(story, job, worker)
+            self._requeue(story, jobs, worker)
             return
-        self._event("frame_done", story=story.story_id, frame=job.frame_id, worker=worker.actor_name)
-        if output.job.frame_id in story.written:  # never write a frame twice
-            return
-        story.written.add(output.job.frame_id)
-        if "first_non_anchor_seconds" not in story.stats:
-            story.stats["first_non_anchor_seconds"] = time.monotonic() - story.opened
-        story.ctx.emit(output)
+        for output in outputs:
+            self._event("frame_done", story=story.story_id, frame=output.job.frame_id, worker=worker.actor_name)
+            if output.job.frame_id in story.written:  # never write a frame twice
+                continue
+            story.written.add(output.job.frame_id)
+            if "first_non_anchor_seconds" not in story.stats:
+                story.stats["first_non_anchor_seconds"] = time.monotonic() - story.opened
+            story.ctx.emit(output)
 
-    def _requeue(self, story: _Story, job: FrameJob, worker: Worker) -> None:
-        story.stats["retried"].append(job.frame_id)
-        story.attempts[job.frame_id] += 1
+    def _requeue(self, story: _Story, jobs: list[FrameJob], worker: Worker) -> None:
+        """A lost call's batch goes back to the front of its story's queue, whole: the same
+        batch renders again, so its pixels are those it would have had."""
         summary = worker.error.summary if worker.error is not None else "unknown"
-        if story.attempts[job.frame_id] >= MAX_FRAME_ATTEMPTS:
-            raise RuntimeError(f"frame {job.frame_id!r} of story {story.story_id!r} failed "
-                               f"{story.attempts[job.frame_id]} times; the last time on {worker.name} "
-                               f"({worker.host}): {summary}")
-        log.warning("frame %s lost on %s (%s); retrying on the next free worker", job.frame_id, worker.name, summary)
-        story.queue.appendleft(job)
+        for job in jobs:
+            story.stats["retried"].append(job.frame_id)
+            story.attempts[job.frame_id] += 1
+            if story.attempts[job.frame_id] >= MAX_FRAME_ATTEMPTS:
+                raise RuntimeError(f"frame {job.frame_id!r} of story {story.story_id!r} failed "
+                                   f"{story.attempts[job.frame_id]} times; the last time on {worker.name} "
+                                   f"({worker.host}): {summary}")
+        names = ", ".join(job.frame_id for job in jobs)
+        log.warning("frame(s) %s lost on %s (%s); retrying on the next free worker", names, worker.name, summary)
+        story.queue.appendleft(jobs)
 
     # ---- closing stories --------------------------------------------------------------------
     def _close_finished(self, active: list[_Story], done: deque, finisher: ThreadPoolExecutor) -> None:

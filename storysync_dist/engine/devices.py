@@ -6,7 +6,8 @@ import torch
 
 from ..errors import StorySyncUserError
 
-__all__ = ["DTYPES", "check_local_device", "default_dtype", "device_and_dtype"]
+__all__ = ["DEFAULT_FRAME_BATCH", "DTYPES", "check_local_device", "default_dtype", "default_frame_batch",
+           "device_and_dtype"]
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -14,6 +15,16 @@ DTYPES = ("float16", "bfloat16", "float32")
 def default_dtype(device: str) -> str:
     """float16 on CUDA (what diffusers users run SDXL in), float32 elsewhere."""
     return "float16" if device.startswith("cuda") else "float32"
+
+
+# Non-anchor frames per denoiser batch when --frame-batch is not given, per device type; chosen
+# from the measurements in docs/benchmarks.md ("Issue 10"), where the reasons are written down.
+DEFAULT_FRAME_BATCH = {"cpu": 1, "cuda": 1}
+
+
+def default_frame_batch(device: str) -> int:
+    """``--frame-batch`` when it is not given, for a torch device string (``cuda:1`` -> ``cuda``)."""
+    return DEFAULT_FRAME_BATCH.get(device.split(":")[0], 1)
 
 
 def check_local_device(device: str) -> None:

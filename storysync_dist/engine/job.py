@@ -34,14 +34,18 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..core.config import ABLATIONS, ConfigError, StorySyncConfig, resolve_config
+from ..core.residency import PLACEMENTS
 from ..errors import StorySyncUserError
 from ..io.sink import ParquetFrameSink
 from ..models.info import ModelInfo, load_model_info, model_info_from_pipeline
+from ..models.loading import OFFLOADS
 from ..models.revision import model_revision
 from ..spec import StorySpec, load_story, validate_for_model
 from .bundles import check_bundle_for_job, read_bundle
-from .devices import default_dtype, device_and_dtype
+from .devices import default_dtype, default_frame_batch, device_and_dtype
 from .identity import AnchorIdentity, RenderIdentity, frame_fingerprint
 from .plan import JobPlan, frame_config_json, plan_jobs, plan_work
 from .renderer import METHODS, RenderSettings
@@ -98,6 +102,14 @@ class RenderOptions:
     # upcoming stories while earlier stories' frames render, and keeps at most this budget divided
     # by the largest bundle seen stories open at once (None: 4 GiB; see docs/distributed.md).
     bundle_budget: int | None = None
+    # Non-anchor frames of a story rendered in one denoiser batch (--frame-batch); None: the
+    # device's default (engine.devices.default_frame_batch; docs/memory.md).
+    frame_batch: int | None = None
+    # Where a frame worker keeps the anchor bundle: device, host (pinned, two steps at a time on
+    # the device) or auto (from free device memory); see core/residency.py and docs/memory.md.
+    bundle_on: str = "auto"
+    # none, or model: diffusers' enable_model_cpu_offload (components visit the device in turn).
+    offload: str = "none"
 
 
 @dataclass
@@ -154,6 +166,7 @@ def prepare_job(
         raise StorySyncUserError(f"--method {options.method!r}: choose one of {', '.join(METHODS)}")
     if options.workers < 0:
         raise StorySyncUserError(f"--workers {options.workers}: must be >= 0")
+    check_efficiency_options(options)
     if options.replace_config and options.only:
         raise StorySyncUserError(
             "--replace-config renders the whole story again with the new settings; it cannot be combined "
@@ -228,9 +241,29 @@ def prepare_job(
         config_json=frame_config_json(options, settings, config, anchor_ids), identity=identity,
         fingerprints=fingerprints, jobs=jobs, anchor_ids=anchor_ids, anchor_jobs=[], anchor_writes=set(),
         frame_jobs=[], bundle=bundle, skipped=[],
+        frame_batch=options.frame_batch or default_frame_batch(_device_kind(options, pipe, device)),
     )
     sink = ParquetFrameSink(options.out, storage_options=options.storage_options, read_only=True)
     return plan_work(plan, sink)
+
+
+def check_efficiency_options(options: RenderOptions) -> None:
+    """``--frame-batch``, ``--bundle-on`` and ``--offload``: one-line errors naming the option."""
+    if options.frame_batch is not None and (isinstance(options.frame_batch, bool)
+                                            or not isinstance(options.frame_batch, int) or options.frame_batch < 1):
+        raise StorySyncUserError(f"--frame-batch {options.frame_batch!r}: must be an integer >= 1")
+    if options.bundle_on not in PLACEMENTS:
+        raise StorySyncUserError(f"--bundle-on {options.bundle_on!r}: choose one of {', '.join(PLACEMENTS)}")
+    if options.offload not in OFFLOADS:
+        raise StorySyncUserError(f"--offload {options.offload!r}: choose one of {', '.join(OFFLOADS)}")
+
+
+def _device_kind(options: RenderOptions, pipe: object | None, device: str | None) -> str:
+    if pipe is not None:
+        return str(getattr(pipe, "_execution_device", None) or pipe.device)
+    if device is not None:
+        return device
+    return options.device or ("cuda" if options.workers == 0 and torch.cuda.is_available() else "cpu")
 
 
 def _or(value: Any, default: Any) -> Any:

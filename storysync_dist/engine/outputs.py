@@ -187,7 +187,7 @@ def story_entry_path(story_id: str) -> str:
 
 def _render_record(stats: dict) -> dict:
     keys = ("workers", "story_seconds", "anchor_seconds", "anchor_first_step_seconds", "first_non_anchor_seconds",
-            "first_frame_seconds")
+            "first_frame_seconds", "frame_batch", "bundle_on", "peak_resident_steps")
     record = {key: stats[key] for key in keys if stats.get(key) is not None}
     if "worker_busy_seconds" in stats:
         record["worker_busy_seconds"] = {str(k): v for k, v in stats["worker_busy_seconds"].items()}

@@ -44,8 +44,8 @@ class JobPlan:
 
     ``anchor_jobs`` are rendered together first when the frames need their bundle, anchor frames
     must be (re)written, or ``--save-anchors`` needs a bundle; ``anchor_writes`` says which of them
-    go into the dataset; ``frame_jobs`` are rendered one by one against the bundle (or plainly, for
-    ``--method vanilla``). ``fingerprints`` holds the current identity of every frame of the story.
+    go into the dataset; ``frame_jobs`` are rendered against the bundle (or plainly, for ``--method
+    vanilla``) in batches of ``frame_batch`` (``renderer.frame_batches``). ``fingerprints`` holds the current identity of every frame of the story.
     """
 
     spec: StorySpec
@@ -70,6 +70,8 @@ class JobPlan:
     # between a replacement's commit and the removal of the old row): removed by the job.
     leftovers: list[str] = field(default_factory=list)
     save_bundle: bool = False
+    # Non-anchor frames per denoiser batch (RenderOptions.frame_batch, or the device's default).
+    frame_batch: int = 1
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -1,8 +1,9 @@
-"""The single-process engine: anchors first, then each frame against the anchors' bundle.
+"""The single-process engine: anchors first, then the frames against the anchors' bundle.
 
-Every non-anchor frame is rendered on its own (one UNet batch of [vanilla | consistent] x
-guidance), so a frame's pixels depend only on (model, config, anchors, its prompt and seed),
-never on which other frames are rendered with it. Frames rendered in the same run as the anchors
+Non-anchor frames render in batches of ``--frame-batch`` (one denoiser batch of [vanilla |
+consistent] x guidance x frames). They never attend to each other, so a frame's pixels depend only
+on (model, config, anchors, its prompt and seed), never on which other frames are rendered with
+it, up to the float rounding a larger batch may bring (docs/memory.md). Frames rendered in the same run as the anchors
 read the same half-precision bundle that an export/import round trip gives, so both are equal.
 """
 
@@ -240,15 +241,31 @@ class StoryRenderer:
         self, job: FrameJob, bundle: AnchorBundle | None, on_step: Callable[[int], None] | None = None
     ) -> RenderedFrame:
         """Render one non-anchor frame against the anchors' bundle (None for vanilla)."""
+        return self.render_frames([job], bundle, on_step)[0]
+
+    def render_frames(
+        self, jobs: list[FrameJob], bundle: AnchorBundle | None, on_step: Callable[[int], None] | None = None
+    ) -> list[RenderedFrame]:
+        """Render non-anchor frames in one denoiser batch against the same bundle (None for vanilla).
+
+        Frames never attend to each other: each keeps its own seed, noise, dropouts and masks, and
+        shares only with the anchors, so a frame's pixels are its batch-of-one pixels up to the
+        float rounding of a larger batch (docs/memory.md, "Frame batching"). The frames must all
+        have a negative prompt or none (``frame_batches`` groups them so).
+        """
+        if not jobs:
+            return []
         if bundle is not None:
             self.check_bundle(bundle)
         start = time.perf_counter()
-        state = self._state(ROLE_FRAMES, [job], bundle)
+        state = self._state(ROLE_FRAMES, jobs, bundle)
         try:
-            images, masks = self._run(state, [job], on_step)
+            images, masks = self._run(state, jobs, on_step)
         except NonFiniteOutputError as exc:
-            raise NonFiniteOutputError(f"frame {job.frame_id!r}: {exc}") from None
-        return RenderedFrame(job, images[0], self._mask_image(masks, 0), time.perf_counter() - start, False)
+            names = jobs[0].frame_id if len(jobs) == 1 else [j.frame_id for j in jobs]
+            raise NonFiniteOutputError(f"frame {names!r}: {exc}") from None
+        seconds = (time.perf_counter() - start) / len(jobs)
+        return [RenderedFrame(job, images[i], self._mask_image(masks, i), seconds, False) for i, job in enumerate(jobs)]
 
     def _mask_image(self, masks: torch.Tensor | None, i: int) -> np.ndarray | None:
         """Upsample image i's mask (nearest) to the image size."""
@@ -258,3 +275,20 @@ class StoryRenderer:
         mask = masks[i].float()[None, None]
         mask = torch.nn.functional.interpolate(mask, size=(s.height, s.width), mode="nearest")
         return mask[0, 0].bool().cpu().numpy()
+
+
+def frame_batches(jobs: list[FrameJob], batch: int) -> list[list[FrameJob]]:
+    """Split frames, in order, into denoiser batches of at most ``batch``; a batch never mixes
+    frames with a negative prompt and frames without one (their pipelines differ). The split
+    depends only on the list and ``batch``, so every executor renders the same batches."""
+    if batch < 1:
+        raise ValueError(f"frame batch must be >= 1, not {batch}")
+    batches: list[list[FrameJob]] = []
+    for job in jobs:
+        last = batches[-1] if batches else None
+        if (last is not None and len(last) < batch
+                and (last[0].negative_prompt is None) == (job.negative_prompt is None)):
+            last.append(job)
+        else:
+            batches.append([job])
+    return batches

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.anchors import AnchorBundle
+from ..core.residency import PlacedBundle
 from ..errors import StorySyncUserError, one_line
 from ..io.lease import Lease, LeaseHeldError
 from ..io.sink import FrameRecord, ParquetFrameSink, write_bytes
@@ -30,7 +31,7 @@ from .job import JobResult, RenderOptions
 from .outputs import ManifestWriter, write_story_outputs
 from .plan import JobPlan, bundle_relpath, plan_work
 from .progress import JobProgress
-from .renderer import FrameOutput, StoryRenderer, encode_frame
+from .renderer import FrameOutput, StoryRenderer, encode_frame, frame_batches
 
 __all__ = ["Executor", "JobContext", "StoryJob", "local_executor", "run_job", "run_story"]
 
@@ -124,13 +125,13 @@ def local_executor(pipe: object | None = None) -> Executor:
         nonlocal pipe
         if pipe is None:
             device, dtype = device_and_dtype(options.device, options.dtype)
-            pipe = load_pipeline(options.model, device=device, dtype=dtype)
-        device = str(pipe.device)
+            pipe = load_pipeline(options.model, device=device, dtype=dtype, offload=options.offload)
+        renderer = StoryRenderer(adapter_for(pipe), plan.config, plan.settings)
+        device = str(renderer.adapter.device)
         log.info("rendering in this process on %s (%s)", device, plan.settings.dtype)
         stats: dict = {"workers": 0, "devices": [{
             "role": "local", "index": 0, "host": socket.gethostname(), "pid": os.getpid(), "device": device,
             "gpu_ids": [], "threads": torch.get_num_threads()}]}
-        renderer = StoryRenderer(adapter_for(pipe), plan.config, plan.settings)
         bundle = plan.bundle
         if plan.anchor_jobs:
             anchor_frames, bundle = renderer.render_anchors(plan.anchor_jobs, lambda i: ctx.step("anchors", i))
@@ -139,10 +140,17 @@ def local_executor(pipe: object | None = None) -> Executor:
                     ctx.emit(encode_frame(frame))
         if plan.save_bundle and bundle is not None:
             ctx.save_bundle(bundle)
-        for job in plan.frame_jobs:
-            frame = renderer.render_frame(job, bundle, lambda i, label=job.frame_id: ctx.step(label, i))
-            ctx.emit(encode_frame(frame))
+        # One placement per story, so with --bundle-on device the steps go to the device once.
+        placed = PlacedBundle(bundle, renderer.adapter.device, options.bundle_on) if bundle is not None else None
+        for batch in frame_batches(plan.frame_jobs, plan.frame_batch):
+            label = batch[0].frame_id if len(batch) == 1 else f"{batch[0].frame_id}+{len(batch) - 1}"
+            for frame in renderer.render_frames(batch, placed, lambda i, label=label: ctx.step(label, i)):
+                ctx.emit(encode_frame(frame))
         stats["anchor_bytes"] = bundle.nbytes() if bundle is not None else 0
+        stats["frame_batch"] = plan.frame_batch
+        if placed is not None and placed.placement is not None:
+            stats["bundle_on"] = placed.placement
+            stats["peak_resident_steps"] = placed.peak_resident_steps
         return stats
 
     return execute

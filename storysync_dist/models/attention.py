@@ -18,7 +18,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from ..core.dropout import KIND_SHARE, keep_mask
 from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
-from ..core.sharing import cross_image_tokens, pad_token_sets, shared_attention
+from ..core.sharing import cross_image_tokens, gather_shared_tokens, pad_token_sets, shared_attention
 from ..core.state import CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
 
 __all__ = ["StorySyncSelfAttnProcessor", "SubjectMapProcessor"]
@@ -99,10 +99,10 @@ class StorySyncSelfAttnProcessor:
         out = F.scaled_dot_product_attention(query, key, value)  # stock attention for every row
         if sharing and cfg.share_attention:
             for branch, rows in enumerate(shared_rows):
-                k_sh, v_sh, valid = self._shared_tokens(attn, hidden_states, key, value, rows, branch, masks)
+                k_sh, v_sh, valid, lengths = self._shared_tokens(attn, hidden_states, key, value, rows, branch, masks)
                 if k_sh is None:
                     continue  # nothing to share with any image here: the stock output stands
-                out[rows] = shared_attention(query[rows], key[rows], value[rows], k_sh, v_sh, valid)
+                out[rows] = shared_attention(query[rows], key[rows], value[rows], k_sh, v_sh, valid, lengths)
         features = _merge_heads(out).to(query.dtype)  # R, the RFH features
 
         if sharing and st.role == ROLE_ANCHORS and st.step < st.num_steps:
@@ -134,12 +134,12 @@ class StorySyncSelfAttnProcessor:
         rows: slice,
         branch: int,
         masks: torch.Tensor,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[int]]:
         """Keys/values each consistent image shares with (padded), Eq. 5-8 and 13.
 
-        Returns ``(B, H, M, d)`` keys and values and the ``(B, M)`` validity of each slot (False on
-        padding), or three Nones when no image has a single token to share with at this layer and
-        step: the subject masks are empty (a small layer, an early step) or dropout removed every
+        Returns ``(B, H, M, d)`` keys and values, the ``(B, M)`` validity of each slot (False on
+        padding; None when there is none) and the B host-side lengths, or three Nones (and the
+        lengths) when no image has a single token to share with at this layer and step: the subject masks are empty (a small layer, an early step) or dropout removed every
         key. An image whose own set is empty while others' are not gets only padding, which
         ``shared_attention`` masks out, so it attends to its own tokens alone.
         """
@@ -149,7 +149,7 @@ class StorySyncSelfAttnProcessor:
         sets_v: list[torch.Tensor] = []
         if st.role == ROLE_ANCHORS:
             if st.num_images < 2:
-                return None, None, None
+                return None, None, None, []
             k_img, v_img = _merge_heads(key[rows]), _merge_heads(value[rows])  # (A, N, C)
             for i, seed in enumerate(st.seeds):
                 keep = keep_mask(masks.shape, cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
@@ -159,22 +159,24 @@ class StorySyncSelfAttnProcessor:
         else:
             anchor = st.anchor_layer(self.name)
             if anchor is None or anchor.index.numel() == 0:
-                return None, None, None
+                return None, None, None, []
             shared_hidden = anchor.hidden[branch].to(hidden_states.dtype)
             k_all = attn.to_k(shared_hidden[None])
             v_all = attn.to_v(shared_hidden[None])
             if attn.norm_k is not None:
                 k_all = _merge_heads(attn.norm_k(_split_heads(k_all, heads)))
-            for seed in st.seeds:
-                keep = keep_mask(anchor.index.shape[0], cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
-                keep = keep.to(k_all.device)
-                sets_k.append(k_all[0][keep])
-                sets_v.append(v_all[0][keep])
-        if all(s.shape[0] == 0 for s in sets_k):
-            return None, None, None
+            keeps = [keep_mask(anchor.index.shape[0], cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
+                     for seed in st.seeds]
+            k_pad, v_pad, valid, lengths = gather_shared_tokens(k_all[0], v_all[0], keeps)
+            if k_pad is None or v_pad is None:
+                return None, None, None, lengths
+            return _split_heads(k_pad, heads), _split_heads(v_pad, heads), valid, lengths
+        lengths = [s.shape[0] for s in sets_k]
+        if not any(lengths):
+            return None, None, None, lengths
         k_pad, valid = pad_token_sets(sets_k)
         v_pad, _ = pad_token_sets(sets_v)
-        return _split_heads(k_pad, heads), _split_heads(v_pad, heads), valid
+        return _split_heads(k_pad, heads), _split_heads(v_pad, heads), valid, lengths
 
     def _harmonize(self, features: torch.Tensor, shared_rows: list[slice], masks: torch.Tensor) -> torch.Tensor:
         """Eq. 9-11 for every consistent image in the shared guidance branches (``StorySyncState.harmonize``)."""

@@ -35,7 +35,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from ..core.dropout import KIND_SHARE, keep_mask
 from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
-from ..core.sharing import cross_image_tokens, pad_token_sets, shared_attention
+from ..core.sharing import cross_image_tokens, gather_shared_tokens, pad_token_sets, shared_attention
 from ..core.state import COND, CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
 from .denoise import BranchLatents, check_finite
 from .family import ModelFamily, ModelInfo, RenderResult
@@ -151,14 +151,14 @@ class FluxStorySyncProcessor:
         out = _sdpa(query, key, value)  # stock joint attention for every row
         if sharing and cfg.share_attention:
             for branch, rows in enumerate(shared_rows):
-                k_sh, v_sh, valid = self._shared_tokens(attn, hidden_states, key, value, rows, branch, masks,
-                                                        rotary, text_len)
+                k_sh, v_sh, valid, lengths = self._shared_tokens(attn, hidden_states, key, value, rows, branch,
+                                                                 masks, rotary, text_len)
                 if k_sh is None:
                     continue
                 # Eq. 7-8 for the image queries; the text queries keep the stock joint attention.
                 q_r = query[rows, text_len:].transpose(1, 2)
                 k_r, v_r = key[rows].transpose(1, 2), value[rows].transpose(1, 2)
-                out[rows, text_len:] = shared_attention(q_r, k_r, v_r, k_sh, v_sh, valid).transpose(1, 2)
+                out[rows, text_len:] = shared_attention(q_r, k_r, v_r, k_sh, v_sh, valid, lengths).transpose(1, 2)
         out = out.flatten(2, 3).to(query.dtype)
         features = out[:, text_len:]  # R, the image tokens' RFH features
         if sharing and st.role == ROLE_ANCHORS and st.step < st.num_steps:
@@ -188,7 +188,8 @@ class FluxStorySyncProcessor:
         """Keys/values each consistent image shares with (padded), Eq. 5-8 and 13.
 
         Returns ``(B, H, M, d)`` keys and values, post-RoPE at each shared token's own grid position,
-        and the ``(B, M)`` validity of each slot, or three Nones when nothing is shared.
+        the ``(B, M)`` validity of each slot (None when none is padding) and the B host-side
+        lengths, or three Nones (and the lengths) when nothing is shared.
         Anchors take the other anchors' keys as their own attention computed them; frames rebuild
         the anchors' keys from the published pre-RoPE image hidden states with their own ``to_k``,
         ``norm_k`` and the RoPE of the anchor token's grid position (same size: same grid).
@@ -198,7 +199,7 @@ class FluxStorySyncProcessor:
         sets_v: list[torch.Tensor] = []
         if st.role == ROLE_ANCHORS:
             if st.num_images < 2:
-                return None, None, None
+                return None, None, None, []
             k_img = key[rows, text_len:].flatten(2)  # (A, N, H*d), post-RoPE
             v_img = value[rows, text_len:].flatten(2)
             for i, seed in enumerate(st.seeds):
@@ -206,22 +207,24 @@ class FluxStorySyncProcessor:
                 keep = keep.to(masks.device)
                 sets_k.append(cross_image_tokens(k_img, masks, i, keep))
                 sets_v.append(cross_image_tokens(v_img, masks, i, keep))
+            lengths = [s.shape[0] for s in sets_k]
+            if not any(lengths):
+                return None, None, None, lengths
+            k_pad, valid = pad_token_sets(sets_k)
+            v_pad, _ = pad_token_sets(sets_v)
         else:
             anchor = st.anchor_layer(self.name)
             if anchor is None or anchor.index.numel() == 0:
-                return None, None, None
+                return None, None, None, []
             k_all, v_all = self.anchor_keys(attn, anchor.hidden[branch].to(hidden_states.dtype),
                                             anchor.index % anchor.num_tokens, rotary, text_len)
-            for seed in st.seeds:
-                keep = keep_mask(anchor.index.shape[0], cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
-                keep = keep.to(k_all.device)
-                sets_k.append(k_all[keep])
-                sets_v.append(v_all[keep])
-        if all(s.shape[0] == 0 for s in sets_k):
-            return None, None, None
-        k_pad, valid = pad_token_sets(sets_k)
-        v_pad, _ = pad_token_sets(sets_v)
-        return (_heads(k_pad, attn.head_dim).transpose(1, 2), _heads(v_pad, attn.head_dim).transpose(1, 2), valid)
+            keeps = [keep_mask(anchor.index.shape[0], cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
+                     for seed in st.seeds]
+            k_pad, v_pad, valid, lengths = gather_shared_tokens(k_all, v_all, keeps)
+        if k_pad is None or v_pad is None:
+            return None, None, None, lengths
+        return (_heads(k_pad, attn.head_dim).transpose(1, 2), _heads(v_pad, attn.head_dim).transpose(1, 2), valid,
+                lengths)
 
     @staticmethod
     def anchor_keys(attn, hidden: torch.Tensor, positions: torch.Tensor, rotary, text_len: int):

@@ -181,11 +181,15 @@ def cached_snapshot(model: str, allow_patterns: list[str] | None = None) -> path
         raise _not_cached(model) from None
 
 
+OFFLOADS = ("none", "model")
+
+
 def load_pipeline(
     model: str,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    offload: str = "none",
 ) -> DiffusionPipeline:
     """Load a diffusers pipeline from a preset name, a local pipeline folder, or a cached hub id.
 
@@ -196,7 +200,14 @@ def load_pipeline(
     `UnknownModelError`: an unknown name, a hub id not in the cache (the message says how to fetch
     it), a folder that is not a plain diffusers pipeline. An ``in_memory`` preset
     (``random-sdxl``) is built here, on ``device`` in ``dtype``, without touching the disk.
+
+    ``offload="model"`` (``--offload model``) calls diffusers' ``enable_model_cpu_offload`` instead
+    of moving the pipeline to ``device``: each component (text encoders, denoiser, VAE) is moved
+    to the device for its forward pass and back to host memory after it (accelerate hooks), so the
+    device holds one component at a time.
     """
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOADS)}, not {offload!r}")
     dtype_kw = {_DTYPE_KWARG: dtype}
     if model in PRESETS and PRESETS[model].in_memory:
         # One build at a time: accelerate's empty-weights switch is process-global.
@@ -225,6 +236,9 @@ def load_pipeline(
             if hub:
                 raise _not_cached(model, f"not completely: {_first_line(exc)}") from None
             raise UnknownModelError(f"{folder}: cannot load the pipeline: {_first_line(exc)}") from None
-    pipe = pipe.to(device)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

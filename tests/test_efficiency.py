@@ -1,0 +1,257 @@
+"""Per-GPU efficiency options in this process: frame batching (each frame of a batch against its
+batch-of-one render, for every family), the anchor bundle's placements (identical pixels, and
+at most two steps on the device with ``host``), model offload (identical pixels), and the
+options' one-line errors. The Ray path with ``--frame-batch`` is in test_pool.py."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from _pixels import assert_within_batch_tolerance
+from PIL import Image
+
+from storysync_dist.api import RenderOptions, render_story
+from storysync_dist.cli import main
+from storysync_dist.core.anchors import AnchorBundle, AnchorStep, SharedLayerState, StreamedBundle
+from storysync_dist.core.residency import PlacedBundle
+from storysync_dist.engine.job import prepare_job
+from storysync_dist.engine.renderer import FrameJob, StoryRenderer, frame_batches
+from storysync_dist.io.sink import open_dataset
+from storysync_dist.models.presets import PRESETS, load_pipeline
+from storysync_dist.models.registry import adapter_for
+
+TINY = sorted(name for name in PRESETS if name.startswith("tiny-"))
+STEPS, SIZE = 3, 64
+
+
+def write_story(folder: Path, frames: int = 6, negative: str | None = None) -> Path:
+    story = {
+        "id": "fox",
+        "style": "A photo of",
+        "subjects": [{"name": "fox", "description": "a small red fox", "tokens": ["fox"]}],
+        "defaults": {"steps": STEPS, "height": SIZE, "width": SIZE},
+        "frames": [{"id": f"f{k}", "prompt": f"{{fox}} in place number {k}", "seed": 10 + k} for k in range(frames)],
+    }
+    if negative is not None:
+        story["defaults"]["negative_prompt"] = negative
+    path = folder / "fox.yaml"
+    path.write_text(yaml.safe_dump(story))
+    return path
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def frames_of(out: Path) -> dict[str, np.ndarray]:
+    rows = open_dataset(out).to_table().to_pylist()
+    return {r["frame_id"]: pixels(Image.open(io.BytesIO(r["image"]["bytes"]))) for r in rows}
+
+
+# ---- frame batching ------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", TINY)
+def test_each_frame_of_a_batch_matches_its_batch_of_one_render(preset: str, tmp_path: Path) -> None:
+    pipe = load_pipeline(preset)
+    plan = prepare_job(str(write_story(tmp_path)), RenderOptions(model=preset, out=str(tmp_path / "o"),
+                                                                 progress=False), pipe=pipe)
+    renderer = StoryRenderer(adapter_for(pipe), plan.config, plan.settings)
+    _, bundle = renderer.render_anchors(plan.anchor_jobs)
+    jobs = plan.frame_jobs
+    assert len(jobs) == 4
+    alone = {job.frame_id: pixels(renderer.render_frame(job, bundle).image) for job in jobs}
+    batched = renderer.render_frames(jobs[:3], bundle) + renderer.render_frames(jobs[3:], bundle)
+    assert [f.job.frame_id for f in batched] == [j.frame_id for j in jobs]
+    for frame in batched:
+        assert_within_batch_tolerance(pixels(frame.image), alone[frame.job.frame_id], (preset, frame.job.frame_id))
+        if frame.mask is not None:
+            assert frame.mask.shape == (SIZE, SIZE)
+    # Each frame kept its own seed and prompt: no two frames of the batch are alike.
+    images = [pixels(f.image) for f in batched[:3]]
+    assert all(np.abs(images[i] - images[j]).mean() > 2 for i in range(3) for j in range(i + 1, 3))
+
+
+def test_vanilla_frames_batch_like_the_stock_pipeline(tmp_path: Path) -> None:
+    # Mechanisms off, a batch of frames is the stock pipeline's batch: each frame within the
+    # tolerance of its stock batch-of-one image.
+    from storysync_dist.core.config import StorySyncConfig
+
+    pipe = load_pipeline("tiny-sd")
+    plan = prepare_job(str(write_story(tmp_path)), RenderOptions(model="tiny-sd", out=str(tmp_path / "o"),
+                                                                 method="vanilla", progress=False), pipe=pipe)
+    renderer = StoryRenderer(adapter_for(pipe), StorySyncConfig.vanilla(), plan.settings)
+    jobs = list(plan.jobs.values())[:3]
+    batched = renderer.render_frames(jobs, None)
+    for job, frame in zip(jobs, batched):
+        stock = pipe(prompt=[job.prompt], num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                     guidance_scale=plan.settings.guidance_scale,
+                     generator=[torch.Generator("cpu").manual_seed(job.seed)]).images[0]
+        assert_within_batch_tolerance(pixels(frame.image), pixels(stock), job.frame_id)
+
+
+def job(frame_id: str, negative: str | None = None) -> FrameJob:
+    return FrameJob(frame_id, 0, "p", negative, 0, [])
+
+
+def test_frame_batches_keep_the_order_and_never_mix_negative_prompts() -> None:
+    jobs = [job("a"), job("b"), job("c"), job("d", "blurry"), job("e", "blurry"), job("f")]
+    assert [[j.frame_id for j in b] for b in frame_batches(jobs, 2)] == [["a", "b"], ["c"], ["d", "e"], ["f"]]
+    assert [[j.frame_id for j in b] for b in frame_batches(jobs, 8)] == [["a", "b", "c"], ["d", "e"], ["f"]]
+    assert [len(b) for b in frame_batches(jobs, 1)] == [1] * 6
+    assert frame_batches([], 4) == []
+    with pytest.raises(ValueError):
+        frame_batches(jobs, 0)
+
+
+def test_frame_batch_through_the_api_only_and_rerun(tmp_path: Path) -> None:
+    story = str(write_story(tmp_path))
+    single = render_story(story, RenderOptions(model="tiny-sdxl", out=str(tmp_path / "one"), frame_batch=1,
+                                               progress=False))
+    batched = render_story(story, RenderOptions(model="tiny-sdxl", out=str(tmp_path / "four"), frame_batch=4,
+                                                progress=False))
+    assert sorted(batched.rendered) == sorted(single.rendered) == [f"f{k}" for k in range(6)]
+    a, b = frames_of(tmp_path / "one"), frames_of(tmp_path / "four")
+    for frame_id in a:
+        assert_within_batch_tolerance(a[frame_id], b[frame_id], frame_id)
+    manifest = json.loads((tmp_path / "four" / "manifest.json").read_text())
+    assert manifest["stories"]["fox"]["render"]["frame_batch"] == 4
+    # --only with a batch renders just the selected frames (one batch of two), the same pixels.
+    only = render_story(story, RenderOptions(model="tiny-sdxl", out=str(tmp_path / "only"), frame_batch=4,
+                                             only=["f3", "f5"], progress=False))
+    assert sorted(only.rendered) == ["f3", "f5"]  # the anchors render, unwritten, for the bundle
+    c = frames_of(tmp_path / "only")
+    for frame_id in ("f3", "f5"):
+        assert_within_batch_tolerance(c[frame_id], a[frame_id], frame_id)
+    # The batch size is not part of a frame's identity: a rerun with another one renders nothing.
+    again = render_story(story, RenderOptions(model="tiny-sdxl", out=str(tmp_path / "four"), frame_batch=2,
+                                              progress=False))
+    assert again.rendered == [] and len(again.skipped) == 6
+
+
+# ---- bundle placement ----------------------------------------------------------------------------
+def fake_bundle(steps: int) -> AnchorBundle:
+    gen = torch.Generator().manual_seed(0)
+    bundle = AnchorBundle(meta={"num_anchors": 2, "steps": steps})
+    for t in range(steps):
+        layer = SharedLayerState(index=torch.arange(3), hidden=torch.randn(1, 3, 4, generator=gen),
+                                 features=torch.randn(1, 3, 4, generator=gen), num_tokens=8)
+        bundle.steps[t] = AnchorStep(t, {"l": layer})
+    return bundle
+
+
+def test_a_host_bundle_holds_at_most_two_steps_on_the_device() -> None:
+    bundle = fake_bundle(6)
+    placed = PlacedBundle(bundle, "cpu", "host")
+    for frame in range(2):  # two frames of the story read the bundle in turn
+        for t in range(6):
+            step = placed.step(t)
+            assert step is not None and step.step == t
+            assert torch.equal(step.layers["l"].hidden, bundle.steps[t].layers["l"].hidden)
+            assert step.layers["l"].hidden.data_ptr() != bundle.steps[t].layers["l"].hidden.data_ptr()  # a copy
+            assert placed.resident_steps <= 2, (frame, t)
+    assert placed.peak_resident_steps == 2 and placed.placement == "host"
+    kept = PlacedBundle(bundle, "cpu", "device")
+    for t in range(6):
+        kept.step(t)
+    assert kept.resident_steps == 6  # kept for the story's later frames
+    assert PlacedBundle(bundle, "cpu", "auto").step(0) is not None
+    with pytest.raises(ValueError):
+        PlacedBundle(bundle, "cpu", "gpu")
+
+
+def test_a_host_bundle_never_waits_for_a_step_the_anchors_have_not_published() -> None:
+    bundle = fake_bundle(4)
+    fetched: list[int] = []
+    published = {0, 1}
+
+    def fetch(t: int) -> dict:
+        assert t in published, f"step {t} fetched before it was published"
+        fetched.append(t)
+        return bundle.steps[t].to_numpy()
+
+    placed = PlacedBundle(StreamedBundle(bundle.meta, fetch, lambda t: t in published), "cpu", "host")
+    placed.step(0)
+    assert fetched == [0, 1]  # step 1 prefetched: it exists
+    placed.step(1)
+    assert fetched == [0, 1]  # step 2 does not exist yet: no prefetch
+    published.add(2)
+    assert placed.step(2).step == 2 and fetched == [0, 1, 2]
+
+
+def test_placements_and_offload_give_identical_pixels(tmp_path: Path) -> None:
+    story = str(write_story(tmp_path, frames=4))
+    outs = {}
+    for name, extra in {"device": {"bundle_on": "device"}, "host": {"bundle_on": "host"},
+                        "auto": {"bundle_on": "auto"}, "offload": {"offload": "model"}}.items():
+        result = render_story(story, RenderOptions(model="tiny-sdxl", out=str(tmp_path / name), progress=False,
+                                                   frame_batch=2, **extra))
+        assert len(result.rendered) == 4
+        outs[name] = frames_of(tmp_path / name)
+    for name in ("host", "auto", "offload"):
+        assert outs[name].keys() == outs["device"].keys()
+        for frame_id, image in outs["device"].items():
+            assert np.array_equal(outs[name][frame_id], image), (name, frame_id)
+    render = json.loads((tmp_path / "host" / "manifest.json").read_text())["stories"]["fox"]["render"]
+    assert render["bundle_on"] == "host" and render["peak_resident_steps"] <= 2
+
+
+def test_offload_installs_diffusers_model_offload_hooks() -> None:
+    pipe = load_pipeline("tiny-sd", offload="model")
+    assert getattr(pipe, "_all_hooks", None), "enable_model_cpu_offload installed no hooks"
+    with pytest.raises(ValueError, match="offload"):
+        load_pipeline("tiny-sd", offload="sequential")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--frame-batch", "0"], "--frame-batch"),
+    (["--bundle-on", "gpu"], "--bundle-on"),
+    (["--offload", "everything"], "--offload"),
+])
+def test_bad_efficiency_options_exit_2_and_write_nothing(tmp_path: Path, capsys, flags: list[str], named: str) -> None:
+    story = str(write_story(tmp_path))
+    out = tmp_path / "out"
+    try:
+        code = main(["render", story, "--model", "tiny-sdxl", "--out", str(out), "--no-progress", *flags])
+    except SystemExit as exc:  # argparse's own checks (a batch of 0) exit from the parser
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and named in err[-1]
+    assert not out.exists()
+
+
+# ---- fewer host-device synchronisations ------------------------------------------------------------
+@pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
+def test_gathered_shared_tokens_equal_boolean_indexing_and_padding(rate: float) -> None:
+    from storysync_dist.core.dropout import keep_mask
+    from storysync_dist.core.sharing import gather_shared_tokens, pad_token_sets, shared_attention
+
+    gen = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(11, 8, generator=gen), torch.randn(11, 8, generator=gen)
+    keeps = [keep_mask(11, rate, seed, 3, 7, 1) for seed in range(4)]
+    k, v, valid, lengths = gather_shared_tokens(keys, values, keeps)
+    assert lengths == [int(keep.sum()) for keep in keeps]
+    if rate == 1.0:
+        assert k is None and v is None and valid is None
+        return
+    # The reference: boolean indexing per frame, then padding (what the processors did before).
+    ref_k, ref_valid = pad_token_sets([keys[keep] for keep in keeps])
+    ref_v, _ = pad_token_sets([values[keep] for keep in keeps])
+    assert valid is None if bool(ref_valid.all()) else torch.equal(valid, ref_valid)
+    slots = ref_valid if valid is not None else torch.ones_like(ref_valid)
+    assert torch.equal(k[slots], ref_k[slots]) and torch.equal(v[slots], ref_v[slots])
+    # Attention with the host-side lengths equals the version that asks the device.
+    q = torch.randn(4, 2, 5, 4, generator=gen)
+    own_k, own_v = torch.randn(4, 2, 5, 4, generator=gen), torch.randn(4, 2, 5, 4, generator=gen)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(4, x.shape[1], 2, 4).transpose(1, 2)
+
+    with_lengths = shared_attention(q, own_k, own_v, heads(k), heads(v), valid, lengths)
+    asked = shared_attention(q, own_k, own_v, heads(ref_k), heads(ref_v), ref_valid)
+    assert torch.allclose(with_lengths, asked, atol=1e-6)
