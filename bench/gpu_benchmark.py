@@ -12,8 +12,9 @@ full-size architectures with random weights, the compute of real ones) it measur
 - the anchor bytes resident on the device in each placement (counted by ``PlacedBundle``);
 - frames per second at frame batch 1, 2, 4 and 8.
 
-``--quick`` runs ``tiny-sdxl`` at 64 px on whatever device is given (the CPU in the tests), so the
-mode cannot rot; on a CPU there is no device-memory counter and the table says so. Only measured
+Without CUDA it measures the CPU setups (``tiny-sdxl`` at 128 px and ``random-sdxl`` at 256 px,
+float32). ``--quick`` runs ``tiny-sdxl`` at 64 px on whatever device is given (the CPU in the
+tests), so the mode cannot rot; on a CPU there is no device-memory counter and the table says so. Only measured
 numbers are written; the generated section replaces the one between its markers in ``--out``.
 """
 
@@ -55,6 +56,12 @@ GPU_SETUPS = (
     Setup("random-flux", 1024, 4, "bfloat16"),
 )
 QUICK_SETUPS = (Setup("tiny-sdxl", 64, 4, "float32", pairs=2, batches=(1, 2, 4)),)
+# Without a GPU (float32): what frame batching gives a CPU at small sizes, on the tiny model and
+# on the full SDXL architecture.
+CPU_SETUPS = (
+    Setup("tiny-sdxl", 128, 10, "float32"),
+    Setup("random-sdxl", 256, 4, "float32", pairs=1, batches=(1, 2)),  # about 40 s a frame on 2 cores
+)
 
 
 @dataclass
@@ -154,7 +161,11 @@ def _measure_worker(result: Measured, plan: Any, pipe: Any, log: Callable[[str],
         rows["anchor_seconds"] = timed(device, lambda: made.append(storysync.render_anchors(plan.anchor_jobs)[1]))
     bundle = made[0]
     rows["bundle_bytes"] = bundle.nbytes()
+    rows["bundle_steps"] = len(bundle.steps)
     rows["step_bytes"] = max((s.nbytes() for s in bundle.steps.values()), default=0)
+    rows["step_bytes_all_tokens"] = max((all_token_bytes(s, bundle.num_anchors) for s in bundle.steps.values()),
+                                        default=0)
+    rows["weights_bytes"] = weight_bytes(pipe)
 
     placed = {name: PlacedBundle(bundle, adapter.device, name) for name in ("device", "host")}
     for name, source in placed.items():  # also the warm-up of both paths
@@ -175,6 +186,10 @@ def _measure_worker(result: Measured, plan: Any, pipe: Any, log: Callable[[str],
     rows["host_seconds"] = statistics.median(host)
     rows["ratio"] = rows["storysync_seconds"] / rows["vanilla_seconds"]
 
+    if device.startswith("cuda"):
+        rows["syncs_vanilla"] = count_syncs(lambda: vanilla.render_frame(jobs[1], None))
+        rows["syncs_storysync"] = count_syncs(lambda: storysync.render_frame(jobs[1], placed["host"]))
+
     chunk = jobs[:max(setup.batches)]
     for batch in setup.batches:
         log(f"{setup.model}: frame batch {batch}")
@@ -182,6 +197,40 @@ def _measure_worker(result: Measured, plan: Any, pipe: Any, log: Callable[[str],
                                                      for b in frame_batches(chunk, batch)])
         result.fps[batch] = len(chunk) / seconds
     return bundle
+
+
+def count_syncs(fn: Callable[[], Any]) -> int:
+    """Host-device synchronisations while ``fn`` runs, from the torch profiler's CUDA runtime
+    events (stream/device/event synchronisations and blocking device-to-host copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    names = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+    return sum(e.count for e in prof.key_averages() if e.key in names)
+
+
+def all_token_bytes(step: Any, anchors: int) -> int:
+    """The bytes ``step`` would take if every token of every anchor were a subject token: the
+    bound of a bundle step (computed from the layers' shapes, not measured)."""
+    total = 0
+    for layer in step.layers.values():
+        tokens = anchors * layer.num_tokens
+        per_token = layer.index.element_size() + sum(
+            t.shape[0] * t.shape[-1] * t.element_size() for t in (layer.hidden, layer.features))
+        total += tokens * per_token
+    return total
+
+
+def weight_bytes(pipe: Any) -> int:
+    """Bytes of every parameter and buffer of the pipeline's modules (its weights, as loaded)."""
+    import torch
+
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in [*component.parameters(), *component.buffers()])
+    return total
 
 
 def _measure_offload(result: Measured, plan: Any, bundle: Any) -> None:
@@ -213,15 +262,15 @@ def render_markdown(results: list[Measured], machine: dict[str, Any], device: st
              "", f"Device `{device}` ({gpu}); {machine.get('cpu', '?')}, torch {machine.get('torch')}, diffusers "
              f"{machine.get('diffusers')}; {machine.get('date')}. One process per run; times are medians of "
              "interleaved repeats, anchors rendered once (amortised).", ""]
-    lines += ["| model | size | steps | dtype | vanilla s/frame | StorySync s/frame | ratio | bundle on host s/frame "
-              "| offload model s/frame |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | size | steps | dtype | pairs | vanilla s/frame | StorySync s/frame | ratio | bundle on host "
+              "s/frame | offload model s/frame |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in results:
         s, r = m.setup, m.rows
         if m.error:
-            lines.append(f"| {s.model} | {s.size}x{s.size} | {s.steps} | {s.dtype} | not measured: {m.error} "
-                         "| | | | |")
+            lines.append(f"| {s.model} | {s.size}x{s.size} | {s.steps} | {s.dtype} | {s.pairs} | not measured: "
+                         f"{m.error} | | | | |")
             continue
-        lines.append(f"| {s.model} | {s.size}x{s.size} | {s.steps} | {s.dtype} | {_fmt(r['vanilla_seconds'])} | "
+        lines.append(f"| {s.model} | {s.size}x{s.size} | {s.steps} | {s.dtype} | {s.pairs} | {_fmt(r['vanilla_seconds'])} | "
                      f"{_fmt(r['storysync_seconds'])} | {_fmt(r['ratio'])} | {_fmt(r['host_seconds'])} | "
                      f"{_fmt(r['offload_seconds'])} |")
     lines += ["", "Peak device memory (`torch.cuda.max_memory_allocated`, weights included; n/a on a CPU, "
@@ -238,15 +287,23 @@ def render_markdown(results: list[Measured], machine: dict[str, Any], device: st
                      f"{_mem(r['frame_peak_host'])} | {_mem(r['frame_peak_offload'])} | {_bytes(r['bundle_bytes'])} / "
                      f"{_bytes(r['step_bytes'])} | {_bytes(r['resident_bytes_device'])} | "
                      f"{_bytes(r['resident_bytes_host'])} |")
-    lines += ["", "Frames per second of one worker against frame batch (StorySync, bundle on the device):", "",
-              "| model | size | " + " | ".join(f"batch {b}" for b in results[0].setup.batches) + " | best / batch 1 |",
-              "|---|---|" + "---|" * (len(results[0].setup.batches) + 1)]
+    syncs = [m for m in results if not m.error and "syncs_storysync" in m.rows]
+    if syncs:
+        lines += ["", "Host-device synchronisations in one frame (torch profiler, CUDA runtime sync calls):", "",
+                  "| model | size | vanilla | StorySync |", "|---|---|---|---|"]
+        lines += [f"| {m.setup.model} | {m.setup.size}x{m.setup.size} | {m.rows['syncs_vanilla']} | "
+                  f"{m.rows['syncs_storysync']} |" for m in syncs]
+    batches = sorted({b for m in results for b in m.setup.batches})
+    lines += ["", "Frames per second of one worker against frame batch (StorySync, bundle on the device; the "
+              "same frames rendered in batches of each size):", "",
+              "| model | size | " + " | ".join(f"batch {b}" for b in batches) + " | best / batch 1 |",
+              "|---|---|" + "---|" * (len(batches) + 1)]
     for m in results:
         if m.error or not m.fps:
             continue
         best = max(m.fps.values()) / m.fps[min(m.fps)]
-        lines.append(f"| {m.setup.model} | {m.setup.size}x{m.setup.size} | "
-                     + " | ".join(_fmt(m.fps.get(b)) for b in m.setup.batches) + f" | {_fmt(best)} |")
+        cells = [_fmt(m.fps[b]) if b in m.fps else "not run" for b in batches]
+        lines.append(f"| {m.setup.model} | {m.setup.size}x{m.setup.size} | " + " | ".join(cells) + f" | {_fmt(best)} |")
     lines += ["", END_MARK, ""]
     return "\n".join(lines)
 
@@ -272,9 +329,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default=None, help="comma-separated models of the setups to run (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps instead of each setup's own")
     parser.add_argument("--size", type=int, default=None, help="image size instead of each setup's own")
+    parser.add_argument("--from-json", default=None, help="rewrite --out from a --json file, without measuring")
     args = parser.parse_args(argv)
+    if args.from_json:
+        data = json.loads(pathlib.Path(args.from_json).read_text(encoding="utf-8"))
+        results = [Measured(Setup(**{**r["setup"], "batches": tuple(r["setup"]["batches"])}), data["device"],
+                            r["rows"], {int(b): v for b, v in r["fps"].items()}, r["error"]) for r in data["results"]]
+        write_report(pathlib.Path(args.out), render_markdown(results, data["machine"], data["device"], False),
+                     (START_MARK, END_MARK))
+        print(f"wrote {args.out}")
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    setups = QUICK_SETUPS if args.quick else GPU_SETUPS
+    setups = QUICK_SETUPS if args.quick else GPU_SETUPS if device.startswith("cuda") else CPU_SETUPS
     if args.models:
         setups = tuple(s for s in setups if s.model in args.models.split(","))
     changes = {k: v for k, v in (("steps", args.steps), ("size", args.size)) if v is not None}

@@ -97,7 +97,8 @@ def test_the_gpu_mode_runs_in_its_quick_cpu_variant(tmp_path: pathlib.Path) -> N
     size = f"{setup.size}x{setup.size}"
     number = r"[0-9][0-9.,]*"
     # The ratio row: vanilla, StorySync, their ratio, the host placement and offload, all measured.
-    assert re.search(rf"^\| {setup.model} \| {size} \| {setup.steps} \| float32 \|( {number} \|){{5}}$", text, re.M)
+    assert re.search(rf"^\| {setup.model} \| {size} \| {setup.steps} \| float32 \| {setup.pairs} \|( {number} \|){{5}}$",
+                     text, re.M)
     # Memory: no device counter on a CPU, and it says so; the resident anchor bytes are counted.
     memory = re.search(rf"^\| {setup.model} \| {size} \|( n/a \(CPU\) \|){{4}} (.+)$", text, re.M)
     assert memory, text

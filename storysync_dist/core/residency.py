@@ -5,7 +5,7 @@ whole bundle at once:
 
 - ``device``: every step is copied to the compute device the first time a frame needs it and kept
   there for the story's later frames (no copy per frame; the device holds the whole bundle, about
-  200 MB per step for SDXL at 1024 px);
+  300 MB per step for SDXL at 1024 px, computed in docs/memory.md);
 - ``host``: the steps stay in host memory (page-locked when the device is a GPU) and a window of
   two travels: when step t is taken, step t + 1 is copied on a side stream while step t renders,
   and the device copies of earlier steps are dropped. The device holds at most two steps;
@@ -84,6 +84,8 @@ class PlacedBundle:
             raise ValueError(f"bundle placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
         self.bundle = bundle
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # how tensors name it
         self.requested = placement
         self.placement: str | None = None if placement == "auto" else placement
         self._on_device: dict[int, AnchorStep | None] = {}
