@@ -21,9 +21,21 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from _common import add_cluster_arguments, positive_int, resolve_address, run, warn_if_driver_only
+from _common import (
+    add_cluster_arguments,
+    add_logging_arguments,
+    parse_and_run,
+    positive_int,
+    warn_if_driver_only,
+)
 
-from storysync_dist.cli import add_efficiency_arguments, efficiency_options
+from storysync_dist.arguments import (
+    add_config_arguments,
+    add_device_arguments,
+    add_efficiency_arguments,
+    add_model_arguments,
+    options_from_args,
+)
 from storysync_dist.errors import StorySpecError, StorySyncUserError
 from storysync_dist.spec import StorySpec
 
@@ -31,24 +43,23 @@ PROG = "make_dataset"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Options: the benchmark file, model/out, selection, sampling overrides, cluster."""
+    """Options: the benchmark file, model/out, selection, sampling overrides, and the groups of
+    ``storysync_dist.arguments`` that ``storysync render`` takes too (device, config, efficiency,
+    cluster)."""
     parser = argparse.ArgumentParser(
         prog="jobs/make_dataset.py",
         description="Render every subject set of a benchmark prompt file as a story, into one Parquet dataset.",
     )
     parser.add_argument("benchmark", help="benchmark file: {category: [{concept_token, subject, style, settings}]}")
-    parser.add_argument("--model", required=True,
-                        help="a preset (tiny-sdxl, tiny-sd), a local diffusers folder, or a hub id in the HF cache")
-    parser.add_argument("--out", required=True, help="output folder or fsspec URL (file://, memory://, s3://, gs://)")
-    parser.add_argument("--method", choices=["storysync", "vanilla"], default="storysync")
+    add_model_arguments(parser)
     parser.add_argument("--categories", help="comma-separated categories to render (default: all)")
     parser.add_argument("--limit", type=positive_int, help="render only the first K subject sets of each category")
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default 20)")
     parser.add_argument("--height", type=positive_int, help="image height in pixels (default 512)")
     parser.add_argument("--width", type=positive_int, help="image width in pixels (default 512)")
     parser.add_argument("--seed", type=int, help="base seed: frame i of every story gets seed + i (default 0)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on cuda")
+    add_device_arguments(parser)
+    add_config_arguments(parser)
     parser.add_argument("--skip-invalid", action="store_true",
                         help="leave out subject sets that do not fit the model (e.g. a concept token that the "
                         "subject text does not contain) instead of stopping")
@@ -58,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "open at once (default 4 GiB; docs/distributed.md)")
     add_efficiency_arguments(parser)
     add_cluster_arguments(parser)
+    add_logging_arguments(parser)
     return parser
 
 
@@ -102,7 +114,7 @@ def check_unique_ids(stories: Sequence[StorySpec]) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from storysync_dist.api import RenderOptions, render_stories
+    from storysync_dist.api import render_stories
     from storysync_dist.engine.job import check_efficiency_options
     from storysync_dist.spec import load_benchmark
 
@@ -128,11 +140,9 @@ def _main(args: argparse.Namespace) -> int:
     check_unique_ids(stories)
     warn_if_driver_only(PROG, args.workers)
 
-    options = RenderOptions(
-        model=args.model, out=args.out, method=args.method, device=args.device, dtype=args.dtype,
-        progress=not args.no_progress, workers=args.workers, address=resolve_address(args.address),
-        bundle_budget=args.bundle_budget, **efficiency_options(args),
-    )
+    # --steps/--height/--width/--seed went into the stories' defaults above, not over them.
+    options = options_from_args(args, steps=None, height=None, width=None, seed=None,
+                                bundle_budget=args.bundle_budget)
     check_efficiency_options(options)  # a bad --bundle-on or --offload fails before anything loads
     pipe = None
     if args.workers == 0 and stories:
@@ -167,7 +177,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; returns the exit code (0, or 2 for a user error)."""
-    return run(PROG, _main, build_parser(), argv)
+    return parse_and_run(PROG, _main, build_parser(), argv)
 
 
 if __name__ == "__main__":
