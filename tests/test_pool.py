@@ -200,3 +200,28 @@ def test_frame_batches_on_the_pool_equal_the_same_batches_in_process(tmp_path: P
     peaks = [s["peak_resident_steps"] for s in result.stats["worker_stats"] if s]
     assert peaks and max(peaks) <= 2
     assert {p for s in result.stats["worker_stats"] if s for p in s["bundle_on"]} == {"host"}
+
+
+def test_a_killed_worker_loses_only_its_batch_and_it_renders_again_whole(tmp_path: Path) -> None:
+    story = write_story(tmp_path, "killed-batch", 6)  # 2 anchors, then batches of 2 and 2
+    settings = {**FAST, "frame_batch": 2}
+    reference = tmp_path / "reference"
+    render_story(story, RenderOptions(out=str(reference), **settings))
+    killed: list[list[str]] = []
+    batch: list[str] = []
+
+    def kill_first_batch(kind: str, info: dict) -> None:
+        if kind != "frame_dispatched" or killed:
+            return
+        batch.append(info["frame"])
+        if len(batch) == info["batch"]:  # the whole batch is out: kill the worker rendering it
+            killed.append(list(batch))
+            ray.kill(ray.get_actor(info["worker"], namespace=NAMESPACE), no_restart=False)
+
+    options = RenderOptions(out=str(tmp_path / "faulty"), workers=2, **settings)
+    with RayExecutor(options, on_event=kill_first_batch) as executor:
+        result = render_story(story, options, executor=executor)
+    assert killed and len(killed[0]) == 2
+    assert sorted(result.stats["retried"]) == sorted(killed[0])  # both frames of the batch, nothing else
+    assert sorted(result.rendered) == [f"s{k}" for k in range(6)]
+    assert_same_pixels(images(tmp_path / "faulty"), images(reference))  # the same batches, once each
