@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -X faulthandler -m pytest -q
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache
