@@ -22,6 +22,7 @@ __all__ = [
     "ABLATIONS",
     "BLI_TARGETS",
     "MASK_SOURCES",
+    "TOKEN_SAMPLINGS",
     "ConfigError",
     "StorySyncConfig",
     "parse_set_options",
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 MASK_SOURCES = ("current", "previous")
+TOKEN_SAMPLINGS = ("mask", "storydiffusion")
 BLI_TARGETS = ("query", "output")
 ANCHOR_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -89,6 +91,15 @@ class StorySyncConfig:
     # (UNet: the encoder and the mid block), so sharing can start at step 0; "previous" builds
     # them from the whole of step t-1 (no sharing at step 0).
     mask_source: str = "current"
+    # Which anchor tokens are shared. "mask": the subject tokens (Eq. 5, with share_dropout), as
+    # StorySync and ConsiStory do; "storydiffusion": StoryDiffusion's RandSample (its Eq. 1) over
+    # every token of the anchors at its per-resolution rates, one draw per story, step and
+    # resolution, and no mask (core/storydiffusion.py; the --method storydiffusion baseline).
+    token_sampling: str = "mask"
+    # RFH (Eq. 9-11) runs at the steps in [rfh_start, rfh_end) of the run, as fractions of the
+    # steps (StorySync: every step; ConsiStory's feature injection: the 10%..33% window).
+    rfh_start: float = 0.0
+    rfh_end: float = 1.0
     # Apply sharing/RFH in the unconditional guidance branch too (masks always come from the
     # conditional branch).
     share_uncond: bool = True
@@ -102,6 +113,9 @@ class StorySyncConfig:
         # equal frame fingerprints however they were written.
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _check_value(f.name, getattr(self, f.name)))
+        if self.token_sampling == "storydiffusion" and self.use_masks:
+            raise ConfigError("token_sampling", "storydiffusion samples every token, without a subject mask: "
+                              "set use_masks: false with it")
 
     @classmethod
     def vanilla(cls) -> StorySyncConfig:
@@ -121,6 +135,10 @@ class StorySyncConfig:
         if not self.layout_interpolation:
             return 0
         return min(num_steps, round(self.bli_fraction * num_steps))
+
+    def harmonizes_at(self, step: int, num_steps: int) -> bool:
+        """Whether RFH runs at ``step`` of a ``num_steps`` run (the [rfh_start, rfh_end) window)."""
+        return self.harmonize and self.rfh_start * num_steps <= step < self.rfh_end * num_steps
 
     def first_shared_step(self) -> int:
         """The first step at which sharing and RFH can run (masks from step t-1 need t >= 1)."""
@@ -164,8 +182,10 @@ class StorySyncConfig:
 
 
 # The type and range of every field; one place, used by __post_init__ and from_dict.
-_UNIT_INTERVAL = ("rfh_gamma", "bli_lambda", "bli_fraction", "share_dropout", "rfh_dropout", "mask_dropout")
-_CHOICES = {"anchor_dtype": ANCHOR_DTYPES, "mask_source": MASK_SOURCES, "bli_target": BLI_TARGETS}
+_UNIT_INTERVAL = ("rfh_gamma", "bli_lambda", "bli_fraction", "share_dropout", "rfh_dropout", "mask_dropout",
+                  "rfh_start", "rfh_end")
+_CHOICES = {"anchor_dtype": ANCHOR_DTYPES, "mask_source": MASK_SOURCES, "bli_target": BLI_TARGETS,
+            "token_sampling": TOKEN_SAMPLINGS}
 _BOOLS = ("share_attention", "harmonize", "layout_interpolation", "use_masks", "share_uncond")
 _PREFIXES = ("share_layers", "mask_layers")
 

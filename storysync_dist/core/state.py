@@ -23,6 +23,7 @@ from .config import StorySyncConfig
 from .dropout import KIND_MASK, KIND_RFH, keep_mask
 from .harmonize import harmonize_regions
 from .masks import aggregate_subject_maps, subject_mask, subject_token_weights, token_grid
+from .storydiffusion import story_sample
 
 ROLE_ANCHORS = "anchors"
 ROLE_FRAMES = "frames"
@@ -182,7 +183,11 @@ class StorySyncState:
         cached = self._mask_cache.get(num_tokens)
         if cached is not None:
             return cached
-        if not self.config.use_masks:
+        if self.config.token_sampling == "storydiffusion" and self.role == ROLE_ANCHORS:
+            # StoryDiffusion's RandSample (core/storydiffusion.py): the anchors share one sample of
+            # each other's tokens and record only it, so every frame attends to the same sample.
+            mask = story_sample(self.seeds, self.step, num_tokens).to(self.device)
+        elif not self.config.use_masks:
             mask = torch.ones(self.num_images, num_tokens, dtype=torch.bool, device=self.device)
         else:
             assert self._mask_map is not None and self._mask_hw is not None
@@ -252,6 +257,8 @@ class StorySyncState:
             against the other anchors (a simultaneous update), frames against the anchors.
         """
         cfg = self.config
+        if not cfg.harmonizes_at(self.step, self.num_steps):
+            return features  # outside the [rfh_start, rfh_end) window
         layer = layer_id(name)
         harmonized = features.clone()
         for branch, rows in enumerate(shared_rows):

@@ -10,6 +10,14 @@ every token. Its code draws one keep vector per attention call over the identity
 shared by every querying image; an image always sees all of its own tokens, and never the tokens
 of a non-identity image. Here the identity images are the story's anchors, so a non-anchor frame
 attends to its own tokens and to the sampled anchor tokens only, and frames stay independent.
+
+In the engine (``token_sampling: storydiffusion``, ``--method storydiffusion``) the draw is
+:func:`story_sample`: one per story, step and resolution, keyed by the anchors' seeds, as its code
+draws one mask per step for the whole batch. The anchors share it among themselves and record only
+the kept tokens, so every frame attends to exactly that sample, whatever other frames exist. Its
+code also runs a layer as plain self-attention at step 0 and, after that, with probability 0.3
+before step 20 and 0.1 from then on (:func:`vanilla_probability`); here that draw too is per story,
+step and resolution, so anchors and frames skip the same layers.
 """
 
 from __future__ import annotations
@@ -51,6 +59,33 @@ def identity_sample(num_identity: int, num_tokens: int, rate: float, *seed_parts
     """
     generator = torch.Generator(device="cpu").manual_seed(dropout_seed(*seed_parts, KIND_STORYDIFFUSION))
     return torch.rand(num_identity, num_tokens, generator=generator) < rate
+
+
+def vanilla_probability(step: int) -> float:
+    """The probability that StoryDiffusion's code runs a consistent layer as plain self-attention
+    at ``step``: always at step 0, 0.3 before step 20, 0.1 after (its ``SpatialAttnProcessor2_0``)."""
+    if step < 1:
+        return 1.0
+    return 0.3 if step < 20 else 0.1
+
+
+def story_sample(anchor_seeds: list[int], step: int, num_tokens: int, rates: dict[int, float] | None = None) -> torch.Tensor:
+    """The identity tokens every image of a story shares at one step and resolution.
+
+    Args:
+        anchor_seeds: the story's anchors' seeds (the identity images, in order), the key of the draw.
+        step: the denoising step.
+        num_tokens: N, the layer's tokens per image.
+        rates: token count at the native size -> keep rate (:data:`DEFAULT_RATES`).
+    Returns:
+        (I, N) boolean on the CPU: :func:`identity_sample` at this resolution's rate, or all False
+        when the step runs plain self-attention (:func:`vanilla_probability`).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(
+        dropout_seed(len(anchor_seeds), *anchor_seeds, step, num_tokens, KIND_STORYDIFFUSION, 0))
+    if float(torch.rand((), generator=generator)) < vanilla_probability(step):
+        return torch.zeros(len(anchor_seeds), num_tokens, dtype=torch.bool)
+    return identity_sample(len(anchor_seeds), num_tokens, sampling_rate(num_tokens, rates), *anchor_seeds, step, num_tokens)
 
 
 def consistent_self_attention(

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..core.config import ABLATIONS, ConfigError, StorySyncConfig, resolve_config
+from ..core.methods import METHODS, method_config, uses_anchors
 from ..core.residency import PLACEMENTS
 from ..errors import StorySyncUserError
 from ..io.sink import ParquetFrameSink
@@ -48,7 +49,7 @@ from .bundles import check_bundle_for_job, read_bundle
 from .devices import default_dtype, default_frame_batch, device_and_dtype
 from .identity import AnchorIdentity, RenderIdentity, frame_fingerprint
 from .plan import JobPlan, frame_config_json, plan_jobs, plan_work
-from .renderer import METHODS, RenderSettings
+from .renderer import RenderSettings
 
 __all__ = [
     "JobPlan", "JobResult", "RenderOptions", "device_and_dtype", "job_config", "prepare_job", "with_model_defaults",
@@ -194,7 +195,7 @@ def prepare_job(
     token_positions = validate_for_model(spec, info.tokenizer, info.size_factor, size=size)
     spec = with_model_defaults(spec, info)
 
-    storysync = options.method == "storysync"
+    storysync = uses_anchors(options.method)
     d = spec.defaults
     settings = RenderSettings(
         model=options.model, steps=d.steps, height=d.height, width=d.width, guidance_scale=d.guidance_scale,
@@ -313,10 +314,11 @@ def job_config(spec: StorySpec, options: RenderOptions) -> StorySyncConfig:
                                           ("--set", bool(options.overrides))) if value]
         if given:
             raise StorySyncUserError(
-                f"{' and '.join(given)}: StorySync options, but --method {options.method} renders with every "
-                "StorySync mechanism off; drop them or use --method storysync"
+                f"{' and '.join(given)}: StorySync options, but --method {options.method} renders with "
+                f"{'every StorySync mechanism off' if options.method == 'vanilla' else 'its own fixed settings'}; "
+                "drop them or use --method storysync"
             )
-        return StorySyncConfig.vanilla()
+        return method_config(options.method)
     if options.ablation is not None and options.ablation not in ABLATIONS:
         raise StorySyncUserError(f"--ablation: must be one of {', '.join(ABLATIONS)}, got {options.ablation!r}")
     overrides = dict(options.overrides or {})

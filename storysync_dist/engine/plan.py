@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.anchors import AnchorBundle
 from ..core.config import StorySyncConfig
+from ..core.methods import uses_anchors
 from ..errors import StorySyncUserError, one_line
 from ..io.sink import ParquetFrameSink, StoredFrame
 from ..spec import StorySpec
@@ -177,7 +178,7 @@ def plan_work(plan: JobPlan, sink: ParquetFrameSink) -> JobPlan:
                 replace.append(frame.id)
     remove = sorted(frame_id for frame_id in stored if frame_id not in plan.jobs)
 
-    storysync = options.method == "storysync"
+    storysync = uses_anchors(options.method)
     anchor_writes = {i for i in todo if i in plan.anchor_ids} if storysync else set()
     frame_jobs = [plan.jobs[i] for i in todo if i not in anchor_writes]
     anchors_in_story = [a for a in plan.anchor_ids if a in plan.jobs]

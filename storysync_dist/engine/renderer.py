@@ -25,8 +25,6 @@ from ..core.state import ROLE_ANCHORS, ROLE_FRAMES, MaskSourceError, StorySyncSt
 from ..errors import NonFiniteOutputError, StorySyncUserError
 from ..models.family import Adapter
 
-METHODS = ("storysync", "vanilla")
-
 
 @dataclass(frozen=True)
 class FrameJob:
