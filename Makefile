@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps "open_clip_torch>=2.20"
+	# rembg (storysync eval) imports pymatting, whose numba functions compile on the first import
+	# (minutes on a small machine) and are cached after: pay that here, not in a test.
+	$(PY) -c "import rembg"
 	touch $(STAMP)
 
 install: $(STAMP)

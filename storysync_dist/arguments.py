@@ -17,10 +17,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .core.config import ABLATIONS
+from .core.methods import METHODS
 from .errors import RenderError, StorySyncUserError
 
 if TYPE_CHECKING:
+    from .benchmarking import BenchOptions
     from .engine.job import JobResult, RenderOptions
+    from .evaluate import EvalOptions
 
 EXIT_USER_ERROR = 2
 MODEL_HELP = ("a preset (tiny-sdxl, tiny-sd, tiny-flux, tiny-kandinsky3, random-sdxl, random-flux), a local "
@@ -61,11 +64,16 @@ def positive_float(text: str) -> float:
 
 
 # ---- option groups --------------------------------------------------------------------------------
-def add_model_arguments(parser: argparse.ArgumentParser, *, model_help: str = MODEL_HELP) -> None:
-    """``--model``, ``--out``, ``--method``."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, model_help: str = MODEL_HELP,
+                        with_method: bool = True) -> None:
+    """``--model``, ``--out``, and ``--method`` unless ``with_method`` is False."""
     parser.add_argument("--model", required=True, help=model_help)
     parser.add_argument("--out", required=True, help=OUT_HELP)
-    parser.add_argument("--method", choices=["storysync", "vanilla"], default="storysync")
+    if not with_method:
+        return
+    parser.add_argument("--method", choices=list(METHODS), default="storysync",
+                        help="storysync (default); vanilla (stock generation); consistory or storydiffusion "
+                        "(baselines re-implemented from their papers, docs/evaluation.md)")
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +120,28 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: RAY_ADDRESS (set by `ray job submit`), else an embedded local Ray")
     parser.add_argument("--start-timeout", type=positive_float, default=600.0, metavar="SECONDS",
                         help="with --workers: how long to wait for the cluster's resources (default 600)")
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--metrics``, ``--weights``, ``--encoders``: what ``storysync eval`` and ``bench`` score with."""
+    parser.add_argument("--metrics", help="comma-separated metrics (default: clip-t,clip-i,dino,lpips,dreamsim)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--weights", metavar="DIR",
+                        help="folder of the metric weights (layout: docs/evaluation.md); default: the Hugging "
+                        "Face cache, never a download")
+    source.add_argument("--encoders", choices=["random-tiny"],
+                        help="random-tiny: tiny randomly initialised encoders, offline; every output is labelled "
+                        "a plumbing check")
+
+
+def split_list(text: str | None, option: str) -> list[str] | None:
+    """``"a, b"`` -> ``["a", "b"]``; None stays None; a list with nothing in it is a one-line error."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise StorySyncUserError(f"{option}: give at least one value")
+    return items
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,6 +197,31 @@ def options_from_args(args: argparse.Namespace, **changes: Any) -> RenderOptions
         offload=_given(args, "offload", "none"),
     )
     return RenderOptions(**{**fields, **changes})
+
+
+def eval_options_from_args(args: argparse.Namespace, **changes: Any) -> EvalOptions:
+    """The ``EvalOptions`` of ``storysync eval``'s arguments (``dataset`` and ``out`` may be
+    replaced through ``changes``, as ``bench`` does per method)."""
+    from .evaluate import EvalOptions
+
+    fields: dict[str, Any] = dict(
+        dataset=_given(args, "dataset"), out=_given(args, "out"), metrics=split_list(_given(args, "metrics"), "--metrics"),
+        weights=_given(args, "weights"), encoders=_given(args, "encoders"), workers=_given(args, "workers", 0),
+        address=resolve_address(_given(args, "address")), device=_given(args, "device"),
+    )
+    return EvalOptions(**{**fields, **changes})
+
+
+def bench_options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """The ``BenchOptions`` of ``storysync bench`` (and ``jobs/benchmark.py``)."""
+    from .benchmarking import BenchOptions
+
+    return BenchOptions(
+        suite=args.suite, limit=args.limit, categories=split_list(args.category, "--category"),
+        methods=split_list(args.methods, "--methods") or [], seed=args.seed,
+        render=options_from_args(args, method="storysync"),
+        scoring=eval_options_from_args(args, dataset="", out=None, device=None),
+    )
 
 
 def print_result(result: JobResult) -> None:

@@ -18,6 +18,9 @@ from .arguments import (
     add_efficiency_arguments,
     add_logging_arguments,
     add_model_arguments,
+    add_scoring_arguments,
+    bench_options_from_args,
+    eval_options_from_args,
     non_negative_int,
     options_from_args,
     positive_int,
@@ -54,11 +57,43 @@ def add_render_arguments(render: argparse.ArgumentParser) -> None:
     render.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``storysync eval``."""
+    parser.add_argument("dataset", help="a dataset in storysync's Parquet format (folder or fsspec URL)")
+    add_scoring_arguments(parser)
+    parser.add_argument("--out", help="where the scores go (default: <dataset>/eval)")
+    parser.add_argument("--device", help="torch device of the encoders (default: cpu; cuda on Ray GPU workers)")
+    add_cluster_arguments(parser)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``storysync bench`` (``jobs/benchmark.py`` takes the same)."""
+    parser.add_argument("--suite", required=True, help="prompt suite: {category: [{concept_token, subject, style, "
+                        "settings}]}, e.g. ConsiStory+")
+    parser.add_argument("--limit", type=positive_int, help="the first N subject sets of each category")
+    parser.add_argument("--category", help="comma-separated categories (default: all)")
+    add_model_arguments(parser, with_method=False)
+    parser.add_argument("--methods", default="vanilla,storysync,consistory,storydiffusion",
+                        help="comma-separated methods, rendered on the same prompts and seeds (default: all four)")
+    parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
+    parser.add_argument("--height", type=positive_int, help="image height (default: the model's)")
+    parser.add_argument("--width", type=positive_int, help="image width (default: the model's)")
+    parser.add_argument("--seed", type=non_negative_int, help="base seed of every story (default 0)")
+    add_device_arguments(parser)
+    add_scoring_arguments(parser)
+    add_cluster_arguments(parser)
+    add_efficiency_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storysync", description="Consistent-subject story rendering (StorySync).")
     add_logging_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     add_render_arguments(sub.add_parser("render", help="render a story into a Parquet dataset"))
+    add_eval_arguments(sub.add_parser("eval", help="score a dataset: CLIP-T, CLIP-I, DINO, LPIPS, DreamSim"))
+    add_bench_arguments(sub.add_parser("bench", help="render a prompt suite with several methods and score it "
+                                       "(the paper's Table 1)"))
     return parser
 
 
@@ -69,7 +104,21 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"render": _render}
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_dataset, print_eval_result
+
+    print_eval_result(evaluate_dataset(eval_options_from_args(args)))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmarking import print_bench_result, run_benchmark
+
+    print_bench_result(run_benchmark(bench_options_from_args(args)))
+    return 0
+
+
+COMMANDS = {"render": _render, "eval": _eval, "bench": _bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,168 @@
+"""``storysync bench``: render a prompt suite with several methods on the same prompts and seeds,
+score every method's dataset, and report them side by side (the paper's Table 1).
+
+Layout of ``--out``::
+
+    renders/<method>/      one dataset per method (storysync's Parquet format)
+    scores/<method>/       its scores (``storysync eval``: per_frame/per_story Parquet, CSV)
+    results.csv            one row per method: the mean over stories of every metric
+    table.md               the same in the layout of the paper's Table 1
+    adherence_vs_similarity.png   CLIP-T against subject similarity, one point per method
+    storyboards/<story>.png       one sheet per subject set, the methods as rows
+
+A rerun resumes: the renders skip the frames already present (the engine's fingerprints) and the
+scores keep the stories whose frames did not change (``evaluate``). The encoders are loaded before
+anything renders, so missing weights fail at once, not after the renders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .core.methods import METHODS
+from .errors import StorySyncUserError
+
+if TYPE_CHECKING:
+    from .engine.job import RenderOptions
+    from .evaluate import EvalOptions
+
+__all__ = ["BenchOptions", "BenchResult", "print_bench_result", "run_benchmark"]
+
+
+@dataclass
+class BenchOptions:
+    """Options of ``storysync bench``: the suite and its selection, the methods, and the render
+    and scoring options every method shares (``render.out`` is the benchmark folder)."""
+
+    suite: str
+    methods: list[str]
+    render: RenderOptions
+    scoring: EvalOptions
+    limit: int | None = None
+    categories: list[str] | None = None
+    seed: int | None = None
+
+
+@dataclass
+class BenchResult:
+    out: str
+    rows: list[dict[str, Any]]
+    files: dict[str, str]
+    storyboards: list[str]
+    plumbing_check: bool
+    seconds: float
+    rendered: dict[str, int] = field(default_factory=dict)
+
+
+def _check_methods(methods: list[str]) -> list[str]:
+    if not methods:
+        raise StorySyncUserError("--methods: give at least one method")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise StorySyncUserError(f"--methods {','.join(unknown)}: unknown method (choose from {', '.join(METHODS)})")
+    if len(set(methods)) != len(methods):
+        raise StorySyncUserError(f"--methods {','.join(methods)}: a method is listed twice")
+    return methods
+
+
+def run_benchmark(options: BenchOptions) -> BenchResult:
+    """Render, score and report; see the module docstring."""
+    from .api import render_stories
+    from .eval.report import bench_rows, plot_adherence, table_markdown
+    from .evaluate import _load, check_eval_options, evaluate_dataset, read_story_frames
+    from .io.storage import write_bytes
+    from .spec import load_benchmark
+
+    started = time.perf_counter()
+    methods = _check_methods(list(options.methods))
+    out = options.render.out
+    defaults = {k: v for k, v in (("steps", options.render.steps), ("height", options.render.height),
+                                  ("width", options.render.width), ("seed", options.seed)) if v is not None}
+    stories = load_benchmark(options.suite, categories=options.categories, limit=options.limit, defaults=defaults)
+    if not stories:
+        raise StorySyncUserError(f"{options.suite}: no subject set matches --category/--limit")
+    metrics = check_eval_options(options.scoring)
+    loaded = _load(metrics, options.scoring)  # missing weights: exit 2 now, before any render
+
+    rendered: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+        executor = None
+        if options.render.workers > 0:  # one pool of workers renders every method, then goes
+            from .distributed.executor import RayExecutor
+
+            executor = stack.enter_context(RayExecutor(options.render))
+        for method in methods:
+            render = dataclasses.replace(options.render, method=method, out=posixpath.join(out, "renders", method),
+                                         steps=None, height=None, width=None, seed=None)
+            rendered[method] = sum(len(r.rendered) for r in render_stories(stories, render, executor=executor))
+    evals = {}
+    for method in methods:
+        scoring = dataclasses.replace(options.scoring, dataset=posixpath.join(out, "renders", method),
+                                      out=posixpath.join(out, "scores", method),
+                                      storage_options=options.render.storage_options)
+        evals[method] = evaluate_dataset(scoring, loaded=loaded)
+
+    plumbing = any(e.summary["plumbing_check"] for e in evals.values())
+    model = options.render.model
+    rows = bench_rows({m: e.summary for m, e in evals.items()}, model=model, metrics=metrics)
+    store = options.render.storage_options
+    files = {
+        "csv": write_bytes(out, "results.csv", _csv(rows), store),
+        "table": write_bytes(out, "table.md", table_markdown(rows, metrics, plumbing_check=plumbing,
+                                                              suite=options.suite, stories=len(stories)).encode(), store),
+        "plot": write_bytes(out, "adherence_vs_similarity.png", plot_adherence(rows, plumbing_check=plumbing), store),
+    }
+    frames = {m: dict(read_story_frames(posixpath.join(out, "renders", m), store)) for m in methods}
+    boards = [write_bytes(out, f"storyboards/{story.id}.png", _storyboard(story.id, methods, frames), store)
+              for story in stories]
+    return BenchResult(out=out, rows=rows, files=files, storyboards=boards, plumbing_check=plumbing,
+                       seconds=time.perf_counter() - started, rendered=rendered)
+
+
+def _csv(rows: list[dict[str, Any]]) -> bytes:
+    import csv
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode("utf-8")
+
+
+def _storyboard(story_id: str, methods: list[str], frames: dict[str, dict[str, list[dict]]]) -> bytes:
+    """One sheet: a row per method, a column per frame, in frame order (same prompts and seeds)."""
+    from PIL import Image
+
+    from .io.storyboard import make_storyboard, png_bytes
+
+    tiles = []
+    columns = max(len(frames[m].get(story_id, [])) for m in methods)
+    for method in methods:
+        rows = frames[method].get(story_id, [])
+        for row in rows:
+            tiles.append((f"{method} · {row['frame_id']}", Image.open(io.BytesIO(row["image"]["bytes"])), None))
+        for _ in range(columns - len(rows)):  # a method that lacks frames keeps its row aligned
+            tiles.append((f"{method} · missing", Image.new("RGB", (8, 8), (255, 255, 255)), None))
+    return png_bytes(make_storyboard(tiles, columns=columns, show_masks=False))
+
+
+def print_bench_result(result: BenchResult) -> None:
+    """What ``storysync bench`` prints: the table, then where everything went."""
+    from .eval.report import table_markdown
+
+    if result.plumbing_check:
+        print("PLUMBING CHECK (random-tiny encoders, random weights): the numbers say nothing about quality")
+    rendered = ", ".join(f"{m} {n}" for m, n in result.rendered.items())
+    print(f"rendered frames: {rendered}; in {result.seconds:.1f}s")
+    metrics = [k.replace("_", "-") for k in result.rows[0] if k not in ("method", "model", "stories", "frames")]
+    print(table_markdown(result.rows, metrics, plumbing_check=result.plumbing_check))
+    for kind, url in result.files.items():
+        print(f"{kind + ':':12s} {url}")
+    print(f"storyboards: {len(result.storyboards)} in {posixpath.dirname(result.storyboards[0])}"
+          if result.storyboards else "storyboards: none")

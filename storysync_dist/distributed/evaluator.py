@@ -1,0 +1,57 @@
+"""``storysync eval --workers N``: N ``EvalWorker`` actors, each holding one set of encoders on one
+device, score stories handed out one at a time (``ray.util.ActorPool``). Every remote call takes
+and returns plain data: a story's ids, prompts and PNG bytes in, rows of floats out.
+
+The actors take the resources a FrameWorker would (``cluster.actor_resources``: one GPU each on a
+GPU cluster, one CPU each otherwise), so eval runs on the same clusters render does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.util import ActorPool
+
+from .cluster import actor_resources, connect
+
+if TYPE_CHECKING:
+    from ..evaluate import EvalOptions, StoryFrames
+
+__all__ = ["EvalWorker", "score_on_ray"]
+
+
+class EvalWorker:
+    """One set of encoders (and the background remover) on one device; scores whole stories."""
+
+    def __init__(self, metrics: list[str], weights: str | None, encoders: str | None, device: str) -> None:
+        from ..evaluate import EvalOptions, _load
+
+        self.metrics = tuple(metrics)
+        self.encoders, self.remover = _load(self.metrics, EvalOptions(dataset="", weights=weights,
+                                                                     encoders=encoders, device=device))
+
+    def score(self, story: StoryFrames) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+        from ..evaluate import score_story_frames
+
+        frames, row = score_story_frames(story, self.encoders, self.remover, self.metrics)
+        return story.story_id, frames, row
+
+
+def score_on_ray(
+    stories: Sequence[StoryFrames], metrics: Sequence[str], options: EvalOptions
+) -> dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]:
+    """Score ``stories`` on ``options.workers`` actors; ``{story_id: (frame rows, story row)}``."""
+    connect(options.address, options.workers)
+    resources = actor_resources(options.workers, options.device)
+    remote = ray.remote(EvalWorker).options(**resources.ray_options())
+    count = min(options.workers, len(stories))
+    actors = [remote.remote(list(metrics), options.weights, options.encoders, resources.device) for _ in range(count)]
+    try:
+        pool = ActorPool(actors)
+        results = pool.map_unordered(lambda actor, story: actor.score.remote(story), list(stories))
+        return {story_id: (frames, row) for story_id, frames, row in results}
+    finally:
+        for actor in actors:
+            ray.kill(actor)

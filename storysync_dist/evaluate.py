@@ -1,0 +1,219 @@
+"""``storysync eval``: score any dataset in our Parquet format, in this process or on Ray workers.
+
+The dataset is read through ``io.layout.open_dataset`` (committed parts only), one story at a time
+in frame order. Each story is scored by ``eval.scores.score_story``: CLIP-T per frame, the subject
+metrics as the mean over the story's frame pairs on background-removed images. The scores go to
+``<out>`` (default ``<dataset>/eval``) as Parquet and CSV (``io.scores``).
+
+A rerun resumes: a story whose frames (ids and fingerprints), metrics and weights are those of its
+stored row keeps its scores and is not scored again.
+
+Encoders are loaded (and missing weights reported, exit 2) before any story is scored; with
+``workers >= 1`` each Ray ``EvalWorker`` loads its own (``distributed.evaluator``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import posixpath
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import StorySyncUserError
+
+__all__ = ["EvalOptions", "EvalResult", "StoryFrames", "evaluate_dataset", "read_story_frames"]
+
+log = logging.getLogger("storysync")
+
+RANDOM_TINY = "random-tiny"
+EVAL_DIR = "eval"
+
+
+@dataclass
+class EvalOptions:
+    """Options of ``storysync eval`` (and of the scoring half of ``storysync bench``)."""
+
+    dataset: str
+    out: str | None = None  # default: <dataset>/eval
+    metrics: Sequence[str] | None = None  # default: every metric (eval.encoders.METRICS)
+    weights: str | None = None  # a folder of local weights (docs/evaluation.md); None: the HF cache
+    encoders: str | None = None  # "random-tiny": tiny random encoders, a plumbing check
+    workers: int = 0
+    address: str | None = None
+    device: str | None = None
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass
+class EvalResult:
+    out: str
+    files: dict[str, str]
+    stories: int
+    frames: int
+    scored: list[str]
+    reused: list[str]
+    summary: dict[str, Any]
+    seconds: float
+    story_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class StoryFrames:
+    """One story's frames as plain data (what a Ray worker receives): ids, prompts, PNG bytes."""
+
+    story_id: str
+    frame_ids: list[str]
+    prompts: list[str]
+    images: list[bytes]
+    digest: str
+
+
+def check_eval_options(options: EvalOptions) -> tuple[str, ...]:
+    """The metrics to compute; one-line errors naming the option."""
+    from .eval.encoders import METRICS
+
+    metrics = tuple(options.metrics) if options.metrics else METRICS
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise StorySyncUserError(f"--metrics {','.join(unknown)}: unknown metric (choose from {', '.join(METRICS)})")
+    if options.encoders not in (None, RANDOM_TINY):
+        raise StorySyncUserError(f"--encoders {options.encoders!r}: the only preset is {RANDOM_TINY}")
+    if options.encoders and options.weights:
+        raise StorySyncUserError("--encoders random-tiny and --weights: give one (random-tiny uses no weights)")
+    if isinstance(options.workers, bool) or not isinstance(options.workers, int) or options.workers < 0:
+        raise StorySyncUserError(f"--workers {options.workers!r}: must be an integer >= 0")
+    return metrics
+
+
+def _digest(frames: list[tuple[str, str | None]], metrics: Sequence[str], weights: dict[str, str]) -> str:
+    payload = json.dumps([sorted(frames, key=lambda f: f[0]), list(metrics), weights], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_story_frames(dataset: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, list[dict]]]:
+    """Every story of the dataset as ``(story_id, rows in frame order)``; a one-line error when
+    ``dataset`` holds no frame."""
+    from .io.layout import open_dataset
+
+    columns = ["story_id", "frame_id", "frame_index", "prompt", "image", "fingerprint"]
+    try:
+        table = open_dataset(dataset, storage_options).to_table(columns=columns)
+    except (OSError, ValueError) as exc:
+        raise StorySyncUserError(f"{dataset}: no frames to score, not a storysync dataset "
+                                 f"({' '.join(str(exc).split())})") from None
+    if table.num_rows == 0:
+        raise StorySyncUserError(f"{dataset}: the dataset holds no frames (render one with storysync render)")
+    stories: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        stories.setdefault(row["story_id"], []).append(row)
+    return [(sid, sorted(rows, key=lambda r: r["frame_index"])) for sid, rows in sorted(stories.items())]
+
+
+def score_story_frames(story: StoryFrames, encoders: Any, remover: Any, metrics: Sequence[str]) -> tuple[list, dict]:
+    """Decode one story's PNG frames and score them (``eval.scores.score_story``)."""
+    import io
+
+    from PIL import Image
+
+    from .eval.scores import FrameForEval, score_story
+
+    frames = [FrameForEval(story.story_id, fid, prompt, Image.open(io.BytesIO(png)).convert("RGB"))
+              for fid, prompt, png in zip(story.frame_ids, story.prompts, story.images)]
+    return score_story(frames, encoders, remover, metrics)
+
+
+def _load(metrics: tuple[str, ...], options: EvalOptions) -> tuple[Any, Any]:
+    """The encoders of ``metrics`` and their background remover (None without a subject metric);
+    missing weights raise ``MissingWeightsError`` (one line, exit 2) before anything loads."""
+    import torch
+
+    from .eval.encoders import load_encoders
+
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoders = load_encoders(metrics, weights=options.weights, encoders=options.encoders, device=device)
+    return encoders, encoders.remover
+
+
+def evaluate_dataset(options: EvalOptions, *, loaded: tuple[Any, Any] | None = None) -> EvalResult:
+    """Score every story of ``options.dataset`` and write the tables; see the module docstring.
+
+    ``loaded``: the ``(encoders, background remover)`` of these options, loaded earlier (``bench``
+    scores several datasets with one set)."""
+    from .io.scores import read_scores, write_scores
+
+    started = time.perf_counter()
+    metrics = check_eval_options(options)
+    out = options.out or posixpath.join(options.dataset.rstrip("/"), EVAL_DIR)
+    stories = read_story_frames(options.dataset, options.storage_options)
+    # The encoders load here first, in-process: missing weights fail at once (exit 2), before any
+    # worker starts; their description of the weights is part of every story's digest.
+    encoders, remover = loaded if loaded is not None else _load(metrics, options)
+    weights = dict(encoders.weights)  # each metric's, and "background"
+    plumbing = bool(encoders.plumbing_check)
+
+    work: list[StoryFrames] = []
+    for story_id, rows in stories:
+        digest = _digest([(r["frame_id"], r["fingerprint"]) for r in rows], metrics, weights)
+        work.append(StoryFrames(story_id, [r["frame_id"] for r in rows], [r["prompt"] for r in rows],
+                                [r["image"]["bytes"] for r in rows], digest))
+    previous = read_scores(out, options.storage_options) or ([], [])
+    kept = {row["story_id"]: row for row in previous[1] if row.get("digest") in {s.digest for s in work}}
+    todo = [s for s in work if s.story_id not in kept]
+    reused = sorted(kept)
+
+    results: dict[str, tuple[list, dict]] = {}
+    if todo:
+        if options.workers > 0:
+            from .distributed.evaluator import score_on_ray
+
+            results = score_on_ray(todo, metrics, options)
+        else:
+            for story in todo:
+                results[story.story_id] = score_story_frames(story, encoders, remover, metrics)
+                log.info("scored story %s (%d frames)", story.story_id, len(story.frame_ids))
+
+    frame_rows: list[dict[str, Any]] = [r for r in previous[0] if r["story_id"] in kept]
+    story_rows: list[dict[str, Any]] = []
+    for story in work:
+        if story.story_id in kept:
+            story_rows.append(kept[story.story_id])
+            continue
+        frames, row = results[story.story_id]
+        frame_rows.extend(frames)
+        story_rows.append({**row, "digest": story.digest, "plumbing_check": plumbing})
+    frame_rows.sort(key=lambda r: (r["story_id"], r["frame_id"]))
+    summary = {
+        "dataset": options.dataset, "stories": len(work), "frames": sum(len(s.frame_ids) for s in work),
+        "metrics": list(metrics), "weights": weights, "plumbing_check": plumbing,
+        "label": ("PLUMBING CHECK: random-tiny encoders with random weights; these numbers say nothing about "
+                  "quality") if plumbing else "scores with the weights listed",
+        "mean": {m: _mean([row.get(m.replace("-", "_")) for row in story_rows]) for m in metrics},
+    }
+    files = write_scores(out, frame_rows, story_rows, summary, options.storage_options)
+    return EvalResult(out=out, files=files, stories=len(work), frames=summary["frames"],
+                      scored=[s.story_id for s in todo], reused=reused, summary=summary,
+                      seconds=time.perf_counter() - started, story_rows=story_rows)
+
+
+def _mean(values: list[Any]) -> float | None:
+    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(finite) / len(finite) if finite else None
+
+
+def print_eval_result(result: EvalResult) -> None:
+    """What ``storysync eval`` prints."""
+    if result.summary["plumbing_check"]:
+        print("PLUMBING CHECK (random-tiny encoders, random weights): the numbers below say nothing about quality")
+    print(f"scored {len(result.scored)} story(ies), kept {len(result.reused)} scored earlier, "
+          f"{result.frames} frame(s), in {result.seconds:.1f}s")
+    for metric, value in result.summary["mean"].items():
+        print(f"  {metric:9s} {'n/a' if value is None else f'{value:.4f}'}")
+    for metric, used in result.summary["weights"].items():
+        print(f"weights:    {metric}: {used}")
+    for kind in ("per_frame", "per_story", "csv"):
+        print(f"{kind + ':':11s} {result.files[kind]}")
