@@ -34,6 +34,7 @@ from storysync_dist.arguments import (
     add_device_arguments,
     add_efficiency_arguments,
     add_model_arguments,
+    add_suite_sampling_arguments,
     options_from_args,
 )
 from storysync_dist.errors import StorySpecError, StorySyncUserError
@@ -54,10 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     parser.add_argument("--categories", help="comma-separated categories to render (default: all)")
     parser.add_argument("--limit", type=positive_int, help="render only the first K subject sets of each category")
-    parser.add_argument("--steps", type=positive_int, help="denoising steps (default 20)")
-    parser.add_argument("--height", type=positive_int, help="image height in pixels (default 512)")
-    parser.add_argument("--width", type=positive_int, help="image width in pixels (default 512)")
-    parser.add_argument("--seed", type=int, help="base seed: frame i of every story gets seed + i (default 0)")
+    add_suite_sampling_arguments(parser)
     add_device_arguments(parser)
     add_config_arguments(parser)
     parser.add_argument("--skip-invalid", action="store_true",

@@ -76,6 +76,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_help: str = MO
                         "(baselines re-implemented from their papers, docs/evaluation.md)")
 
 
+def add_suite_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--steps``, ``--height``, ``--width``, ``--seed`` of a benchmark prompt suite: they become
+    every story's defaults (``spec.load_benchmark``)."""
+    parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's, 50 for SDXL)")
+    parser.add_argument("--height", type=positive_int, help="image height in pixels (default: the model's native size)")
+    parser.add_argument("--width", type=positive_int, help="image width in pixels (default: the model's native size)")
+    parser.add_argument("--seed", type=non_negative_int, help="base seed: frame i of every story gets seed + i (default 0)")
+
+
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--dtype``."""
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")

@@ -157,7 +157,8 @@ def print_bench_result(result: BenchResult) -> None:
     from .eval.report import table_markdown
 
     if result.plumbing_check:
-        print("PLUMBING CHECK (random-tiny encoders, random weights): the numbers say nothing about quality")
+        print("PLUMBING CHECK (random weights: random-tiny encoders or a tiny/random model preset): the numbers "
+              "say nothing about quality")
     rendered = ", ".join(f"{m} {n}" for m, n in result.rendered.items())
     print(f"rendered frames: {rendered}; in {result.seconds:.1f}s")
     metrics = [k.replace("_", "-") for k in result.rows[0] if k not in ("method", "model", "stories", "frames")]

@@ -19,6 +19,7 @@ from .arguments import (
     add_logging_arguments,
     add_model_arguments,
     add_scoring_arguments,
+    add_suite_sampling_arguments,
     bench_options_from_args,
     eval_options_from_args,
     non_negative_int,
@@ -75,10 +76,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, with_method=False)
     parser.add_argument("--methods", default="vanilla,storysync,consistory,storydiffusion",
                         help="comma-separated methods, rendered on the same prompts and seeds (default: all four)")
-    parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
-    parser.add_argument("--height", type=positive_int, help="image height (default: the model's)")
-    parser.add_argument("--width", type=positive_int, help="image width (default: the model's)")
-    parser.add_argument("--seed", type=non_negative_int, help="base seed of every story (default 0)")
+    add_suite_sampling_arguments(parser)
     add_device_arguments(parser)
     add_scoring_arguments(parser)
     add_cluster_arguments(parser)

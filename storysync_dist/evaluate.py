@@ -100,7 +100,7 @@ def read_story_frames(dataset: str, storage_options: dict[str, Any] | None = Non
     ``dataset`` holds no frame."""
     from .io.layout import open_dataset
 
-    columns = ["story_id", "frame_id", "frame_index", "prompt", "image", "fingerprint"]
+    columns = ["story_id", "frame_id", "frame_index", "prompt", "image", "fingerprint", "model"]
     try:
         table = open_dataset(dataset, storage_options).to_table(columns=columns)
     except (OSError, ValueError) as exc:
@@ -154,7 +154,12 @@ def evaluate_dataset(options: EvalOptions, *, loaded: tuple[Any, Any] | None = N
     # worker starts; their description of the weights is part of every story's digest.
     encoders, remover = loaded if loaded is not None else _load(metrics, options)
     weights = dict(encoders.weights)  # each metric's, and "background"
-    plumbing = bool(encoders.plumbing_check)
+    # Random weights anywhere make the numbers a plumbing check: the encoders (random-tiny), or the
+    # model that rendered the frames (every offline preset, tiny-* and random-*, has random weights).
+    from .models.presets import PRESETS
+
+    preset_models = sorted({r["model"] for _, rows in stories for r in rows if r["model"] in PRESETS})
+    plumbing = bool(encoders.plumbing_check) or bool(preset_models)
 
     work: list[StoryFrames] = []
     for story_id, rows in stories:
@@ -190,14 +195,22 @@ def evaluate_dataset(options: EvalOptions, *, loaded: tuple[Any, Any] | None = N
     summary = {
         "dataset": options.dataset, "stories": len(work), "frames": sum(len(s.frame_ids) for s in work),
         "metrics": list(metrics), "weights": weights, "plumbing_check": plumbing,
-        "label": ("PLUMBING CHECK: random-tiny encoders with random weights; these numbers say nothing about "
-                  "quality") if plumbing else "scores with the weights listed",
+        "label": (f"PLUMBING CHECK: random weights ({_random_parts(encoders.plumbing_check, preset_models)}); "
+                  "these numbers say nothing about quality") if plumbing else "scores with the weights listed",
+        "random_weight_models": preset_models,
         "mean": {m: _mean([row.get(m.replace("-", "_")) for row in story_rows]) for m in metrics},
     }
     files = write_scores(out, frame_rows, story_rows, summary, options.storage_options)
     return EvalResult(out=out, files=files, stories=len(work), frames=summary["frames"],
                       scored=[s.story_id for s in todo], reused=reused, summary=summary,
                       seconds=time.perf_counter() - started, story_rows=story_rows)
+
+
+def _random_parts(random_encoders: bool, preset_models: list[str]) -> str:
+    parts = ["random-tiny encoders"] if random_encoders else []
+    if preset_models:
+        parts.append(f"frames rendered by the random-weight preset {', '.join(preset_models)}")
+    return " and ".join(parts)
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -208,7 +221,7 @@ def _mean(values: list[Any]) -> float | None:
 def print_eval_result(result: EvalResult) -> None:
     """What ``storysync eval`` prints."""
     if result.summary["plumbing_check"]:
-        print("PLUMBING CHECK (random-tiny encoders, random weights): the numbers below say nothing about quality")
+        print(result.summary["label"])
     print(f"scored {len(result.scored)} story(ies), kept {len(result.reused)} scored earlier, "
           f"{result.frames} frame(s), in {result.seconds:.1f}s")
     for metric, value in result.summary["mean"].items():

@@ -61,6 +61,8 @@ def test_eval_writes_per_frame_and_per_story_scores(dataset: Path, scored: Path,
     assert len(csv_lines) == 2 and "clip_i" in csv_lines[0].split(",")
     summary = json.loads((scored / "summary.json").read_text())
     assert summary["plumbing_check"] is True and "PLUMBING CHECK" in summary["label"]
+    # Both halves are random: the encoders, and the tiny-sdxl preset that rendered the frames.
+    assert summary["random_weight_models"] == ["tiny-sdxl"] and "tiny-sdxl" in summary["label"]
     assert set(summary["weights"]) >= {"clip-t", "clip-i", "dino", "lpips", "dreamsim", "background"}
     assert all("random-tiny" in used for used in summary["weights"].values())
     meta = pq.read_schema(scored / "per_story.parquet").metadata[b"storysync-eval"]

@@ -14,8 +14,8 @@ from typing import Any
 
 __all__ = ["bench_rows", "plot_adherence", "table_markdown"]
 
-PLUMBING = ("PLUMBING CHECK: random-tiny encoders with random weights (and a tiny model); these numbers "
-            "test that the pipeline runs end to end and say nothing about quality.")
+PLUMBING = ("PLUMBING CHECK: random weights (random-tiny encoders, or a tiny/random model preset); these "
+            "numbers test that the pipeline runs end to end and say nothing about quality.")
 # How the paper names the methods in Table 1.
 DISPLAY = {"vanilla": "Vanilla", "storysync": "StorySync", "consistory": "ConsiStory", "storydiffusion": "StoryDiffusion"}
 # Table 1's columns, and DINO after them; the arrow says which way is better.
@@ -79,9 +79,10 @@ def plot_adherence(rows: Sequence[Mapping[str, Any]], *, plumbing_check: bool) -
             ax.annotate(DISPLAY.get(row["method"], row["method"]), (x, y), textcoords="offset points", xytext=(6, 4))
         ax.set_xlabel("prompt adherence: CLIP-T ↑")
         ax.set_ylabel(f"subject similarity: {title}")
+        ax.tick_params(axis="x", labelrotation=30)
         ax.grid(alpha=0.3)
     model = rows[0]["model"] if rows else ""
-    fig.suptitle(("PLUMBING CHECK (random-tiny encoders): not a quality result\n" if plumbing_check else "")
+    fig.suptitle(("PLUMBING CHECK (random weights): not a quality result\n" if plumbing_check else "")
                  + f"prompt adherence vs subject similarity, {model}", fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
