@@ -30,7 +30,8 @@ from .errors import StorySyncUserError
 
 if TYPE_CHECKING:
     from .engine.job import RenderOptions
-    from .evaluate import EvalOptions
+    from .evaluate import EvalOptions, StoryImages
+    from .spec import StorySpec
 
 __all__ = ["BenchOptions", "BenchResult", "print_bench_result", "run_benchmark"]
 
@@ -75,7 +76,7 @@ def run_benchmark(options: BenchOptions) -> BenchResult:
     """Render, score and report; see the module docstring."""
     from .api import render_stories
     from .eval.report import bench_rows, plot_adherence, table_markdown
-    from .evaluate import _load, check_eval_options, evaluate_dataset, read_story_frames
+    from .evaluate import StoryImages, _load, check_eval_options, evaluate_dataset
     from .io.storage import write_bytes
     from .spec import load_benchmark
 
@@ -118,8 +119,8 @@ def run_benchmark(options: BenchOptions) -> BenchResult:
                                                               suite=options.suite, stories=len(stories)).encode(), store),
         "plot": write_bytes(out, "adherence_vs_similarity.png", plot_adherence(rows, plumbing_check=plumbing), store),
     }
-    frames = {m: dict(read_story_frames(posixpath.join(out, "renders", m), store)) for m in methods}
-    boards = [write_bytes(out, f"storyboards/{story.id}.png", _storyboard(story.id, methods, frames), store)
+    readers = {m: StoryImages(posixpath.join(out, "renders", m), store) for m in methods}
+    boards = [write_bytes(out, f"storyboards/{story.id}.png", _storyboard(story, methods, readers), store)
               for story in stories]
     return BenchResult(out=out, rows=rows, files=files, storyboards=boards, plumbing_check=plumbing,
                        seconds=time.perf_counter() - started, rendered=rendered)
@@ -135,21 +136,20 @@ def _csv(rows: list[dict[str, Any]]) -> bytes:
     return text.getvalue().encode("utf-8")
 
 
-def _storyboard(story_id: str, methods: list[str], frames: dict[str, dict[str, list[dict]]]) -> bytes:
-    """One sheet: a row per method, a column per frame, in frame order (same prompts and seeds)."""
+def _storyboard(story: StorySpec, methods: list[str], readers: dict[str, StoryImages]) -> bytes:
+    """One sheet: a row per method, a column per frame of the story (same prompts and seeds)."""
     from PIL import Image
 
     from .io.storyboard import make_storyboard, png_bytes
 
     tiles = []
-    columns = max(len(frames[m].get(story_id, [])) for m in methods)
     for method in methods:
-        rows = frames[method].get(story_id, [])
-        for row in rows:
-            tiles.append((f"{method} · {row['frame_id']}", Image.open(io.BytesIO(row["image"]["bytes"])), None))
-        for _ in range(columns - len(rows)):  # a method that lacks frames keeps its row aligned
-            tiles.append((f"{method} · missing", Image.new("RGB", (8, 8), (255, 255, 255)), None))
-    return png_bytes(make_storyboard(tiles, columns=columns, show_masks=False))
+        images = readers[method].of(story.id)
+        for frame in story.frames:
+            png = images.get(frame.id)
+            image = Image.open(io.BytesIO(png)) if png is not None else Image.new("RGB", (8, 8), (255, 255, 255))
+            tiles.append((f"{method} · {frame.id}" if png is not None else f"{method} · {frame.id} missing", image, None))
+    return png_bytes(make_storyboard(tiles, columns=len(story.frames), show_masks=False))
 
 
 def print_bench_result(result: BenchResult) -> None:

@@ -14,6 +14,7 @@ Encoders are loaded (and missing weights reported, exit 2) before any story is s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from typing import Any
 
 from .errors import StorySyncUserError
 
-__all__ = ["EvalOptions", "EvalResult", "StoryFrames", "evaluate_dataset", "read_story_frames"]
+__all__ = ["EvalOptions", "EvalResult", "StoryFrames", "StoryImages", "evaluate_dataset", "read_story_index"]
 
 log = logging.getLogger("storysync")
 
@@ -64,13 +65,14 @@ class EvalResult:
 
 @dataclass
 class StoryFrames:
-    """One story's frames as plain data (what a Ray worker receives): ids, prompts, PNG bytes."""
+    """One story's frames as plain data (what a Ray worker receives): ids, prompts, and their PNG
+    bytes once read (``with_images``; a story's images are read only when it is scored)."""
 
     story_id: str
     frame_ids: list[str]
     prompts: list[str]
-    images: list[bytes]
     digest: str
+    images: list[bytes] = field(default_factory=list)
 
 
 def check_eval_options(options: EvalOptions) -> tuple[str, ...]:
@@ -95,14 +97,16 @@ def _digest(frames: list[tuple[str, str | None]], metrics: Sequence[str], weight
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def read_story_frames(dataset: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, list[dict]]]:
-    """Every story of the dataset as ``(story_id, rows in frame order)``; a one-line error when
-    ``dataset`` holds no frame."""
+INDEX_COLUMNS = ["story_id", "frame_id", "frame_index", "prompt", "fingerprint", "model"]
+
+
+def read_story_index(dataset: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, list[dict]]]:
+    """Every story of the dataset as ``(story_id, rows in frame order)``, without the images (the
+    small columns of every committed part); a one-line error when ``dataset`` holds no frame."""
     from .io.layout import open_dataset
 
-    columns = ["story_id", "frame_id", "frame_index", "prompt", "image", "fingerprint", "model"]
     try:
-        table = open_dataset(dataset, storage_options).to_table(columns=columns)
+        table = open_dataset(dataset, storage_options).to_table(columns=INDEX_COLUMNS)
     except (OSError, ValueError) as exc:
         raise StorySyncUserError(f"{dataset}: no frames to score, not a storysync dataset "
                                  f"({' '.join(str(exc).split())})") from None
@@ -112,6 +116,25 @@ def read_story_frames(dataset: str, storage_options: dict[str, Any] | None = Non
     for row in table.to_pylist():
         stories.setdefault(row["story_id"], []).append(row)
     return [(sid, sorted(rows, key=lambda r: r["frame_index"])) for sid, rows in sorted(stories.items())]
+
+
+class StoryImages:
+    """Reads one story's committed frames at a time (its own folder of parts, ``io.sink``), so
+    memory holds the stories being scored, not the dataset."""
+
+    def __init__(self, dataset: str, storage_options: dict[str, Any] | None = None) -> None:
+        from .io.sink import ParquetFrameSink
+
+        self.sink = ParquetFrameSink(dataset, storage_options=storage_options, read_only=True)
+
+    def of(self, story_id: str) -> dict[str, bytes]:
+        """``{frame_id: PNG bytes}`` of the story's committed frames."""
+        table = self.sink.read_table(story_id).select(["frame_id", "image"])
+        return {row["frame_id"]: row["image"]["bytes"] for row in table.to_pylist()}
+
+    def with_images(self, story: StoryFrames) -> StoryFrames:
+        images = self.of(story.story_id)
+        return dataclasses.replace(story, images=[images[f] for f in story.frame_ids])
 
 
 def score_story_frames(story: StoryFrames, encoders: Any, remover: Any, metrics: Sequence[str]) -> tuple[list, dict]:
@@ -149,7 +172,7 @@ def evaluate_dataset(options: EvalOptions, *, loaded: tuple[Any, Any] | None = N
     started = time.perf_counter()
     metrics = check_eval_options(options)
     out = options.out or posixpath.join(options.dataset.rstrip("/"), EVAL_DIR)
-    stories = read_story_frames(options.dataset, options.storage_options)
+    stories = read_story_index(options.dataset, options.storage_options)
     # The encoders load here first, in-process: missing weights fail at once (exit 2), before any
     # worker starts; their description of the weights is part of every story's digest.
     encoders, remover = loaded if loaded is not None else _load(metrics, options)
@@ -164,23 +187,23 @@ def evaluate_dataset(options: EvalOptions, *, loaded: tuple[Any, Any] | None = N
     work: list[StoryFrames] = []
     for story_id, rows in stories:
         digest = _digest([(r["frame_id"], r["fingerprint"]) for r in rows], metrics, weights)
-        work.append(StoryFrames(story_id, [r["frame_id"] for r in rows], [r["prompt"] for r in rows],
-                                [r["image"]["bytes"] for r in rows], digest))
+        work.append(StoryFrames(story_id, [r["frame_id"] for r in rows], [r["prompt"] for r in rows], digest))
     previous = read_scores(out, options.storage_options) or ([], [])
     kept = {row["story_id"]: row for row in previous[1] if row.get("digest") in {s.digest for s in work}}
     todo = [s for s in work if s.story_id not in kept]
     reused = sorted(kept)
 
     results: dict[str, tuple[list, dict]] = {}
-    if todo:
-        if options.workers > 0:
-            from .distributed.evaluator import score_on_ray
+    images = StoryImages(options.dataset, options.storage_options)
+    loading = (images.with_images(story) for story in todo)  # one story's images at a time
+    if todo and options.workers > 0:
+        from .distributed.evaluator import score_on_ray
 
-            results = score_on_ray(todo, metrics, options)
-        else:
-            for story in todo:
-                results[story.story_id] = score_story_frames(story, encoders, remover, metrics)
-                log.info("scored story %s (%d frames)", story.story_id, len(story.frame_ids))
+        results = score_on_ray(loading, len(todo), metrics, options)
+    else:
+        for story in loading:
+            results[story.story_id] = score_story_frames(story, encoders, remover, metrics)
+            log.info("scored story %s (%d frames)", story.story_id, len(story.frame_ids))
 
     frame_rows: list[dict[str, Any]] = [r for r in previous[0] if r["story_id"] in kept]
     story_rows: list[dict[str, Any]] = []

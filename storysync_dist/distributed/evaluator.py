@@ -8,11 +8,10 @@ GPU cluster, one CPU each otherwise), so eval runs on the same clusters render d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.util import ActorPool
 
 from .cluster import actor_resources, connect
 
@@ -40,18 +39,33 @@ class EvalWorker:
 
 
 def score_on_ray(
-    stories: Sequence[StoryFrames], metrics: Sequence[str], options: EvalOptions
+    stories: Iterable[StoryFrames], count: int, metrics: Sequence[str], options: EvalOptions
 ) -> dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]:
-    """Score ``stories`` on ``options.workers`` actors; ``{story_id: (frame rows, story row)}``."""
+    """Score the ``count`` ``stories`` on ``options.workers`` actors, one story in flight per actor
+    (the iterable is consumed as actors free up, so only those stories' images are held);
+    ``{story_id: (frame rows, story row)}``."""
     connect(options.address, options.workers)
     resources = actor_resources(options.workers, options.device)
     remote = ray.remote(EvalWorker).options(**resources.ray_options())
-    count = min(options.workers, len(stories))
-    actors = [remote.remote(list(metrics), options.weights, options.encoders, resources.device) for _ in range(count)]
+    actors = [remote.remote(list(metrics), options.weights, options.encoders, resources.device)
+              for _ in range(max(1, min(options.workers, count)))]
+    results: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
+    pending = iter(stories)
     try:
-        pool = ActorPool(actors)
-        results = pool.map_unordered(lambda actor, story: actor.score.remote(story), list(stories))
-        return {story_id: (frames, row) for story_id, frames, row in results}
+        in_flight = {}
+        for actor in actors:
+            story = next(pending, None)
+            if story is not None:
+                in_flight[actor.score.remote(story)] = actor
+        while in_flight:
+            [done], _ = ray.wait(list(in_flight), num_returns=1)
+            actor = in_flight.pop(done)
+            story_id, frames, row = ray.get(done)
+            results[story_id] = (frames, row)
+            story = next(pending, None)
+            if story is not None:
+                in_flight[actor.score.remote(story)] = actor
+        return results
     finally:
         for actor in actors:
             ray.kill(actor)
