@@ -116,3 +116,20 @@ def test_bad_inputs_exit_2_and_write_nothing(dataset: Path, tmp_path: Path, caps
     assert main(["eval", str(dataset), "--encoders", "random-tiny", "--out", str(out), "--metrics", "fid"]) == 2
     assert "--metrics fid" in _one_line_error(capsys)
     assert not out.exists()
+
+
+def test_eval_reads_and_writes_fsspec_urls(scored: Path) -> None:
+    """A dataset behind an fsspec URL (memory://, as s3:// or gs://) scores like a local one."""
+    import fsspec
+
+    url = "memory://eval-cli/story"
+    assert main(["render", str(EXAMPLE), "--out", url, *FAST]) == 0
+    assert main(["eval", url, "--encoders", "random-tiny", "--metrics", "clip-t,clip-i"]) == 0
+    fs = fsspec.filesystem("memory")
+    with fs.open("/eval-cli/story/eval/per_story.parquet", "rb") as handle:
+        remote = pq.read_table(handle).to_pylist()[0]
+    local = pq.read_table(scored / "per_story.parquet").to_pylist()[0]
+    # The same story, seeds and model: the same frames, so the same scores.
+    assert remote["story_id"] == local["story_id"]
+    assert remote["clip_i"] == pytest.approx(local["clip_i"], rel=1e-5)
+    assert math.isnan(remote["lpips"])
