@@ -111,3 +111,15 @@ def test_the_gpu_mode_runs_in_its_quick_cpu_variant(tmp_path: pathlib.Path) -> N
     # Frames per second at every batch of the setup.
     assert sorted(int(b) for b in data["fps"]) == list(setup.batches) and all(v > 0 for v in data["fps"].values())
     assert re.search(rf"^\| {setup.model} \| {size} \|( {number} \|){{{len(setup.batches) + 1}}}$", text, re.M)
+
+
+def test_the_methods_benchmark_measures_every_method_against_vanilla() -> None:
+    from bench import methods_benchmark
+
+    result = methods_benchmark.measure("tiny-sdxl", 64, 2, 2)
+    assert set(result["ratio_to_vanilla"]) == set(methods_benchmark.METHODS)
+    assert result["ratio_to_vanilla"]["vanilla"] == {"wall": 1.0, "cpu": 1.0}
+    assert len(result["rounds"]) == 2 and all(r[m]["wall"] > 0 for r in result["rounds"] for m in r)
+    # Vanilla has no anchors; each other method published a bundle of its own.
+    assert set(result["anchors"]) == {"storysync", "consistory", "storydiffusion"}
+    assert all(a["bundle_bytes"] > 0 for a in result["anchors"].values())
