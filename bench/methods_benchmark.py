@@ -74,6 +74,7 @@ def measure(model: str, size: int, steps: int, repeats: int) -> dict[str, Any]:
             jobs = [j for j in plan.frame_jobs if j.frame_id not in ANCHORS]
             renderer.render_frame(jobs[0], bundle)  # untimed: one-time setup of this batch shape
             renderers[method] = (renderer, bundle, jobs)
+            print(f"{method}: ready after {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     rounds = []
     for r in range(repeats):
         row = {}
@@ -83,6 +84,7 @@ def measure(model: str, size: int, steps: int, repeats: int) -> dict[str, Any]:
             renderer.render_frame(jobs[r % len(jobs)], bundle)
             row[method] = {"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}
         rounds.append(row)
+        print(f"round {r + 1}/{repeats} done after {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     ratios = {
         method: {
             kind: statistics.median(row[method][kind] / row["vanilla"][kind] for row in rounds)
