@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -271,6 +272,8 @@ def run_command(prog: str, body: Callable[[argparse.Namespace], int], args: argp
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RenderError as exc:
+        if exc.__cause__ is not None:  # a worker's exception and its remote traceback: with -v only
+            logging.getLogger("storysync").info("the cause:\n%s", "".join(traceback.format_exception(exc.__cause__)))
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -1,17 +1,76 @@
-"""Shared test setup: presets build into a per-session cache, never into the user's home."""
+"""Shared test setup: presets build into a per-session cache, never into the user's home; one
+Ray head for every module that needs a cluster (tests/_ray.py)."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from _ray import RayHead, connected, started_head
+
+# The shared head: 4 logical CPUs and 2 GPUs that Ray believes are there (declared, not detected,
+# so actors are scheduled by GPU and render on this machine's CPU). Modules that need another
+# shape (detected GPUs, token authentication) start their own with tests/_ray.py.
+SHARED_CPUS = 4
+SHARED_GPUS = 2
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if "STORYSYNC_CACHE" not in os.environ:
         os.environ["STORYSYNC_CACHE"] = tempfile.mkdtemp(prefix="storysync-test-cache-")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Ray 2.60 turns token authentication on for every new cluster and, without a token path,
+    # writes one into ~/.ray, which a head started later then requires of every driver. One token
+    # for the whole session, in a file of its own: every Ray the tests start (the shared heads, a
+    # CLI's embedded Ray, a job's subprocess) and every driver use it, and nothing is written
+    # into the user's home.
+    token = Path(tempfile.mkdtemp(prefix="storysync-test-ray-")) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     # Every Ray the tests start listens on 127.0.0.1 only (Ray's single-machine mode); set before
     # any test module imports ray, which reads it at import.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """One head for the session, started on the first module that asks for it."""
+    with started_head(num_cpus=SHARED_CPUS, num_gpus=SHARED_GPUS) as head:
+        yield head
+
+
+@pytest.fixture(scope="session")
+def auth_ray_head() -> Iterator[RayHead]:
+    """A head as docs/cluster.md tells a user to run one, for ``ray job submit`` and the notebook:
+    Ray's token authentication (the session's token, see ``pytest_configure``), the dashboard's
+    job server on 127.0.0.1, no GPUs. ``head.env`` holds what a driver needs to join it."""
+    with started_head(num_cpus=3, num_gpus=0, dashboard=True) as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_head: RayHead) -> Iterator[RayHead]:
+    """This process is a driver of the shared head for the module; the module's actors go when
+    it disconnects."""
+    with connected(ray_head):
+        yield ray_head
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left_behind() -> Iterator[None]:
+    """A test that runs the CLI with --workers in this process starts an embedded Ray there, as
+    the CLI does (it lives as long as the process): stop it when the module ends, so the next
+    module starts from a process that is no Ray driver."""
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

@@ -1,4 +1,6 @@
-"""Benchmark prompt files (ConsiStory+ shape) as one-subject stories: the real shared file, and errors."""
+"""Benchmark prompt files (ConsiStory+ shape) as one-subject stories, and their errors. The files
+are written here, in the shape of ConsiStory+ (categories of subject sets, each a concept token, a
+subject, a style and settings): no test depends on a file outside the repository."""
 
 from __future__ import annotations
 
@@ -12,10 +14,6 @@ import yaml
 
 from storysync_dist.errors import StorySpecError
 from storysync_dist.spec import BENCHMARK_SUBJECT, ID_PATTERN, load_benchmark, slug
-
-# The shared benchmark sits beside the checkout (../shared from the repo root), in CI too.
-CONSISTORY = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "consistory_plus.yaml"
-needs_consistory = pytest.mark.skipif(not CONSISTORY.is_file(), reason=f"{CONSISTORY} is not there")
 
 SMALL = """\
 animals:
@@ -54,21 +52,45 @@ def error_of(path: Path, **kwargs: object) -> str:
     return message
 
 
-@needs_consistory
-def test_consistory_plus_parses_into_192_stories() -> None:
-    raw = yaml.safe_load(CONSISTORY.read_text(encoding="utf-8"))
-    stories = load_benchmark(CONSISTORY)
-    assert len(raw) == 8
-    assert len(stories) == 192
-    assert sum(len(story.frames) for story in stories) == 1100
-    assert len({story.id for story in stories}) == 192
+CATEGORIES = ["animals", "foods", "objects", "nature"]
+
+
+@pytest.fixture
+def suite_file(tmp_path: Path) -> Path:
+    """A ConsiStory+-shaped file: four categories of four to six subject sets, with 2 to 6 settings
+    each, one- and two-word concept tokens, styles with spaces to collapse, and long subjects
+    whose slugs are cut."""
+    raw = {
+        category: [
+            {
+                "concept_token": f"{category[:-1]} {'toy' if i % 2 else ''}".strip(),
+                "subject": f"A  remarkable {category[:-1]} {'toy ' if i % 2 else ''}with feature number {i}",
+                "style": ["A photo of", "A watercolor  painting of", "", "An oil painting of"][i % 4],
+                "settings": [f"in place {j} of set {i}" for j in range(2 + (i + c) % 5)],
+            }
+            for i in range(4 + c % 3)
+        ]
+        for c, category in enumerate(CATEGORIES)
+    }
+    path = tmp_path / "consistory_plus.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def test_a_consistory_plus_file_parses_into_one_story_per_subject_set(suite_file: Path) -> None:
+    raw = yaml.safe_load(suite_file.read_text(encoding="utf-8"))
+    stories = load_benchmark(suite_file)
+    sets = [entry for entries in raw.values() for entry in entries]
+    assert len(stories) == len(sets) == 4 + 5 + 6 + 4
+    assert sum(len(story.frames) for story in stories) == sum(len(entry["settings"]) for entry in sets)
+    assert len({story.id for story in stories}) == len(stories)
 
     expected = [(category, i, entry) for category, entries in raw.items() for i, entry in enumerate(entries)]
     for story, (category, i, entry) in zip(stories, expected, strict=True):
         assert re.fullmatch(ID_PATTERN, story.id)
         token = slug(entry["concept_token"])[:16].strip("-")
         assert re.fullmatch(rf"{category}-{i:03d}-{token}-[0-9a-f]{{8}}", story.id), story.id
-        assert story.source == f"{CONSISTORY}:{category}[{i}]"
+        assert story.source == f"{suite_file}:{category}[{i}]"
         assert story.category == category
         [subject] = story.subjects
         assert subject.name == BENCHMARK_SUBJECT and subject.tokens == [entry["concept_token"]]
@@ -81,10 +103,9 @@ def test_consistory_plus_parses_into_192_stories() -> None:
             assert frame.seed == story.defaults.seed + frame.index
 
 
-@needs_consistory
-def test_categories_limit_and_defaults() -> None:
+def test_categories_limit_and_defaults(suite_file: Path) -> None:
     stories = load_benchmark(
-        CONSISTORY, categories=["foods", "animals"], limit=2, defaults={"steps": 4, "height": 64, "width": 96}
+        suite_file, categories=["foods", "animals"], limit=2, defaults={"steps": 4, "height": 64, "width": 96}
     )
     # File order, the first two sets of each category.
     assert [story.id.split("-")[:2] for story in stories] == [

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
-import torch
 import yaml
+from _pixels import assert_same_pixels, like_a_ray_worker
 from PIL import Image
 
 from storysync_dist.cli import main
@@ -31,18 +29,6 @@ SUITE = {
     "objects": [{"concept_token": "teapot", "subject": "a blue teapot", "style": "A photo of",
                  "settings": ["on a table", "in a garden", "on a shelf"]}],
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level=logging.WARNING)
-    # In-process renders use one torch thread, as each Ray worker does, so both round alike
-    # (as in test_distributed).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +46,8 @@ def bench(suite: Path, out: Path, *extra: str) -> int:
 @pytest.fixture(scope="module")
 def result(suite: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "table1"
-    assert bench(suite, out, "--methods", ",".join(METHODS)) == 0
+    with like_a_ray_worker():  # the in-process renders are the references of the Ray test below
+        assert bench(suite, out, "--methods", ",".join(METHODS)) == 0
     return out
 
 
@@ -115,16 +102,15 @@ def test_a_rerun_resumes(suite: Path, result: Path, capsys) -> None:
     assert (result / "results.csv").read_text() == before
 
 
-def test_ray_workers_render_the_baselines_of_one_process(suite: Path, result: Path, tmp_path: Path) -> None:
+def test_ray_workers_render_the_baselines_of_one_process(suite: Path, result: Path, tmp_path: Path,
+                                                         ray_cluster) -> None:
     out = tmp_path / "ray"
     assert bench(suite, out, "--methods", "consistory,storydiffusion", "--workers", "2", "--limit", "1",
                  "--category", "animals", "--metrics", "clip-t") == 0
     for method in ("consistory", "storydiffusion"):
         local, remote = pixels(result / "renders" / method), pixels(out / "renders" / method)
         assert len(remote) == 3
-        for frame_id, image in remote.items():  # equal within float tolerance, as test_distributed
-            diff = np.abs(image.astype(int) - local[frame_id].astype(int))
-            assert diff.max() <= 2 and diff.mean() < 0.05, (method, frame_id)
+        assert_same_pixels(remote, {key: local[key] for key in remote})
 
 
 def test_bad_options_exit_2_and_write_nothing(suite: Path, tmp_path: Path, capsys) -> None:

@@ -174,9 +174,10 @@ def test_console_script_exit_code_in_a_real_process(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("storysync: error: bad_story.yaml") or (
-        "bad_story.yaml" in proc.stderr.strip().splitlines()[-1]
-    )
+    # One line, naming the file, and nothing else on stderr (no traceback, no warnings).
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"storysync: error: {story}"), proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

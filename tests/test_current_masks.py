@@ -72,22 +72,22 @@ def traced(r: StoryRenderer) -> list[tuple]:
 
 def reference_otsu(row: np.ndarray, nbins: int = 256) -> np.ndarray:
     """Otsu's method written out: 256 bins over [min, max], the bin centre that maximizes the
-    between-class variance; foreground is value > threshold."""
+    between-class variance (the first such split); foreground is value > threshold."""
     lo, hi = row.min(), row.max()
     if hi == lo:
         return row > lo
     counts, _ = np.histogram(row, bins=nbins, range=(lo, hi))
     centers = lo + (np.arange(nbins) + 0.5) * (hi - lo) / nbins
-    best, threshold = -1.0, centers[0]
-    for split in range(1, nbins):
-        w1, w2 = counts[:split].sum(), counts[split:].sum()
-        if w1 == 0 or w2 == 0:
-            continue
-        m1 = (counts[:split] * centers[:split]).sum() / w1
-        m2 = (counts[split:] * centers[split:]).sum() / w2
-        between = w1 * w2 * (m1 - m2) ** 2
-        if between > best:
-            best, threshold = between, centers[split - 1]
+    # Every split at once: class weights and sums of the bins below (1..nbins-1) and above it.
+    w1 = np.cumsum(counts)[:-1].astype(np.float64)
+    s1 = np.cumsum(counts * centers)[:-1]
+    w2, s2 = counts.sum() - w1, (counts * centers).sum() - s1
+    valid = (w1 > 0) & (w2 > 0)
+    m1 = np.divide(s1, w1, out=np.zeros_like(s1), where=valid)
+    m2 = np.divide(s2, w2, out=np.zeros_like(s2), where=valid)
+    between = np.where(valid, w1 * w2 * (m1 - m2) ** 2, -1.0)
+    split = int(np.argmax(between)) + 1  # argmax keeps the first maximum, as a strict ">" loop does
+    threshold = centers[split - 1] if between.max() > -1.0 else centers[0]
     return row > threshold
 
 

@@ -5,14 +5,13 @@ process, and the one-line exit-2 errors that write nothing."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
+from _pixels import like_a_ray_worker
 
 from storysync_dist.cli import main
 from storysync_dist.io.sink import open_dataset
@@ -21,13 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "story.yaml"
 FAST = ["--model", "tiny-sdxl", "--steps", "3", "--height", "64", "--width", "64", "--no-progress"]
 METRIC_COLUMNS = ("clip_t", "clip_i", "dino", "lpips", "dreamsim")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def scored(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("scores") / "local"
-    assert main(["eval", str(dataset), "--encoders", "random-tiny", "--out", str(out)]) == 0
+    with like_a_ray_worker():  # scored as an EvalWorker scores, so both sides round alike
+        assert main(["eval", str(dataset), "--encoders", "random-tiny", "--out", str(out)]) == 0
     return out
 
 
@@ -84,7 +77,8 @@ def test_a_rerun_keeps_the_scores_of_unchanged_stories(dataset: Path, scored: Pa
     assert story["clip_t"] == pytest.approx(before[0]["clip_t"]) and math.isnan(story["clip_i"])
 
 
-def test_ray_workers_give_the_scores_of_one_process(dataset: Path, scored: Path, tmp_path: Path) -> None:
+def test_ray_workers_give_the_scores_of_one_process(dataset: Path, scored: Path, tmp_path: Path,
+                                                    ray_cluster) -> None:
     out = tmp_path / "ray"
     assert main(["eval", str(dataset), "--encoders", "random-tiny", "--out", str(out), "--workers", "2"]) == 0
     local = pq.read_table(scored / "per_story.parquet").to_pylist()[0]

@@ -1,5 +1,7 @@
-"""The ``jobs/*.py`` Ray-job entrypoints, run as subprocesses (workers 0, tiny-sdxl), and the
-dataset they write read back with Hugging Face ``datasets``."""
+"""The ``jobs/*.py`` Ray-job entrypoints (tiny-sdxl), and the dataset they write read back with
+Hugging Face ``datasets``. Each script runs once as a subprocess, as ``ray job submit`` runs it;
+the other cases call its ``main()`` in this process (the same code, without an interpreter's
+start-up)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from _pixels import assert_same_pixels, like_a_ray_worker
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +46,24 @@ def run_job(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.fixture
+def jobs(monkeypatch: pytest.MonkeyPatch):
+    """The ``jobs/`` folder's modules, imported as the scripts import each other."""
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    import make_dataset
+    import render_story
+
+    return make_dataset, render_story
+
+
 def load_parquet(out: Path, cache: Path) -> datasets.Dataset:
     # The dataset folder itself: its README.md card points datasets at data/**/*.parquet (without
     # it, the storyboard PNGs would be loaded as an image folder).
     return datasets.load_dataset(str(out), split="train", cache_dir=str(cache))
 
 
-def test_make_dataset_writes_one_dataset_that_datasets_reads(tmp_path: Path) -> None:
+def test_make_dataset_writes_one_dataset_that_datasets_reads(tmp_path: Path, jobs, capsys) -> None:
     bench = tmp_path / "bench.yaml"
     bench.write_text(BENCHMARK, encoding="utf-8")
     out = tmp_path / "out"
@@ -70,32 +84,32 @@ def test_make_dataset_writes_one_dataset_that_datasets_reads(tmp_path: Path) -> 
     assert set(ds["prompt"]) >= {"A studio photo of A sesame bagel with cream cheese on a white plate"}
 
     # A rerun into the same --out renders nothing.
-    again = run_job("make_dataset.py", str(bench), "--out", str(out), *SMALL)
-    assert again.returncode == 0, again.stderr
-    assert "0 frame(s) rendered, 4 already present" in again.stdout
+    make_dataset, _ = jobs
+    assert make_dataset.main([str(bench), "--out", str(out), *SMALL]) == 0
+    assert "0 frame(s) rendered, 4 already present" in capsys.readouterr().out
 
 
-def test_make_dataset_on_two_ray_workers_matches_in_process(tmp_path: Path) -> None:
+def test_make_dataset_on_two_ray_workers_matches_in_process(tmp_path: Path, jobs, ray_cluster, capsys) -> None:
     # Three scenes per subject: two anchors and one frame for the workers, in each story; one pool
-    # of workers serves both stories.
+    # of workers (on the session's Ray head, which this process has joined) serves both stories.
+    make_dataset, _ = jobs
     bench = tmp_path / "bench.yaml"
     bench.write_text(BENCHMARK.replace("sleeping in a den]", "sleeping in a den, crossing a river]")
                      .replace("in a paper bag]", "in a paper bag, next to a coffee]"), encoding="utf-8")
     frames = {}
     for workers in ("0", "2"):
         out = tmp_path / f"w{workers}"
-        proc = run_job("make_dataset.py", str(bench), "--out", str(out), "--workers", workers, *SMALL)
-        assert proc.returncode == 0, proc.stderr
-        assert "2 stories, 6 frame(s) rendered" in proc.stdout
+        with like_a_ray_worker():  # the in-process render, as a Ray worker renders
+            code = make_dataset.main([str(bench), "--out", str(out), "--workers", workers, *SMALL])
+        assert code == 0
+        assert "2 stories, 6 frame(s) rendered" in capsys.readouterr().out
         ds = load_parquet(out, tmp_path / f"hf-cache-{workers}")
-        frames[workers] = {(r["story_id"], r["frame_id"]): np.asarray(r["image"], dtype=np.int16) for r in ds}
-    assert sorted(frames["2"]) == sorted(frames["0"]) and len(frames["0"]) == 6
-    for key, image in frames["0"].items():
-        # Within float tolerance: a Ray worker runs torch with another thread count.
-        assert np.abs(image - frames["2"][key]).max() <= 2, key
+        frames[workers] = {(r["story_id"], r["frame_id"]): np.asarray(r["image"]) for r in ds}
+    assert len(frames["0"]) == 6
+    assert_same_pixels(frames["2"], frames["0"])
 
 
-def test_make_dataset_checks_every_set_before_rendering(tmp_path: Path) -> None:
+def test_make_dataset_checks_every_set_before_rendering(tmp_path: Path, jobs, capsys) -> None:
     bench = tmp_path / "bench.yaml"
     # "pretzel" is not in the subject text, so the subject mask has no token to come from.
     bench.write_text(BENCHMARK + textwrap.dedent("""\
@@ -103,13 +117,16 @@ def test_make_dataset_checks_every_set_before_rendering(tmp_path: Path) -> None:
           - {concept_token: pretzel, subject: A salty knot, style: A photo of, settings: [on a table]}
         """), encoding="utf-8")
     out = tmp_path / "out"
-    proc = run_job("make_dataset.py", str(bench), "--out", str(out), *SMALL)
-    assert proc.returncode == 2
-    assert f"make_dataset: error: {bench}:snacks[0]: frame 's00' (#0): subject 'subject' token 'pretzel'" in proc.stderr
+    make_dataset, _ = jobs
+    assert make_dataset.main([str(bench), "--out", str(out), *SMALL]) == 2
+    # One line for the set that does not fit, one that says nothing was rendered.
+    first, last = capsys.readouterr().err.strip().splitlines()
+    assert first.startswith(f"make_dataset: error: {bench}:snacks[0]: frame 's00' (#0): subject 'subject' token 'pretzel'")
+    assert last.startswith("make_dataset: error: 1 subject set(s) do not fit --model tiny-sdxl; nothing was rendered")
     assert not out.exists()
 
 
-def test_render_story_job(tmp_path: Path) -> None:
+def test_render_story_job(tmp_path: Path, jobs, capsys) -> None:
     out = tmp_path / "out"
     proc = run_job("render_story.py", str(EXAMPLE), "--out", str(out), "--only", "beach", *SMALL,
                    "--set", "rfh_gamma=0.5", "--ablation", "no-rfh")
@@ -125,25 +142,26 @@ def test_render_story_job(tmp_path: Path) -> None:
     assert config["rfh_gamma"] == 0.5 and config["harmonize"] is False and config["use_masks"] is True
     assert (out / "storyboard.png").is_file() and (out / "manifest.json").is_file()
     # ... and refuses another config into the same --out, as the CLI does.
-    again = run_job("render_story.py", str(EXAMPLE), "--out", str(out), "--only", "beach", *SMALL)
-    assert again.returncode == 2
-    assert "storysync.harmonize: false -> true" in again.stderr and "--replace-config" in again.stderr
+    _, render_story = jobs
+    assert render_story.main([str(EXAMPLE), "--out", str(out), "--only", "beach", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "storysync.harmonize: false -> true" in err and "--replace-config" in err
 
 
-def test_render_story_user_error_exits_2(tmp_path: Path) -> None:
+def test_render_story_user_error_exits_2(tmp_path: Path, jobs, capsys) -> None:
     out = tmp_path / "out"
-    proc = run_job("render_story.py", str(EXAMPLE), "--only", "beach,nowhere", "--out", str(out), *SMALL)
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("render_story:")]
+    _, render_story = jobs
+    assert render_story.main([str(EXAMPLE), "--only", "beach,nowhere", "--out", str(out), *SMALL]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"render_story: error: {EXAMPLE}: no frame has id 'nowhere'")
     assert not out.exists()
 
 
-def test_address_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+def test_address_resolution(jobs, monkeypatch: pytest.MonkeyPatch) -> None:
     import _common
-    import render_story
+
+    _, render_story = jobs
 
     parse = render_story.build_parser().parse_args
     assert parse([str(EXAMPLE), "--model", "m", "--out", "o"]).address is None

@@ -1,39 +1,27 @@
 """The pool scheduler across stories: anchors of upcoming stories render while other stories'
 frames do, frames start while their anchors stream, a killed worker costs only its call, and the
-pixels are those of rendering each story in this process. One local Ray for the module."""
+pixels are those of rendering each story in this process. On the session's shared Ray head."""
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow.dataset as ds
 import pytest
-import ray
-import torch
 import yaml
-from PIL import Image
+from _pixels import assert_same_pixels, assert_worker_threads, frame_pixels, like_a_ray_worker
+from _ray import crash_worker
 
 from storysync_dist.api import RenderOptions, render_stories, render_story
-from storysync_dist.distributed.executor import NAMESPACE, RayExecutor
+from storysync_dist.distributed.executor import RayExecutor
 
 FAST = {"model": "tiny-sdxl", "steps": 4, "height": 64, "width": 64, "progress": False}
 FRAMES = [3, 4, 3, 4]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=3, num_gpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each Ray worker (see test_distributed.py)
-    yield
-    torch.set_num_threads(threads)
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def write_story(folder: Path, story_id: str, frames: int, steps: int = 4) -> str:
@@ -48,19 +36,16 @@ def write_story(folder: Path, story_id: str, frames: int, steps: int = 4) -> str
     return str(path)
 
 
-def images(out: Path) -> dict[tuple[str, str], np.ndarray]:
-    rows = ds.dataset(out / "data", format="parquet").to_table().to_pylist()
-    keys = [(r["story_id"], r["frame_id"]) for r in rows]
-    assert len(keys) == len(set(keys)), "a frame is in the dataset twice"
-    return {(r["story_id"], r["frame_id"]): np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))).astype(np.int16)
-            for r in rows}
+def images(out: Path) -> dict:
+    return frame_pixels(out, by_story=True)
 
 
-def assert_same_pixels(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for key in a:
-        diff = np.abs(a[key] - b[key])
-        assert diff.max() <= 2 and diff.mean() < 0.05, key
+def reference(paths: list[str], out: Path, **settings) -> dict:
+    """The stories rendered one by one in this process, as a Ray worker renders them."""
+    with like_a_ray_worker():
+        for path in paths:
+            render_story(path, RenderOptions(out=str(out), **{**FAST, **settings}))
+    return images(out)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +55,7 @@ def stories(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict]:
     once, two workers stay in step and no anchors need to start while a frame renders."""
     folder = tmp_path_factory.mktemp("stories")
     paths = [write_story(folder, f"fox-{i}", FRAMES[i]) for i in range(4)]
-    reference = folder / "reference"
-    for path in paths:
-        render_story(path, RenderOptions(out=str(reference), **FAST))
-    return paths, images(reference)
+    return paths, reference(paths, folder / "reference")
 
 
 class Timeline:
@@ -110,7 +92,7 @@ def overlaps(timeline: Timeline) -> list[tuple[str, str]]:
 
 
 def test_the_pool_renders_anchors_while_other_stories_frames_render(tmp_path: Path, stories) -> None:
-    paths, reference = stories
+    paths, want = stories
     timeline = Timeline()
     options = RenderOptions(out=str(tmp_path / "pooled"), workers=2, **FAST)
     with RayExecutor(options, on_event=timeline) as executor:
@@ -131,7 +113,8 @@ def test_the_pool_renders_anchors_while_other_stories_frames_render(tmp_path: Pa
     recorded = [manifest["stories"][f"fox-{i}"]["render"] for i in range(4)]
     assert {w for r in recorded for w in r["worker_busy_seconds"]} == {"0", "1"}
     assert all(0 < sum(r["worker_busy_seconds"].values()) <= 2 * r["story_seconds"] + 1e-6 for r in recorded)
-    assert_same_pixels(images(tmp_path / "pooled"), reference)
+    assert_same_pixels(images(tmp_path / "pooled"), want)
+    assert_worker_threads(results[0].stats)
     # A rerun into the finished dataset renders nothing.
     again = list(render_stories(paths, options))
     assert [len(r.skipped) for r in sorted(again, key=lambda r: r.story_id)] == FRAMES
@@ -141,8 +124,7 @@ def test_the_pool_renders_anchors_while_other_stories_frames_render(tmp_path: Pa
 def test_frames_start_while_the_anchors_stream(tmp_path: Path) -> None:
     story = write_story(tmp_path, "long-fox", 6, steps=12)
     settings = {**FAST, "steps": 12}
-    reference = tmp_path / "reference"
-    render_story(story, RenderOptions(out=str(reference), **settings))
+    want = reference([story], tmp_path / "reference", steps=12)
 
     timeline = Timeline()
     options = RenderOptions(out=str(tmp_path / "streamed"), workers=2, **settings)
@@ -150,17 +132,22 @@ def test_frames_start_while_the_anchors_stream(tmp_path: Path) -> None:
         # Load both pipelines first, so the second worker is free while the anchors render.
         assert len(executor.warm_up()) == 2
         result = render_story(story, options, executor=executor)
+    # The other worker is free from the start, and the driver hands out work after each anchor
+    # item it receives: so a frame goes out as soon as step 0 is published, whatever the speeds.
+    kinds = [kind for _, kind, _ in timeline.events]
     early = [e for e in timeline.of("frame_dispatched") if e["story"] == "long-fox" and e["steps_published"] < 12]
     assert early, "no frame was handed out before the anchors finished"
     assert all(e["steps_published"] >= 1 for e in early)  # never before anchor step 0
+    assert kinds.index("frame_dispatched") < kinds.index("anchors_done")
+    assert kinds.index("anchor_step") < kinds.index("frame_dispatched")
     assert sorted(result.rendered) == [f"s{k}" for k in range(6)]
-    assert result.stats["first_non_anchor_seconds"] < result.stats["anchor_seconds"] + result.stats["story_seconds"]
-    streamed = {k: v for k, v in images(tmp_path / "streamed").items() if k[0] == "long-fox"}
-    assert_same_pixels(streamed, images(reference))
+    stats = result.stats
+    assert 0 < stats["anchor_first_step_seconds"] <= stats["first_non_anchor_seconds"] <= stats["story_seconds"]
+    assert_same_pixels(images(tmp_path / "streamed"), want)
 
 
 def test_a_worker_killed_during_overlapped_stories_loses_only_its_frame(tmp_path: Path, stories) -> None:
-    paths, reference = stories
+    paths, want = stories
     killed: list[tuple[str, str]] = []
 
     def kill_once(kind: str, info: dict) -> None:
@@ -168,7 +155,7 @@ def test_a_worker_killed_during_overlapped_stories_loses_only_its_frame(tmp_path
         # open then (their anchors or frames on the other worker).
         if kind == "frame_dispatched" and info["story"] == "fox-1" and not killed:
             killed.append((info["story"], info["frame"]))
-            ray.kill(ray.get_actor(info["worker"], namespace=NAMESPACE), no_restart=False)  # Ray restarts it
+            crash_worker(info["worker"])  # Ray restarts it
 
     options = RenderOptions(out=str(tmp_path / "faulty"), workers=2, **FAST)
     with RayExecutor(options, on_event=kill_once) as executor:
@@ -177,14 +164,14 @@ def test_a_worker_killed_during_overlapped_stories_loses_only_its_frame(tmp_path
     story_id, frame_id = killed[0]
     assert frame_id in results[story_id].stats["retried"]
     assert all(not r.stats.get("retried") for s, r in results.items() if s != story_id)
-    assert_same_pixels(images(tmp_path / "faulty"), reference)  # every frame once, same pixels
+    assert_same_pixels(images(tmp_path / "faulty"), want)  # every frame once, same pixels
 
 
 def test_frame_batches_on_the_pool_equal_the_same_batches_in_process(tmp_path: Path) -> None:
     story = write_story(tmp_path, "batched-fox", 7)  # 2 anchors, then batches of 2, 2 and 1
     settings = {**FAST, "frame_batch": 2}
-    reference = tmp_path / "reference"
-    local = render_story(story, RenderOptions(out=str(reference), **settings))
+    with like_a_ray_worker():
+        local = render_story(story, RenderOptions(out=str(tmp_path / "reference"), **settings))
     assert local.stats["frame_batch"] == 2
     timeline = Timeline()
     # The workers also offload (diffusers' model offload hooks): the pixels stay the same.
@@ -195,7 +182,7 @@ def test_frame_batches_on_the_pool_equal_the_same_batches_in_process(tmp_path: P
     # Three calls for the five non-anchor frames, each handed out with its batch.
     batches = sorted(e["batch"] for e in timeline.of("frame_dispatched"))
     assert batches == [1, 2, 2, 2, 2]
-    assert_same_pixels(images(tmp_path / "pooled"), images(reference))
+    assert_same_pixels(images(tmp_path / "pooled"), images(tmp_path / "reference"))
     # With --bundle-on host no worker held more than two anchor steps on its device at once.
     peaks = [s["peak_resident_steps"] for s in result.stats["worker_stats"] if s]
     assert peaks and max(peaks) <= 2
@@ -205,8 +192,7 @@ def test_frame_batches_on_the_pool_equal_the_same_batches_in_process(tmp_path: P
 def test_a_killed_worker_loses_only_its_batch_and_it_renders_again_whole(tmp_path: Path) -> None:
     story = write_story(tmp_path, "killed-batch", 6)  # 2 anchors, then batches of 2 and 2
     settings = {**FAST, "frame_batch": 2}
-    reference = tmp_path / "reference"
-    render_story(story, RenderOptions(out=str(reference), **settings))
+    want = reference([story], tmp_path / "reference", frame_batch=2)
     killed: list[list[str]] = []
     batch: list[str] = []
 
@@ -216,7 +202,7 @@ def test_a_killed_worker_loses_only_its_batch_and_it_renders_again_whole(tmp_pat
         batch.append(info["frame"])
         if len(batch) == info["batch"]:  # the whole batch is out: kill the worker rendering it
             killed.append(list(batch))
-            ray.kill(ray.get_actor(info["worker"], namespace=NAMESPACE), no_restart=False)
+            crash_worker(info["worker"])
 
     options = RenderOptions(out=str(tmp_path / "faulty"), workers=2, **settings)
     with RayExecutor(options, on_event=kill_first_batch) as executor:
@@ -224,4 +210,4 @@ def test_a_killed_worker_loses_only_its_batch_and_it_renders_again_whole(tmp_pat
     assert killed and len(killed[0]) == 2
     assert sorted(result.stats["retried"]) == sorted(killed[0])  # both frames of the batch, nothing else
     assert sorted(result.rendered) == [f"s{k}" for k in range(6)]
-    assert_same_pixels(images(tmp_path / "faulty"), images(reference))  # the same batches, once each
+    assert_same_pixels(images(tmp_path / "faulty"), want)  # the same batches, once each

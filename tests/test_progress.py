@@ -4,12 +4,10 @@ The Ray test starts one local Ray (127.0.0.1 only, see conftest) for this module
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any
 
 import pytest
-import ray
 from ray.util.metrics import Counter, Gauge
 
 from storysync_dist.engine import progress as progress_module
@@ -157,14 +155,7 @@ def test_show_true_prints_a_line_per_finished_story(clock: FakeClock,
     assert "stories=2/2" in captured.err and "fps=0.75" in captured.err
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
-
-
-def test_ray_metrics_record(ray_cluster: None, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_metrics_record(ray_cluster, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
     metrics = progress_module._ray_metrics()
     assert set(metrics) == set(METRIC_DESCRIPTIONS)
     for name, (kind, tag_keys, description) in METRIC_DESCRIPTIONS.items():

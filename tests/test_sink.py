@@ -1,4 +1,5 @@
-"""The Parquet frame sink: round trips on local and memory filesystems, atomicity, resume, manifest."""
+"""The Parquet frame sink: round trips on local, memory and S3 filesystems (S3: a moto server on
+127.0.0.1, ``tests/_s3.py``), atomicity, resume, manifest."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import os
 import pathlib
 import posixpath
 import uuid
+from collections.abc import Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _s3 import MotoS3, moto_s3
 from PIL import Image
 
 from storysync_dist.io import (
@@ -61,10 +64,23 @@ def record(
     )
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(scope="module")
+def s3() -> Iterator[MotoS3]:
+    # Its environment points every S3 client of this process at it: a plain "s3://" root works
+    # with no storage options, like the local and memory roots.
+    with moto_s3() as server:
+        yield server
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
 def root(request: pytest.FixtureRequest, tmp_path: pathlib.Path):
     if request.param == "local":
         yield str(tmp_path / "out")
+    elif request.param == "s3":
+        s3 = request.getfixturevalue("s3")
+        mark = s3.mark()
+        yield s3.root("sink")
+        assert s3.since(mark), "nothing reached the moto server"
     else:
         name = f"memory://sink-test-{uuid.uuid4().hex}"
         yield name
@@ -308,38 +324,70 @@ def test_failure_while_committing_local_leaves_nothing(
     assert sink.read_table().num_rows == 0
 
 
-def test_remote_commit_is_a_single_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
-    root = f"memory://sink-pipe-{uuid.uuid4().hex}"
+@pytest.mark.parametrize("where", ["memory", "s3"])
+def test_remote_commit_is_a_single_put(
+    where: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an object store a file is committed by one PUT of its final name: no temporary, no rename
+    (a copy and a delete on S3), no multipart upload; superseded files go in one batch delete; a
+    PUT that fails leaves nothing. Memory: spies on the filesystem; S3: the requests the server saw."""
+    memory_fs = fsspec.filesystem("memory")
+    s3: MotoS3 | None = request.getfixturevalue("s3") if where == "s3" else None
+    root = s3.root("sink-put") if s3 is not None else f"memory://sink-pipe-{uuid.uuid4().hex}"
+    spied: list[tuple[str, list[str]]] = []
+    mark = s3.mark() if s3 is not None else 0
+    if s3 is None:
+        original_pipe, original_rm = type(memory_fs).pipe_file, type(memory_fs).rm
+
+        def spy_pipe(self, path, value, *args, **kwargs):
+            spied.append(("PUT", [path]))
+            return original_pipe(self, path, value, *args, **kwargs)
+
+        def spy_rm(self, path, *args, **kwargs):
+            spied.append(("DELETE_MANY", [path] if isinstance(path, str) else list(path)))
+            return original_rm(self, path, *args, **kwargs)
+
+        monkeypatch.setattr(type(memory_fs), "pipe_file", spy_pipe)
+        monkeypatch.setattr(type(memory_fs), "rm", spy_rm)
+
+    def writes() -> list[tuple[str, list[str]]]:
+        """(PUT or DELETE_MANY, the names) of every write since the last call."""
+        nonlocal mark
+        if s3 is None:
+            found = [(op, [posixpath.basename(p) for p in paths]) for op, paths in spied]
+            spied.clear()
+            return found
+        requests, mark = s3.since(mark, root), s3.mark()
+        assert {r.op for r in requests} <= {"PUT", "DELETE_MANY", "GET", "HEAD", "LIST"}, requests
+        return [(r.op, [posixpath.basename(k) for k in (r.keys or [r.key])])
+                for r in requests if r.op in ("PUT", "DELETE_MANY")]
+
     sink = ParquetFrameSink(root)
-    calls = []
-    original = type(sink.fs).pipe_file
-
-    def spy(self, path, value, *args, **kwargs):
-        calls.append(path)
-        return original(self, path, value, *args, **kwargs)
-
-    monkeypatch.setattr(type(sink.fs), "pipe_file", spy)
-    url = sink.write([record(0)])
+    first = sink.write([record(0)]).rsplit("/", 1)[1]
     # One PUT for the staged frame (and one for the layout marker of a new dataset).
-    assert [c.rsplit("/", 1)[1] for c in calls] == [url.rsplit("/", 1)[1], LAYOUT_MARKER]
-    calls.clear()
-    url = sink.write([record(2)])
-    assert len(calls) == 1 and url.endswith(calls[0].rsplit("/", 1)[1])
-    calls.clear()
+    assert writes() == [("PUT", [first]), ("PUT", [LAYOUT_MARKER])]
+    second = sink.write([record(2)]).rsplit("/", 1)[1]
+    assert writes() == [("PUT", [second])]
     sink.commit_story(STORY)
-    assert len(calls) == 1 and calls[0].rsplit("/", 1)[1].startswith("part-00000-")
-    calls = [c for c in calls]
+    [(op, [part]), deleted] = writes()
+    assert op == "PUT" and part.startswith("part-00000-")
+    assert deleted == ("DELETE_MANY", sorted([first, second]))  # both staged files, one request
 
-    def failing_put(self, path, value, *args, **kwargs):
-        raise ConnectionError("PUT failed")
+    if s3 is None:
+        def failing_put(self, path, value, *args, **kwargs):
+            raise ConnectionError("PUT failed")
 
-    monkeypatch.setattr(type(sink.fs), "pipe_file", failing_put)
-    with pytest.raises(ConnectionError):
-        sink.write([record(1)])
-    monkeypatch.undo()
-    assert visible_files(root) == [MARKER, f"{FOLDER}/" + calls[0].rsplit("/", 1)[1]]
+        monkeypatch.setattr(type(memory_fs), "pipe_file", failing_put)
+        with pytest.raises(ConnectionError):
+            sink.write([record(1)])
+        monkeypatch.undo()
+    else:
+        with s3.refusing(lambda r: r.op == "PUT"), pytest.raises(PermissionError):
+            sink.write([record(1)])
+    assert visible_files(root) == [MARKER, f"{FOLDER}/{part}"]
     assert sink.read_table().num_rows == 2
-    sink.fs.rm(sink.fs._strip_protocol(root), recursive=True)
+    if s3 is None:
+        memory_fs.rm(memory_fs._strip_protocol(root), recursive=True)
 
 
 def test_add_and_flush_batch_rows(root: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import math
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -120,12 +121,28 @@ def test_sheets_come_as_soon_as_their_tiles_are_read() -> None:
     assert seen == [48, 96, 100]
 
 
-def live_images() -> int:
-    gc.collect()
-    return sum(1 for obj in gc.get_objects() if isinstance(obj, Image.Image))
+@pytest.fixture
+def live_images(monkeypatch: pytest.MonkeyPatch):
+    """A counter of the PIL images alive now: every image made while the test runs is registered by a
+    weak reference as it is built (scanning ``gc.get_objects()`` instead takes seconds a call in a
+    process that holds torch and diffusers)."""
+    made: list[weakref.ref] = []  # PIL images define __eq__, so a WeakSet cannot hold them
+    init = Image.Image.__init__
+
+    def tracked_init(self: Image.Image, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(Image.Image, "__init__", tracked_init)
+
+    def count() -> int:
+        gc.collect()  # an image kept only by a reference cycle is not held
+        return sum(ref() is not None for ref in made)
+
+    return count
 
 
-def test_held_thumbnails_never_exceed_per_sheet() -> None:
+def test_held_thumbnails_never_exceed_per_sheet(live_images) -> None:
     # Count the PIL images alive each time a tile is read and each time a sheet comes out: a version
     # that decodes the whole story first, or keeps earlier sheets' thumbnails, holds up to 40.
     per_sheet, count = 6, 40

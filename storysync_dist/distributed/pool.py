@@ -16,7 +16,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from ..errors import StorySyncUserError
+from ..errors import RenderError, StorySyncUserError
 from .actors import FrameWorker
 from .cluster import WORKER_ENV, ActorResources, cluster_usage
 from .failures import UNKNOWN_HOST, Failure, describe_actors, failure_of
@@ -229,7 +229,8 @@ class WorkerPool:
         return bool(self.workers) and all(w.gone for w in self.workers)
 
     def failed_error(self) -> Exception:
-        """The error of a job none of whose workers is left: their causes, one line."""
+        """The error of a job none of whose workers is left: their causes, one line (a
+        ``RenderError``, exit code 1, unless every cause was the user's)."""
         failed = [w for w in self.workers if w.gone]
         if failed and all(w.error is not None and w.error.user and w.error.at_start for w in failed):
             users: dict[str, list[Worker]] = {}
@@ -241,10 +242,10 @@ class WorkerPool:
             causes.setdefault(worker.error.summary if worker.error else "no cause reported", []).append(worker)
         details = "; ".join(f"{describe_actors(group)}: {summary}" for summary, group in causes.items())
         if all(w.error is not None and w.error.at_start for w in failed):
-            error = RuntimeError(f"the job's actors could not start: {details}")
+            error = RenderError(f"the job's actors could not start: {details}")
         else:
-            error = RuntimeError("every frame worker failed, so the frames not yet written are lost for this "
-                                 f"run (rerun the job to render them): {details}")
+            error = RenderError("every frame worker failed, so the frames not yet written are lost for this "
+                                f"run (rerun the job to render them): {details}")
         error.__cause__ = next((w.error.exc for w in reversed(failed) if w.error and w.error.exc), None)
         return error
 

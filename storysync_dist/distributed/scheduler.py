@@ -46,6 +46,7 @@ from ..core.anchors import AnchorBundle
 from ..engine.job import JobPlan
 from ..engine.renderer import FrameJob, FrameOutput, bundle_meta, frame_batches
 from ..engine.run import JobContext
+from ..errors import RenderError
 from .failures import failure_of
 from .pool import Worker, WorkerPool
 
@@ -292,8 +293,8 @@ class PoolScheduler:
             self._anchors_lost(call, exc)
             return
         except RayTaskError as exc:
-            raise RuntimeError(f"the anchors of story {story.story_id!r} failed on {worker.name} ({worker.host}): "
-                               f"{failure_of(exc).summary}") from exc
+            raise RenderError(f"the anchors of story {story.story_id!r} failed on {worker.name} ({worker.host}): "
+                              f"{failure_of(exc).summary}") from exc
         if not isinstance(tail, dict) or "frames" not in tail:
             self._anchors_lost(call, RuntimeError("the anchor stream ended before the anchor images"))
             return
@@ -338,8 +339,8 @@ class PoolScheduler:
             self.pool.lost(worker, exc)
         summary = failure_of(exc).summary
         if story.anchor_attempts >= MAX_ANCHOR_ATTEMPTS:
-            raise RuntimeError(f"the anchors of story {story.story_id!r} failed {story.anchor_attempts} times; the "
-                               f"last time {worker.name} on {worker.host} died: {summary}") from exc
+            raise RenderError(f"the anchors of story {story.story_id!r} failed {story.anchor_attempts} times; the "
+                              f"last time {worker.name} on {worker.host} died: {summary}") from exc
         # The anchors are deterministic: render them again on the next free worker.
         log.warning("%s died while rendering the anchors of %s (%s); rendering them again", worker.name,
                     story.story_id, summary)
@@ -381,9 +382,9 @@ class PoolScheduler:
             story.stats["retried"].append(job.frame_id)
             story.attempts[job.frame_id] += 1
             if story.attempts[job.frame_id] >= MAX_FRAME_ATTEMPTS:
-                raise RuntimeError(f"frame {job.frame_id!r} of story {story.story_id!r} failed "
-                                   f"{story.attempts[job.frame_id]} times; the last time on {worker.name} "
-                                   f"({worker.host}): {summary}")
+                raise RenderError(f"frame {job.frame_id!r} of story {story.story_id!r} failed "
+                                  f"{story.attempts[job.frame_id]} times; the last time on {worker.name} "
+                                  f"({worker.host}): {summary}")
         names = ", ".join(job.frame_id for job in jobs)
         log.warning("frame(s) %s lost on %s (%s); retrying on the next free worker", names, worker.name, summary)
         story.queue.appendleft(jobs)

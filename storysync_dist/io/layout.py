@@ -174,6 +174,14 @@ def _committed_paths(fs: Any, data_dir: str, story_id: str | None) -> list[str]:
     if story_id is not None:
         entries = _list_folder(fs, data_dir, story_dir(story_id))
         return sorted(e["name"] for e in entries if _PART_RE.match(posixpath.basename(e["name"])))
+    # invalidate_cache forgets data/ and its parents only, and s3fs's recursive find keeps the cached
+    # listing of a story folder it finds: a part committed there since (by another process) would be
+    # "not found" when opened. Forget the story folders' listings too.
+    cache = getattr(fs, "dircache", None)
+    if cache is not None:
+        below = data_dir.rstrip("/") + "/"
+        for key in [key for key in list(cache) if key.startswith(below)]:
+            cache.pop(key, None)
     try:
         entries = fs.find(data_dir)
     except (FileNotFoundError, NotADirectoryError):
