@@ -67,14 +67,15 @@ def cluster_processes(temp_dir: str) -> list[psutil.Process]:
 
 
 def stop_cluster(temp_dir: str) -> None:
-    """SIGTERM, then SIGKILL after 5 s, to every process of that cluster only."""
+    """SIGTERM, then SIGKILL after 2 s, to every process of that cluster only (nothing of a
+    test cluster needs a graceful end: its temp dir goes next)."""
     procs = cluster_processes(temp_dir)
     for proc in procs:
         try:
             proc.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
+    _, alive = psutil.wait_procs(procs, timeout=2)
     for proc in alive:
         try:
             proc.kill()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from _ray import RayHead, connected, started_head
+from _s3 import MotoS3, moto_s3
 
 # The shared head: 4 logical CPUs and 2 GPUs that Ray believes are there (declared, not detected,
 # so actors are scheduled by GPU and render on this machine's CPU). Modules that need another
@@ -23,6 +24,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if "STORYSYNC_CACHE" not in os.environ:
         os.environ["STORYSYNC_CACHE"] = tempfile.mkdtemp(prefix="storysync-test-cache-")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # torch in this process and in every subprocess a test starts runs with one thread, as a Ray
+    # FrameWorker does (tests/_pixels.py, WORKER_THREADS): in-process renders then match the
+    # workers' by construction, and on a loaded 2-CPU machine torch's spinning second thread
+    # cannot slow a render tenfold. Set before any test module imports torch, which reads it then.
+    os.environ["OMP_NUM_THREADS"] = "1"
     # Ray 2.60 turns token authentication on for every new cluster and, without a token path,
     # writes one into ~/.ray, which a head started later then requires of every driver. One token
     # for the whole session, in a file of its own: every Ray the tests start (the shared heads, a
@@ -59,6 +65,15 @@ def ray_cluster(ray_head: RayHead) -> Iterator[RayHead]:
     it disconnects."""
     with connected(ray_head):
         yield ray_head
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[MotoS3]:
+    """A moto S3 server on 127.0.0.1 for the module, with its bucket, logging every request it
+    serves; while it runs, every S3 client of this process (a plain ``s3://`` URL included) goes
+    to it with fake credentials (tests/_s3.py)."""
+    with moto_s3() as server:
+        yield server
 
 
 @pytest.fixture(scope="module", autouse=True)

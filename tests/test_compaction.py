@@ -15,14 +15,13 @@ import pathlib
 import random
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 
 import datasets
 import fsspec
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from _s3 import MotoS3, S3Request, Store, key_of, moto_s3
+from _s3 import MotoS3, S3Request, Store, key_of
 from PIL import Image
 
 from storysync_dist.io import FrameRecord, ParquetFrameSink, dataset_files, open_dataset, png_bytes
@@ -40,12 +39,6 @@ def rec(story: str, index: int, *, fingerprint: str | None = None, side: int = 1
         seed=index, image_png=png_bytes(image), width=side, height=side, model="tiny", method="storysync",
         config='{"steps": 2}', fingerprint=fingerprint or f"{story}-fp-{index}",
     )
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[MotoS3]:
-    with moto_s3() as server:
-        yield server
 
 
 @pytest.fixture

@@ -13,13 +13,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from _s3 import MotoS3, Store, moto_s3
+from _s3 import Store
 
 from storysync_dist.cli import main
 from storysync_dist.io.lease import Lease, LeaseHeldError
@@ -99,12 +98,6 @@ def test_a_lease_left_by_a_dead_job_does_not_block_the_rerun(tmp_path: Path, cap
 
 
 # -- leases on a local disk and on S3 -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[MotoS3]:
-    with moto_s3() as server:
-        yield server
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _stories import cat_job
 
 from storysync_dist.core.config import StorySyncConfig
 from storysync_dist.core.state import StorySyncState
@@ -26,11 +27,7 @@ def xl() -> UNetAdapter:
 
 
 def job(adapter: UNetAdapter, index: int, scene: str, seed: int) -> FrameJob:
-    prompt = f"a photo of a ginger cat {scene}"
-    ids = adapter.tokenizer(prompt).input_ids
-    cat = adapter.tokenizer("cat", add_special_tokens=False).input_ids
-    positions = [k for k in range(len(ids)) if ids[k : k + len(cat)] == cat]
-    return FrameJob(f"f{index}", index, prompt, None, seed, [positions])
+    return cat_job(adapter, index, scene, seed)
 
 
 def anchors(adapter: UNetAdapter) -> list[FrameJob]:

@@ -4,6 +4,7 @@ in-process references render as a Ray worker does (tests/_pixels.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import yaml
 from _pixels import assert_same_pixels, assert_worker_threads, frame_pixels, like_a_ray_worker
 from _ray import KillAnchorsOnDispatch, crash_worker
 
-from storysync_dist.api import RenderOptions, render_story
+from storysync_dist.api import JobResult, RenderOptions, render_story
 from storysync_dist.cli import main
 from storysync_dist.distributed.executor import RayExecutor
 from storysync_dist.engine.job import prepare_job
@@ -22,6 +23,7 @@ from storysync_dist.errors import StorySyncUserError
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "story.yaml")
 FAST = {"model": "tiny-sdxl", "steps": 3, "height": 64, "width": 64, "progress": False}
+POOLED = {**FAST, "workers": 2, "device": "cpu", "resources_per_worker": {"CPU": 1}}
 
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -32,6 +34,38 @@ def reference(story: str, out: Path, **settings) -> dict[str, np.ndarray]:
     with like_a_ray_worker():
         render_story(story, RenderOptions(out=str(out), **{**FAST, **settings}))
     return frame_pixels(out)
+
+
+class Relay:
+    """The shared pool's ``on_event``: hands each event to the hook the running test set."""
+
+    def __init__(self) -> None:
+        self.hook = None
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if self.hook is not None:
+            self.hook(kind, info)
+
+
+@pytest.fixture(scope="module")
+def shared_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RayExecutor, Relay]]:
+    """Two workers for the tests that need a Ray render but not their own pool: their pipelines
+    load once for the module (a pool serves any number of stories: see the pooled-executor test).
+    They ask for CPUs only, so the head's two GPUs stay free for the tests that start their own."""
+    relay = Relay()
+    options = RenderOptions(out=str(tmp_path_factory.mktemp("pool")), **POOLED)
+    with RayExecutor(options, on_event=relay) as executor:
+        yield executor, relay
+
+
+@pytest.fixture
+def pool(shared_pool: tuple[RayExecutor, Relay]) -> Iterator[tuple[RayExecutor, Relay]]:
+    yield shared_pool
+    shared_pool[1].hook = None
+
+
+def on_pool(story: str, out: Path, pool: tuple[RayExecutor, Relay], **options) -> JobResult:
+    return render_story(story, RenderOptions(out=str(out), **POOLED, **options), executor=pool[0])
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +111,11 @@ def long_story(tmp_path: Path, frames: int, story_id: str = "long-cat") -> str:
     return str(path)
 
 
-def test_killing_a_worker_mid_story_loses_only_its_frame(tmp_path: Path) -> None:
+def test_killing_a_worker_mid_story_loses_only_its_frame(tmp_path: Path, pool) -> None:
     story = long_story(tmp_path, 10)
     want = reference(story, tmp_path / "reference")
 
     out = tmp_path / "faulty"
-    options = RenderOptions(out=str(out), workers=2, **FAST)
     killed: list[str] = []
     dispatched: list[str] = []
 
@@ -94,10 +127,8 @@ def test_killing_a_worker_mid_story_loses_only_its_frame(tmp_path: Path) -> None
                 killed.append(info["frame"])
                 crash_worker(info["worker"])  # Ray restarts it
 
-    executor = RayExecutor(options, on_event=kill_a_busy_worker)
-    plan = prepare_job(story, options, device=executor.device)
-    result = run_job(plan, executor)
-    executor.close()
+    pool[1].hook = kill_a_busy_worker
+    result = on_pool(story, out, pool)
     assert len(killed) == 2 and set(killed) <= set(result.stats["retried"])
     got = frame_pixels(out)  # asserts that no frame is there twice
     assert len(got) == 10 and sorted(result.rendered) == sorted(got)
@@ -105,29 +136,29 @@ def test_killing_a_worker_mid_story_loses_only_its_frame(tmp_path: Path) -> None
     assert_worker_threads(result.stats)
 
 
-def test_resumed_job_renders_only_missing_frames(tmp_path: Path, in_process) -> None:
+def test_resumed_job_renders_only_missing_frames(tmp_path: Path, in_process, pool) -> None:
     out = tmp_path / "resume"
-    first = render_story(EXAMPLE, RenderOptions(out=str(out), workers=1, only=["garden", "home"], **FAST))
+    first = on_pool(EXAMPLE, out, pool, only=["garden", "home"])
     assert sorted(first.rendered) == ["garden", "home"]
-    second = render_story(EXAMPLE, RenderOptions(out=str(out), workers=2, **FAST))
+    second = on_pool(EXAMPLE, out, pool)
     assert sorted(second.rendered) == ["beach", "kitchen", "market", "rooftop"]
     assert sorted(second.skipped) == ["garden", "home"]
     assert_same_pixels(frame_pixels(out), in_process)
 
 
-def test_saved_anchors_are_reused_by_ray_workers(tmp_path: Path, in_process) -> None:
+def test_saved_anchors_are_reused_by_ray_workers(tmp_path: Path, in_process, pool) -> None:
     bank = tmp_path / "bank"
-    first = render_story(EXAMPLE, RenderOptions(out=str(bank), workers=2, save_anchors=True, only=["beach"], **FAST))
+    first = on_pool(EXAMPLE, bank, pool, save_anchors=True, only=["beach"])
     bundle = bank / "anchors" / "ginger-cat.safetensors"
     assert first.anchor_bundle and bundle.is_file()
     # A second job with --anchors renders its frames on the workers without rendering anchors: the
     # driver puts the bundle's steps in the object store itself.
     reuse = tmp_path / "reuse"
-    second = render_story(
-        EXAMPLE, RenderOptions(out=str(reuse), workers=2, anchors=str(bundle), only=["market", "rooftop"], **FAST)
-    )
+    second = on_pool(EXAMPLE, reuse, pool, anchors=str(bundle), only=["market", "rooftop"])
     assert sorted(second.rendered) == ["market", "rooftop"] and "anchor_seconds" not in second.stats
-    assert sum(s["frames"] for s in second.stats["worker_stats"]) == 2
+    # The workers rendered them (their frame counts run from the pool's start).
+    frames = [sum(s["frames"] for s in r.stats["worker_stats"]) for r in (first, second)]
+    assert frames[1] - frames[0] == 2
     assert_same_pixels(frame_pixels(reuse), {k: in_process[k] for k in ("market", "rooftop")})
     assert_same_pixels(frame_pixels(bank), {"beach": in_process["beach"]})
 

@@ -1,5 +1,6 @@
-"""The engine on the real diffusers pipeline classes (offline presets): stock equivalence,
-determinism, anchors and the bundle."""
+"""The engine on the real diffusers pipeline classes (offline presets): stock equivalence, the
+vanilla branch leaving after T steps, every layer of a StorySync render against the plain
+references of test_mechanism_references, determinism, anchors and the bundle."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from _pixels import RAY_MAX_LEVELS, assert_same_pixels
+from _replay import assert_render_replays, rendered_by_the_reference, replayed
+from _stories import cat_job
 
 from storysync_dist.core.anchors import AnchorBundle
 from storysync_dist.core.config import StorySyncConfig
@@ -15,7 +19,7 @@ from storysync_dist.engine.renderer import FrameJob, RenderSettings, StoryRender
 from storysync_dist.models.presets import load_pipeline
 from storysync_dist.models.unet import UNetAdapter
 
-STEPS, SIZE, GUIDANCE = 6, 128, 5.0
+STEPS, SIZE, GUIDANCE = 3, 64, 5.0
 
 
 @pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-sd"])
@@ -29,11 +33,7 @@ def xl() -> UNetAdapter:
 
 
 def job(adapter: UNetAdapter, index: int, scene: str, seed: int) -> FrameJob:
-    prompt = f"a photo of a ginger cat {scene}"
-    ids = adapter.tokenizer(prompt).input_ids
-    cat = adapter.tokenizer("cat", add_special_tokens=False).input_ids
-    positions = [k for k in range(len(ids)) if ids[k : k + len(cat)] == cat]
-    return FrameJob(f"f{index}", index, prompt, "blurry", seed, [positions])
+    return cat_job(adapter, index, scene, seed, negative="blurry")
 
 
 def jobs(adapter: UNetAdapter) -> list[FrameJob]:
@@ -88,17 +88,65 @@ def test_bli_with_lambda_one_follows_the_vanilla_branch(adapter: UNetAdapter) ->
     assert np.abs(pixels(ours) - pixels(stock(adapter, frame))).max() <= 1
 
 
-def test_storysync_frames_are_deterministic_and_differ_from_vanilla(adapter: UNetAdapter) -> None:
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_the_vanilla_branch_leaves_after_t_steps_and_the_frame_is_stock(adapter: UNetAdapter, lam: float) -> None:
+    # BLI alone for T = 2 of 4 steps, at lambda 0 (the consistent branch ignores the vanilla
+    # branch) and lambda 1 (it follows it): either way the frame is the stock frame, so the
+    # vanilla branch is stepped with its own scheduler (tiny-sd's PNDM keeps a history) and its
+    # leaving the batch after step T disturbs nothing. The UNet sees [uncond, cond] x [vanilla,
+    # consistent] rows for the first T steps, then [uncond, cond] to the end.
+    config = StorySyncConfig(share_attention=False, harmonize=False, bli_fraction=0.5, bli_lambda=lam)
+    steps = 4
+    assert config.bli_steps(steps) == 2
+    frame = jobs(adapter)[1]
+    batches: list[int] = []
+    hook = adapter.pipe.unet.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    try:
+        ours = StoryRenderer(adapter, config, RenderSettings("m", steps, SIZE, SIZE, GUIDANCE)).render_frame(frame, None)
+    finally:
+        hook.remove()
+    calls = len(adapter.pipe.scheduler.timesteps)  # PNDM (tiny-sd) runs one more call than it has steps
+    assert batches == [4, 4] + [2] * (calls - 2)
+    stock_image = adapter.pipe(
+        prompt=[frame.prompt], negative_prompt=[frame.negative_prompt], num_inference_steps=steps, height=SIZE,
+        width=SIZE, guidance_scale=GUIDANCE, generator=[torch.Generator("cpu").manual_seed(frame.seed)],
+    ).images[0]
+    assert np.abs(pixels(ours.image) - pixels(stock_image)).max() <= 1  # a larger batch rounds the last bits apart
+
+
+def test_storysync_frames_are_deterministic_and_every_layer_does_what_the_method_says(adapter: UNetAdapter) -> None:
+    # The default config (sharing, RFH, BLI, every dropout): each StorySync self-attention of the
+    # anchors' and the frame's render returns what the plain reference computes from its inputs,
+    # with subject keys shared and RFH moving patches in both.
     story = jobs(adapter)
     renderer = StoryRenderer(adapter, StorySyncConfig(), settings("m"))
-    anchors, bundle = renderer.render_anchors(story[:2])
-    first = renderer.render_frame(story[2], bundle)
+    with replayed(adapter) as replay:
+        anchors, bundle = renderer.render_anchors(story[:2])
+        first = renderer.render_frame(story[2], bundle)
+    assert_render_replays(replay)
+    assert {c.step for c in replay.calls} >= set(range(STEPS))
+    assert all(c.name.startswith("up_blocks") for c in replay.calls if c.did.shared or c.did.moved)
     again = renderer.render_frame(story[2], bundle)
     assert np.array_equal(pixels(first.image), pixels(again.image))
     assert first.mask is not None and first.mask.shape == (SIZE, SIZE) and first.mask.any()
-    vanilla = StoryRenderer(adapter, StorySyncConfig.vanilla(), settings("m")).render_frame(story[2], None)
-    assert np.abs(pixels(first.image) - pixels(vanilla.image)).mean() > 0.01
     assert [a.is_anchor for a in anchors] == [True, True]
+
+
+def test_sharing_without_rfh_gives_the_pixels_of_the_plain_reference(adapter: UNetAdapter) -> None:
+    # Sharing (with its dropout) and BLI, no RFH: the frame rendered by the product equals the
+    # frame rendered with the plain reference in place of every StorySync self-attention, within
+    # the rounding of float sums; the frame without sharing does not, so a build that dropped
+    # sharing would fail here.
+    story = jobs(adapter)
+    config = StorySyncConfig(harmonize=False)
+    renderer = StoryRenderer(adapter, config, settings("m"))
+    _, bundle = renderer.render_anchors(story[:2])
+    ours = renderer.render_frame(story[2], bundle).image
+    with rendered_by_the_reference(adapter):
+        reference = renderer.render_frame(story[2], bundle).image
+    assert_same_pixels({"frame": pixels(ours)}, {"frame": pixels(reference)})
+    unshared = StoryRenderer(adapter, config.replace(share_attention=False), settings("m")).render_frame(story[2], None)
+    assert np.abs(pixels(unshared.image) - pixels(reference)).max() > RAY_MAX_LEVELS
 
 
 def test_a_frame_does_not_depend_on_the_frames_rendered_with_it(xl: UNetAdapter) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -16,7 +15,7 @@ import pyarrow.dataset
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from _s3 import BUCKET, MotoS3, key_of, moto_s3
+from _s3 import BUCKET, MotoS3, key_of
 from PIL import Image
 
 from storysync_dist.api import JobResult, RenderOptions, render_story
@@ -35,12 +34,6 @@ from storysync_dist.io.sink import (
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "story.yaml"
 PREFIX = "stories/cat"
 OUT = f"s3://{BUCKET}/{PREFIX}"
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[MotoS3]:
-    with moto_s3() as server:
-        yield server
 
 
 def options(s3: MotoS3) -> RenderOptions:

@@ -9,13 +9,12 @@ import os
 import pathlib
 import posixpath
 import uuid
-from collections.abc import Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _s3 import MotoS3, moto_s3
+from _s3 import MotoS3
 from PIL import Image
 
 from storysync_dist.io import (
@@ -62,14 +61,6 @@ def record(
         render_seconds=0.25 * index,
         fingerprint=fingerprint or f"fp-{index}",
     )
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[MotoS3]:
-    # Its environment points every S3 client of this process at it: a plain "s3://" root works
-    # with no storage options, like the local and memory roots.
-    with moto_s3() as server:
-        yield server
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

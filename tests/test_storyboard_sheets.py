@@ -139,7 +139,13 @@ def live_images(monkeypatch: pytest.MonkeyPatch):
         gc.collect()  # an image kept only by a reference cycle is not held
         return sum(ref() is not None for ref in made)
 
-    return count
+    # Everything alive before the test (torch, diffusers, ...) goes to the permanent generation,
+    # which gc.collect() does not walk: a collection then costs what the test made, not seconds.
+    gc.freeze()
+    try:
+        yield count
+    finally:
+        gc.unfreeze()
 
 
 def test_held_thumbnails_never_exceed_per_sheet(live_images) -> None:
