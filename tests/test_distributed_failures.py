@@ -151,7 +151,10 @@ def test_workers_that_die_for_good_end_the_job_with_their_causes(tmp_path: Path)
     assert f"workers 0, 1 on {HOST}: " in message or ("worker 0 " in message and "worker 1 " in message)
     assert "\n" not in message
     written = pq.read_table(tmp_path / "out" / "data").column("frame_id").to_pylist()
-    assert 1 <= len(written) < 8  # what was written before the workers died stays
+    # What was written before the workers died stays. The upper bound leans on ray.kill (asked for
+    # as the first frame is written) landing before the other 7 frames render: milliseconds against
+    # hundreds of them. SIGKILL would be certain, but Ray restarts a crashed actor: no death for good.
+    assert 1 <= len(written) < 8
 
 
 # ---- devices ------------------------------------------------------------------------------
