@@ -145,6 +145,16 @@ def plain_rfh(features: torch.Tensor, mask: torch.Tensor, refs: list[torch.Tenso
     return outs
 
 
+def plain_output_blend(out: torch.Tensor, st: StorySyncState, lam: float) -> torch.Tensor:
+    """Eq. 12 on a layer's output: each consistent row becomes (1 - lam) of itself plus lam of its
+    vanilla twin, per guidance branch; the vanilla rows are unchanged. ``out``: (rows, tokens, dim)."""
+    blended = out.clone()
+    for g in st.guidance_branches:
+        c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
+        blended[c] = (1 - lam) * out[c] + lam * out[v]
+    return blended
+
+
 def rfh_window(cfg: StorySyncConfig, step: int, num_steps: int) -> bool:
     """RFH runs at the steps of [rfh_start, rfh_end) of the run."""
     return cfg.harmonize and cfg.rfh_start * num_steps <= step < cfg.rfh_end * num_steps
@@ -277,11 +287,7 @@ def expected_self_attention(attn: Attention, x: torch.Tensor, st: StorySyncState
     def finish(features: torch.Tensor) -> torch.Tensor:
         out = attn.to_out[0](features.float())
         if bli and cfg.bli_target == "output":
-            blended = out.clone()
-            for g in st.guidance_branches:
-                c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
-                blended[c] = (1 - cfg.bli_lambda) * out[c] + cfg.bli_lambda * out[v]
-            out = blended
+            out = plain_output_blend(out, st, cfg.bli_lambda)
         if attn.residual_connection:
             out = out + x
         return out / attn.rescale_output_factor
@@ -386,11 +392,7 @@ def expected_flux_attention(attn: FluxAttention, hidden_states: torch.Tensor, en
         if dual:
             image = attn.to_out[0](image)
         if bli and cfg.bli_target == "output":
-            blended = image.clone()
-            for g in st.guidance_branches:
-                c, van = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
-                blended[c] = (1 - cfg.bli_lambda) * image[c] + cfg.bli_lambda * image[van]
-            image = blended
+            image = plain_output_blend(image, st, cfg.bli_lambda)
         if dual:
             return image, attn.to_add_out(out[:, :text_len].float())
         return torch.cat([out[:, :text_len].float(), image], dim=1)
