@@ -30,10 +30,12 @@ from _common import (
 )
 
 from storysync_dist.arguments import (
+    add_check_arguments,
     add_config_arguments,
     add_device_arguments,
     add_efficiency_arguments,
     add_model_arguments,
+    add_progress_arguments,
     add_suite_sampling_arguments,
     options_from_args,
 )
@@ -61,11 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-invalid", action="store_true",
                         help="leave out subject sets that do not fit the model (e.g. a concept token that the "
                         "subject text does not contain) instead of stopping")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--bundle-budget", type=positive_int, metavar="BYTES",
                         help="bytes of anchor steps each worker may keep resident; bounds how many stories are "
                         "open at once (default 4 GiB; docs/distributed.md)")
     add_efficiency_arguments(parser)
+    add_check_arguments(parser)
+    add_progress_arguments(parser)
     add_cluster_arguments(parser)
     add_logging_arguments(parser)
     return parser

@@ -70,6 +70,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_help: str = MO
     """``--model``, ``--out``, and ``--method`` unless ``with_method`` is False."""
     parser.add_argument("--model", required=True, help=model_help)
     parser.add_argument("--out", required=True, help=OUT_HELP)
+    parser.add_argument("--scheduler", metavar="NAME",
+                        help="a diffusers scheduler class for the pipeline, built from the pipeline's own scheduler "
+                        "config, e.g. DPMSolverMultistepScheduler (default: the model's; docs/configuration.md)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", dest="loras",
+                        help="a LoRA adapter (.safetensors, loaded with diffusers' load_lora_weights) and its "
+                        "scale, default 1.0 (repeatable)")
     if not with_method:
         return
     parser.add_argument("--method", choices=list(METHODS), default="storysync",
@@ -159,6 +165,21 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log every frame")
 
 
+def add_progress_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress`` and ``--log-every``: a bar on a terminal, plain lines elsewhere."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar and no progress lines")
+    parser.add_argument("--log-every", type=positive_float, default=10.0, metavar="SECONDS",
+                        help="when stderr is not a terminal (ray job logs, CI, a redirected file): one plain "
+                        "progress line every SECONDS (default 10); a terminal keeps the bar")
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--force``: skip the peak-memory check made before anything renders (docs/memory.md)."""
+    parser.add_argument("--force", action="store_true",
+                        help="render even when the estimated peak memory per worker exceeds the device's free "
+                        "memory (docs/memory.md)")
+
+
 def resolve_address(address: str | None) -> str | None:
     """The address to hand to ``RenderOptions.address``.
 
@@ -169,6 +190,28 @@ def resolve_address(address: str | None) -> str | None:
     if address == "auto" and os.environ.get("RAY_ADDRESS"):
         return None
     return address
+
+
+def parse_loras(values: Sequence[str]) -> list[tuple[str, float]]:
+    """``["a.safetensors", "b.safetensors:0.5"]`` -> ``[("a.safetensors", 1.0), ("b.safetensors", 0.5)]``.
+
+    The scale is what follows the last ``:`` when it is a number, so a path with a colon in it
+    (``s3://...``, ``C:\\...``) keeps its colon; a bad scale is a one-line error naming ``--lora``.
+    """
+    loras: list[tuple[str, float]] = []
+    for value in values:
+        path, scale = value, 1.0
+        head, sep, tail = value.rpartition(":")
+        if sep and head and "/" not in tail and "\\" not in tail:
+            try:
+                scale = float(tail)
+            except ValueError:
+                raise StorySyncUserError(f"--lora {value}: {tail!r} is not a scale (PATH[:SCALE])") from None
+            path = head
+        if not path:
+            raise StorySyncUserError(f"--lora {value!r}: give a path (PATH[:SCALE])")
+        loras.append((path, scale))
+    return loras
 
 
 # ---- reading and printing -------------------------------------------------------------------------
@@ -204,7 +247,9 @@ def options_from_args(args: argparse.Namespace, **changes: Any) -> RenderOptions
         start_timeout=_given(args, "start_timeout", 600.0), ablation=_given(args, "ablation"),
         overrides=overrides, replace_config=bool(_given(args, "replace_config", False)),
         frame_batch=_given(args, "frame_batch"), bundle_on=_given(args, "bundle_on", "auto"),
-        offload=_given(args, "offload", "none"),
+        offload=_given(args, "offload", "none"), scheduler=_given(args, "scheduler"),
+        loras=parse_loras(_given(args, "loras", []) or []), force=bool(_given(args, "force", False)),
+        log_every=_given(args, "log_every", 10.0),
     )
     return RenderOptions(**{**fields, **changes})
 

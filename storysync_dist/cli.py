@@ -12,12 +12,14 @@ from collections.abc import Sequence
 
 from .arguments import (
     EXIT_USER_ERROR,
+    add_check_arguments,
     add_cluster_arguments,
     add_config_arguments,
     add_device_arguments,
     add_efficiency_arguments,
     add_logging_arguments,
     add_model_arguments,
+    add_progress_arguments,
     add_scoring_arguments,
     add_suite_sampling_arguments,
     bench_options_from_args,
@@ -55,7 +57,8 @@ def add_render_arguments(render: argparse.ArgumentParser) -> None:
     render.add_argument("--dry-run", action="store_true",
                         help="print what a run would render, replace and remove, and write nothing")
     add_efficiency_arguments(render)
-    render.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_check_arguments(render)
+    add_progress_arguments(render)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +68,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="where the scores go (default: <dataset>/eval)")
     parser.add_argument("--device", help="torch device of the encoders (default: cpu; cuda on Ray GPU workers)")
     add_cluster_arguments(parser)
+    add_progress_arguments(parser)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +85,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_scoring_arguments(parser)
     add_cluster_arguments(parser)
     add_efficiency_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_check_arguments(parser)
+    add_progress_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

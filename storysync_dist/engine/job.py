@@ -111,6 +111,16 @@ class RenderOptions:
     bundle_on: str = "auto"
     # none, or model: diffusers' enable_model_cpu_offload (components visit the device in turn).
     offload: str = "none"
+    # A diffusers scheduler class name (--scheduler), built from the pipeline's own scheduler
+    # config; None keeps the model's. Part of every frame's fingerprint.
+    scheduler: str | None = None
+    # LoRA adapters as (path, scale) (--lora PATH[:SCALE]), loaded with load_lora_weights from
+    # safetensors; part of every frame's fingerprint and of the anchor-bundle check.
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    # Skip the peak-memory check made before anything renders (--force; docs/memory.md).
+    force: bool = False
+    # Where stderr is not a terminal: one plain progress line every this many seconds (--log-every).
+    log_every: float = 10.0
 
 
 @dataclass
