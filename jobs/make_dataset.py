@@ -1,9 +1,12 @@
 """Ray job entrypoint: render a benchmark prompt file (e.g. ConsiStory+) into ONE Parquet dataset.
 
-    python jobs/make_dataset.py ../shared/benchmarks/consistory_plus.yaml --model tiny-sdxl \\
+    python jobs/make_dataset.py consistory-plus --model tiny-sdxl \\
         --out out/consistory --categories animals,foods --limit 2 --steps 2 --height 64 --width 64
-    ray job submit --working-dir . -- python jobs/make_dataset.py /data/consistory_plus.yaml \\
+    ray job submit --working-dir . -- python jobs/make_dataset.py consistory-plus \\
         --model stabilityai/stable-diffusion-xl-base-1.0 --out s3://bucket/consistory --workers 8
+
+The benchmark is a suite name (``storysync bench --list-suites``; fetched once into the cache,
+``storysync_dist.io.suites``) or a file of the same shape.
 
 Every subject set becomes a story (``storysync_dist.spec.load_benchmark``); all of them render into
 the same ``--out``, one folder per story (``data/<story_id>/``), so the stories never collide, and
@@ -53,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jobs/make_dataset.py",
         description="Render every subject set of a benchmark prompt file as a story, into one Parquet dataset.",
     )
-    parser.add_argument("benchmark", help="benchmark file: {category: [{concept_token, subject, style, settings}]}")
+    parser.add_argument("benchmark", help="a suite name (consistory-plus; fetched once into the cache) or a "
+                        "benchmark file: {category: [{concept_token, subject, style, settings}]}")
     add_model_arguments(parser)
     parser.add_argument("--categories", help="comma-separated categories to render (default: all)")
     parser.add_argument("--limit", type=positive_int, help="render only the first K subject sets of each category")
@@ -117,6 +121,7 @@ def check_unique_ids(stories: Sequence[StorySpec]) -> None:
 def _main(args: argparse.Namespace) -> int:
     from storysync_dist.api import render_stories
     from storysync_dist.engine.job import check_efficiency_options
+    from storysync_dist.io.suites import resolve_suite
     from storysync_dist.spec import load_benchmark
 
     categories = None
@@ -127,7 +132,8 @@ def _main(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in ("steps", "height", "width", "seed")
                  if getattr(args, name) is not None}
     # The overrides go in as the stories' defaults, so a bad value fails here, naming the file.
-    stories = load_benchmark(args.benchmark, categories=categories, limit=args.limit, defaults=overrides)
+    benchmark = resolve_suite(args.benchmark, option="benchmark")
+    stories = load_benchmark(benchmark, categories=categories, limit=args.limit, defaults=overrides)
     stories, problems = _check_against_model(stories, args.model)
     if problems:
         for line in problems:

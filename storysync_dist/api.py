@@ -16,11 +16,13 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from .engine.job import JobPlan, JobResult, RenderOptions, prepare_job
+from .engine.job import JobPlan, JobResult, RenderOptions, model_info, prepare_job
+from .engine.memory import check_memory
 from .engine.outputs import ManifestWriter
 from .engine.progress import JobProgress
 from .engine.renderer import FrameOutput
 from .engine.run import StoryJob, local_executor, run_story
+from .interrupts import note_written
 from .spec import StorySpec, load_story
 
 if TYPE_CHECKING:
@@ -44,12 +46,23 @@ def _check_executor(options: RenderOptions, pipe: object | None, executor: RayEx
                                  f"for {getattr(options, name)!r}")
 
 
-def _dry_run_result(plan: JobPlan) -> JobResult:
+@contextlib.contextmanager
+def _noting_interrupts(progress: JobProgress, out: str) -> Iterator[None]:
+    """An interrupted job says how far it got: frames written of those it was to render."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:  # interrupts.Interrupted, or Ray's KeyboardInterrupt for one
+        numbers = progress.snapshot()
+        note_written(exc, f"{numbers['done']} of {numbers['total']} frames written to {out}")
+        raise
+
+
+def _dry_run_result(plan: JobPlan, memory: str | None = None) -> JobResult:
     return JobResult(
         out=plan.options.out, story_id=plan.spec.id, rendered=[], skipped=plan.skipped, storyboard="",
         manifest="", seconds=0.0, replaced=list(plan.replace), removed=list(plan.remove),
         stale=list(plan.stale), damaged=list(plan.damaged), dry_run=True,
-        notes=[*plan.notes, *plan.summary()],
+        notes=[*plan.notes, *plan.summary(), *([memory] if memory else [])],
     )
 
 
@@ -82,10 +95,14 @@ def render_story(
 
             executor = stack.enter_context(RayExecutor(options))
         plan = prepare_job(spec, options, pipe=pipe, device=executor.device if executor is not None else None)
+        # The peak memory per worker against the free memory, before anything loads (engine.memory).
+        memory = check_memory([plan], model_info(options, pipe), pipe=pipe, executor=executor)
         if options.dry_run:
-            return _dry_run_result(plan)
-        # Frames, fps and ETA on the terminal, and as Ray metrics when Ray is up (engine.progress).
-        progress = stack.enter_context(JobProgress(options.out, show=options.progress))
+            return _dry_run_result(plan, memory[0])
+        # Frames, fps and ETA: a bar on a terminal, plain lines in a log, and Ray metrics when Ray
+        # is up (engine.progress).
+        progress = stack.enter_context(JobProgress(options.out, show=options.progress, log_every=options.log_every))
+        stack.enter_context(_noting_interrupts(progress, options.out))
         job = StoryJob(plan, on_frame, progress)
         return run_story(job, executor if executor is not None else local_executor(pipe))
 
@@ -117,15 +134,17 @@ def render_stories(
             executor = stack.enter_context(RayExecutor(options))  # starts no actor until it renders
         device = executor.device if executor is not None else None
         plans = [prepare_job(spec, options, pipe=pipe, device=device) for spec in specs]
+        memory = check_memory(plans, model_info(options, pipe), pipe=pipe, executor=executor) if plans else []
         if options.dry_run:
-            yield from (_dry_run_result(plan) for plan in plans)
+            yield from (_dry_run_result(plan, note) for plan, note in zip(plans, memory, strict=True))
             return
-        progress = stack.enter_context(JobProgress(options.out, show=options.progress))
+        progress = stack.enter_context(JobProgress(options.out, show=options.progress, log_every=options.log_every))
         for plan in plans:  # every story counts from the start: the job's total and ETA cover them all
             progress.add_story(plan.spec.id, plan.total)
         # One roll-up of manifest.json a minute and one at the end, not one per story.
         manifest = ManifestWriter(options.out, options.storage_options, flush_every=MANIFEST_FLUSH_SECONDS)
         stack.callback(manifest.flush)
+        stack.enter_context(_noting_interrupts(progress, options.out))
         jobs = [StoryJob(plan, on_frame, progress, manifest) for plan in plans]
         if executor is None:
             run = local_executor(pipe)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .core.config import ABLATIONS
 from .core.methods import METHODS
 from .errors import RenderError, StorySyncUserError
+from .interrupts import print_interrupted, signals_interrupt
 
 if TYPE_CHECKING:
     from .benchmarking import BenchOptions
@@ -263,6 +264,7 @@ def eval_options_from_args(args: argparse.Namespace, **changes: Any) -> EvalOpti
         dataset=_given(args, "dataset"), out=_given(args, "out"), metrics=split_list(_given(args, "metrics"), "--metrics"),
         weights=_given(args, "weights"), encoders=_given(args, "encoders"), workers=_given(args, "workers", 0),
         address=resolve_address(_given(args, "address")), device=_given(args, "device"),
+        progress=not _given(args, "no_progress", False), log_every=_given(args, "log_every", 10.0),
     )
     return EvalOptions(**{**fields, **changes})
 
@@ -308,11 +310,16 @@ def print_result(result: JobResult) -> None:
 
 def run_command(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Set up logging and run ``body(args)``: a user error prints one line and returns 2, a render
-    error (the job ran and failed) one line and 1."""
+    error (the job ran and failed) one line and 1, SIGINT or SIGTERM one line and 130 or 143
+    (``interrupts``: what is complete is kept, and a rerun finishes the job)."""
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(message)s")
     try:
-        return body(args)
+        with signals_interrupt():
+            try:
+                return body(args)
+            except KeyboardInterrupt as exc:  # an Interrupted, or Ray's own for one (interrupts.py)
+                return print_interrupted(prog, exc)
     except StorySyncUserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -13,6 +13,11 @@ Layout of ``--out``::
 A rerun resumes: the renders skip the frames already present (the engine's fingerprints) and the
 scores keep the stories whose frames did not change (``evaluate``). The encoders are loaded before
 anything renders, so missing weights fail at once, not after the renders.
+
+``suite`` is a name of ``io.suites.SUITES`` (fetched once into the cache) or a file. Every subject
+set is checked against the model before anything renders; one that does not fit (a concept token
+the prompts lack, a prompt too long for the text encoder) is left out with a one-line warning
+(logger ``storysync``) and listed in ``BenchResult.skipped``: the run goes on with the others.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -59,6 +65,7 @@ class BenchResult:
     plumbing_check: bool
     seconds: float
     rendered: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # one line per subject set left out, and why
 
 
 def _check_methods(methods: list[str]) -> list[str]:
@@ -78,6 +85,7 @@ def run_benchmark(options: BenchOptions) -> BenchResult:
     from .eval.report import bench_rows, plot_adherence, table_markdown
     from .evaluate import StoryImages, _load, check_eval_options, evaluate_dataset
     from .io.storage import write_bytes
+    from .io.suites import resolve_suite
     from .spec import load_benchmark
 
     started = time.perf_counter()
@@ -85,9 +93,11 @@ def run_benchmark(options: BenchOptions) -> BenchResult:
     out = options.render.out
     defaults = {k: v for k, v in (("steps", options.render.steps), ("height", options.render.height),
                                   ("width", options.render.width), ("seed", options.seed)) if v is not None}
-    stories = load_benchmark(options.suite, categories=options.categories, limit=options.limit, defaults=defaults)
+    suite = resolve_suite(options.suite)
+    stories = load_benchmark(suite, categories=options.categories, limit=options.limit, defaults=defaults)
     if not stories:
         raise StorySyncUserError(f"{options.suite}: no subject set matches --category/--limit")
+    stories, skipped = _sets_that_fit(stories, options.render.model)
     metrics = check_eval_options(options.scoring)
     loaded = _load(metrics, options.scoring)  # missing weights: exit 2 now, before any render
 
@@ -123,7 +133,35 @@ def run_benchmark(options: BenchOptions) -> BenchResult:
     boards = [write_bytes(out, f"storyboards/{story.id}.png", _storyboard(story, methods, readers), store)
               for story in stories]
     return BenchResult(out=out, rows=rows, files=files, storyboards=boards, plumbing_check=plumbing,
-                       seconds=time.perf_counter() - started, rendered=rendered)
+                       seconds=time.perf_counter() - started, rendered=rendered, skipped=skipped)
+
+
+def _sets_that_fit(stories: list[StorySpec], model: str) -> tuple[list[StorySpec], list[str]]:
+    """The subject sets that fit ``model`` (``validate_for_model`` at the size the engine will use,
+    without loading weights), and one line for each that does not, which is logged as a warning.
+    Only when none fits is it an error: then the cause is the options (a size) or the model."""
+    from .models.info import load_model_info
+    from .spec import validate_for_model
+
+    try:
+        info = load_model_info(model)
+    except (ValueError, TypeError) as exc:  # UnknownModelError, an unsupported pipeline folder
+        raise StorySyncUserError(f"--model: {exc}") from None
+    good, skipped = [], []
+    for story in stories:
+        size = (story.defaults.height or info.default_height, story.defaults.width or info.default_width)
+        try:
+            validate_for_model(story, info.tokenizer, info.size_factor, size=size)
+        except StorySyncUserError as exc:
+            skipped.append(str(exc))
+        else:
+            good.append(story)
+    if not good:
+        raise StorySyncUserError(f"no subject set fits --model {model} ({len(skipped)} checked); the first: "
+                                 f"{skipped[0]}")
+    for line in skipped:
+        logging.getLogger("storysync").warning("warning: skipping %s", line)
+    return good, skipped
 
 
 def _csv(rows: list[dict[str, Any]]) -> bytes:
@@ -161,6 +199,8 @@ def print_bench_result(result: BenchResult) -> None:
               "say nothing about quality")
     rendered = ", ".join(f"{m} {n}" for m, n in result.rendered.items())
     print(f"rendered frames: {rendered}; in {result.seconds:.1f}s")
+    if result.skipped:
+        print(f"skipped: {len(result.skipped)} subject set(s) that do not fit the model (the warnings above)")
     metrics = [k.replace("_", "-") for k in result.rows[0] if k not in ("method", "model", "stories", "frames")]
     print(table_markdown(result.rows, metrics, plumbing_check=result.plumbing_check))
     for kind, url in result.files.items():

@@ -30,8 +30,10 @@ from .arguments import (
     print_result,
     run_command,
 )
+from .errors import StorySyncUserError
 
-__all__ = ["EXIT_USER_ERROR", "add_render_arguments", "build_parser", "main", "options_from_args", "print_result"]
+__all__ = ["EXIT_USER_ERROR", "add_bench_arguments", "add_render_arguments", "build_parser", "check_bench_arguments",
+           "main", "options_from_args", "print_result"]
 
 
 def add_render_arguments(render: argparse.ArgumentParser) -> None:
@@ -73,11 +75,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``storysync bench`` (``jobs/benchmark.py`` takes the same)."""
-    parser.add_argument("--suite", required=True, help="prompt suite: {category: [{concept_token, subject, style, "
-                        "settings}]}, e.g. ConsiStory+")
+    parser.add_argument("--suite", help="prompt suite: a name (consistory-plus, downloaded once into the cache; "
+                        "--list-suites) or a file {category: [{concept_token, subject, style, settings}]}")
+    parser.add_argument("--list-suites", action="store_true",
+                        help="print the suite names with their size and source, and exit")
     parser.add_argument("--limit", type=positive_int, help="the first N subject sets of each category")
     parser.add_argument("--category", help="comma-separated categories (default: all)")
     add_model_arguments(parser, with_method=False)
+    # --suite, --model and --out are required unless --list-suites: check_bench_arguments says so.
+    for action in parser._actions:
+        if action.dest in BENCH_REQUIRED:
+            action.required = False
     parser.add_argument("--methods", default="vanilla,storysync,consistory,storydiffusion",
                         help="comma-separated methods, rendered on the same prompts and seeds (default: all four)")
     add_suite_sampling_arguments(parser)
@@ -87,6 +95,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_efficiency_arguments(parser)
     add_check_arguments(parser)
     add_progress_arguments(parser)
+
+
+BENCH_REQUIRED = {"suite": "--suite", "model": "--model", "out": "--out"}
+
+
+def check_bench_arguments(args: argparse.Namespace) -> None:
+    """The options a bench run needs and ``--list-suites`` does not: a one-line error naming the
+    missing ones (``StorySyncUserError``, exit 2)."""
+    missing = [option for dest, option in BENCH_REQUIRED.items() if getattr(args, dest, None) is None]
+    if missing:
+        raise StorySyncUserError(f"the following arguments are required: {', '.join(missing)} "
+                                 "(or --list-suites alone)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +137,12 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .benchmarking import print_bench_result, run_benchmark
 
+    if args.list_suites:
+        from .io.suites import format_suites
+
+        print(format_suites())
+        return 0
+    check_bench_arguments(args)
     print_bench_result(run_benchmark(bench_options_from_args(args)))
     return 0
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import StorySyncUserError
+from .interrupts import note_written
 
 __all__ = ["EvalOptions", "EvalResult", "StoryFrames", "StoryImages", "evaluate_dataset", "read_story_index"]
 
@@ -48,6 +49,10 @@ class EvalOptions:
     address: str | None = None
     device: str | None = None
     storage_options: dict[str, Any] | None = None
+    # Images and stories scored so far (--no-progress turns it off): a bar on a terminal, else one
+    # plain line every log_every seconds (--log-every), as render's progress (engine.progress).
+    progress: bool = True
+    log_every: float = 10.0
 
 
 @dataclass
@@ -167,7 +172,7 @@ def evaluate_dataset(options: EvalOptions, *, loaded: tuple[Any, Any] | None = N
 
     ``loaded``: the ``(encoders, background remover)`` of these options, loaded earlier (``bench``
     scores several datasets with one set)."""
-    from .io.scores import read_scores, write_scores
+    from .io.scores import read_scores
 
     started = time.perf_counter()
     metrics = check_eval_options(options)
@@ -196,37 +201,91 @@ def evaluate_dataset(options: EvalOptions, *, loaded: tuple[Any, Any] | None = N
     results: dict[str, tuple[list, dict]] = {}
     images = StoryImages(options.dataset, options.storage_options)
     loading = (images.with_images(story) for story in todo)  # one story's images at a time
-    if todo and options.workers > 0:
-        from .distributed.evaluator import score_on_ray
 
-        results = score_on_ray(loading, len(todo), metrics, options)
-    else:
-        for story in loading:
-            results[story.story_id] = score_story_frames(story, encoders, remover, metrics)
-            log.info("scored story %s (%d frames)", story.story_id, len(story.frame_ids))
+    def write(complete: bool) -> tuple[dict[str, str], dict[str, Any], list[dict[str, Any]]]:
+        return _write_tables(out, work, kept, results, previous[0], metrics, weights, options, plumbing,
+                             _random_parts(encoders.plumbing_check, preset_models), preset_models, complete)
 
-    frame_rows: list[dict[str, Any]] = [r for r in previous[0] if r["story_id"] in kept]
+    with _EvalProgress(options, todo) as progress:
+        try:
+            if todo and options.workers > 0:
+                from .distributed.evaluator import score_on_ray
+
+                score_on_ray(loading, len(todo), metrics, options, on_scored=progress.scored, into=results)
+            else:
+                for story in loading:
+                    results[story.story_id] = score_story_frames(story, encoders, remover, metrics)
+                    progress.scored(story.story_id, len(story.frame_ids))
+        except KeyboardInterrupt as exc:  # SIGINT/SIGTERM (interrupts): keep the stories scored so far
+            scored = f"{len(results)} of {len(todo)} stories scored"
+            if results:
+                write(complete=False)
+                scored += f", their scores written to {out}"
+            note_written(exc, scored)
+            raise
+
+    files, summary, story_rows = write(complete=True)
+    return EvalResult(out=out, files=files, stories=len(work), frames=summary["frames"],
+                      scored=[s.story_id for s in todo], reused=reused, summary=summary,
+                      seconds=time.perf_counter() - started, story_rows=story_rows)
+
+
+def _write_tables(out: str, work: list[StoryFrames], kept: dict[str, dict], results: dict[str, tuple[list, dict]],
+                  previous_frames: list[dict[str, Any]], metrics: Sequence[str], weights: dict[str, str],
+                  options: EvalOptions, plumbing: bool, random_parts: str, preset_models: list[str],
+                  complete: bool) -> tuple[dict[str, str], dict[str, Any], list[dict[str, Any]]]:
+    """Write the score tables of the stories scored (``kept`` from earlier runs, ``results`` now);
+    an interrupted run writes what it has with ``complete`` False, and its rerun reuses them."""
+    from .io.scores import write_scores
+
+    frame_rows: list[dict[str, Any]] = [r for r in previous_frames if r["story_id"] in kept]
     story_rows: list[dict[str, Any]] = []
     for story in work:
         if story.story_id in kept:
             story_rows.append(kept[story.story_id])
             continue
+        if story.story_id not in results:
+            continue  # not scored yet (an interrupted run)
         frames, row = results[story.story_id]
         frame_rows.extend(frames)
         story_rows.append({**row, "digest": story.digest, "plumbing_check": plumbing})
     frame_rows.sort(key=lambda r: (r["story_id"], r["frame_id"]))
     summary = {
         "dataset": options.dataset, "stories": len(work), "frames": sum(len(s.frame_ids) for s in work),
+        "complete": complete, "scored_stories": len(story_rows),
         "metrics": list(metrics), "weights": weights, "plumbing_check": plumbing,
-        "label": (f"PLUMBING CHECK: random weights ({_random_parts(encoders.plumbing_check, preset_models)}); "
+        "label": (f"PLUMBING CHECK: random weights ({random_parts}); "
                   "these numbers say nothing about quality") if plumbing else "scores with the weights listed",
         "random_weight_models": preset_models,
         "mean": {m: _mean([row.get(m.replace("-", "_")) for row in story_rows]) for m in metrics},
     }
-    files = write_scores(out, frame_rows, story_rows, summary, options.storage_options)
-    return EvalResult(out=out, files=files, stories=len(work), frames=summary["frames"],
-                      scored=[s.story_id for s in todo], reused=reused, summary=summary,
-                      seconds=time.perf_counter() - started, story_rows=story_rows)
+    return write_scores(out, frame_rows, story_rows, summary, options.storage_options), summary, story_rows
+
+
+class _EvalProgress:
+    """Images scored of those to score, and stories: ``engine.progress.JobProgress`` counting
+    images, without Ray metrics (those are render's) or a line per story."""
+
+    def __init__(self, options: EvalOptions, todo: list[StoryFrames]) -> None:
+        from .engine.progress import JobProgress
+
+        self.job = JobProgress(f"scoring {options.dataset}", show=options.progress and bool(todo),
+                               log_every=options.log_every, metrics=False, unit="image", story_lines=False)
+        for story in todo:
+            self.job.add_story(story.story_id, len(story.frame_ids))
+
+    def scored(self, story_id: str, images: int) -> None:
+        """``story_id`` is scored: its ``images`` count, and the story is done."""
+        log.info("scored story %s (%d frames)", story_id, images)
+        if images:
+            self.job.frame_done(story_id, count=images)
+        self.job.story_done(story_id)
+
+    def __enter__(self) -> _EvalProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.job.close()
 
 
 def _random_parts(random_encoders: bool, preset_models: list[str]) -> str:

@@ -125,7 +125,8 @@ def test_small_file(tmp_path: Path) -> None:
     # Braces in a setting are text, not placeholders.
     assert fox.frames[2].prompt == "A watercolor painting of A red fox with a bushy tail jumping over a {log}"
     assert fox.frames[2].template == "{subject} jumping over a {{log}}"
-    assert leopard.subjects[0].tokens == ["Snow Leopard"]
+    # The concept token as the subject spells it ("A snow leopard"): T5 tokenizers keep case.
+    assert leopard.subjects[0].tokens == ["snow leopard"]
     # One setting: the only frame is the only anchor.
     assert bagel.frames[0].prompt == "A sesame bagel on a plate" and bagel.anchors == ["s00"]
 

@@ -280,6 +280,19 @@ def _check_meta(meta: dict[str, Any]) -> StorySyncConfig:
     guidance = _get(meta, "guidance_scale")
     if not (_is_finite_number(guidance) and guidance >= 0):
         raise BundleError(f"meta guidance_scale must be a finite number >= 0, got {_show(guidance)}")
+    # --scheduler and --lora (absent from bundles made before they existed: neither was used).
+    scheduler = meta.get("scheduler")
+    if not (scheduler is None or isinstance(scheduler, str)):
+        raise BundleError(f"meta scheduler must be a string or null, got a JSON {_kind(scheduler)}")
+    loras = meta.get("loras")
+    if loras is not None:
+        if not isinstance(loras, list):
+            raise BundleError(f"meta loras must be a list, got a JSON {_kind(loras)}")
+        for i, lora in enumerate(loras):
+            if not (isinstance(lora, list) and len(lora) == 3 and isinstance(lora[0], str)
+                    and _is_finite_number(lora[1]) and isinstance(lora[2], str)
+                    and re.fullmatch(r"[0-9a-f]{64}", lora[2])):
+                raise BundleError(f"meta loras[{i}] must be [path, finite scale, sha256 hex], got {_show(lora)}")
     raw_config = _get(meta, "config")
     if not isinstance(raw_config, dict):
         raise BundleError(f"meta config must be an object, got a JSON {_kind(raw_config)}")

@@ -30,6 +30,7 @@ from ..core.config import StorySyncConfig
 from ..core.residency import PlacedBundle
 from ..engine.renderer import FrameJob, FrameOutput, RenderSettings, StoryRenderer, encode_frame
 from ..errors import StorySyncUserError
+from ..models.customize import apply_model_setup
 from ..models.family import Adapter
 from ..models.presets import load_pipeline
 from ..models.registry import adapter_for
@@ -120,6 +121,7 @@ class _PipelineHolder:
         self._args = (model, device, requested, dtype, offload)
         self.bundle_on = bundle_on
         self.adapter: Adapter | None = None
+        self.pipe: Any = None
         self.device = device
         self._renderer_key: str | None = None
         self._renderer: StoryRenderer | None = None
@@ -138,6 +140,7 @@ class _PipelineHolder:
             model, device, requested, dtype, offload = self._args
             device = choose_device(device, requested, _placement()["gpu_ids"], socket.gethostname())
             pipe = load_pipeline(model, device=device, dtype=getattr(torch, dtype), offload=offload)
+            self.pipe = pipe
             self.adapter = adapter_for(pipe)
             self.device = str(self.adapter.device)
         return self.adapter
@@ -146,7 +149,12 @@ class _PipelineHolder:
         """The renderer for one story's config and settings (cheap: the pipeline is shared)."""
         key = json.dumps([config, settings], sort_keys=True)
         if key != self._renderer_key or self._renderer is None:
-            self._renderer = StoryRenderer(self._load(), StorySyncConfig.from_dict(config), RenderSettings(**settings))
+            adapter = self._load()
+            story = RenderSettings(**settings)
+            # The story's --scheduler and --lora: the LoRA files are read here, by the path the driver
+            # resolved, and must hash to what it planned with (models.customize).
+            apply_model_setup(self.pipe, story.scheduler, story.loras)
+            self._renderer = StoryRenderer(adapter, StorySyncConfig.from_dict(config), story)
             self._renderer_key = key
         return self._renderer
 

@@ -7,10 +7,12 @@ when the cluster is big enough but busy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch
 
 from ..engine.devices import DTYPES, default_dtype
 from ..errors import StorySyncUserError
+from ..interrupts import reclaim_sigterm
 
 log = logging.getLogger("storysync")
 
@@ -57,15 +60,49 @@ def connect(address: str | None, workers: int) -> None:
             ray.init(address=address, logging_level=logging.WARNING)
         except ConnectionError as exc:
             raise StorySyncUserError(f"{where}: cannot reach the Ray cluster ({exc})") from None
+        reclaim_sigterm()  # ray.init put its own SIGTERM handler (sys.exit(15)) in place
         return
     _loopback_only()
-    ray.init(
-        address="local",
-        # Logical CPUs: one per worker (and one spare) even on a small machine.
-        num_cpus=max(os.cpu_count() or 1, workers + 1),
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-    )
+    with _quiet_embedded_start():
+        ray.init(
+            address="local",
+            # Logical CPUs: one per worker (and one spare) even on a small machine.
+            num_cpus=max(os.cpu_count() or 1, workers + 1),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    reclaim_sigterm()
+
+
+class _EmbeddedStartNotices(logging.Filter):
+    """Drops the notices Ray logs while starting a cluster that mean nothing for one this job starts
+    for itself on 127.0.0.1 and stops at exit: "Token authentication is enabled for this Ray
+    cluster. Set RAY_AUTH_MODE=disabled to opt out" (Ray 2.60, when RAY_AUTH_MODE is unset; the
+    cluster still uses the token). Nothing else is dropped, and joining a cluster drops nothing."""
+
+    NOTICES = (("_warn_token_auth_enabled", "Token authentication is enabled for this Ray cluster"),)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(record.funcName == func or message.startswith(text) for func, text in self.NOTICES)
+
+
+# The loggers that log _EmbeddedStartNotices' notices.
+_EMBEDDED_START_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+
+
+@contextlib.contextmanager
+def _quiet_embedded_start() -> Iterator[None]:
+    """While an embedded Ray starts: without the notices of :class:`_EmbeddedStartNotices`."""
+    notices = _EmbeddedStartNotices()
+    loggers = [logging.getLogger(name) for name in _EMBEDDED_START_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notices)
 
 
 def _check_reachable(address: str, where: str) -> None:

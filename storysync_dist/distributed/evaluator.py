@@ -8,7 +8,7 @@ GPU cluster, one CPU each otherwise), so eval runs on the same clusters render d
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -39,17 +39,21 @@ class EvalWorker:
 
 
 def score_on_ray(
-    stories: Iterable[StoryFrames], count: int, metrics: Sequence[str], options: EvalOptions
+    stories: Iterable[StoryFrames], count: int, metrics: Sequence[str], options: EvalOptions,
+    on_scored: Callable[[str, int], None] | None = None,
+    into: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] | None = None,
 ) -> dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]:
     """Score the ``count`` ``stories`` on ``options.workers`` actors, one story in flight per actor
     (the iterable is consumed as actors free up, so only those stories' images are held);
-    ``{story_id: (frame rows, story row)}``."""
+    ``{story_id: (frame rows, story row)}``. ``on_scored(story_id, frames)`` is called on the
+    driver as each story's scores arrive (the progress of ``storysync eval``). ``into``: the dict to
+    fill (and return), so a caller interrupted midway keeps the stories scored so far."""
     connect(options.address, options.workers)
     resources = actor_resources(options.workers, options.device)
     remote = ray.remote(EvalWorker).options(**resources.ray_options())
     actors = [remote.remote(list(metrics), options.weights, options.encoders, resources.device)
               for _ in range(max(1, min(options.workers, count)))]
-    results: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
+    results: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {} if into is None else into
     pending = iter(stories)
     try:
         in_flight = {}
@@ -62,6 +66,8 @@ def score_on_ray(
             actor = in_flight.pop(done)
             story_id, frames, row = ray.get(done)
             results[story_id] = (frames, row)
+            if on_scored is not None:
+                on_scored(story_id, len(frames))
             story = next(pending, None)
             if story is not None:
                 in_flight[actor.score.remote(story)] = actor

@@ -211,28 +211,36 @@ class PoolScheduler:
             if opened is None:
                 done.append((source, finisher.submit(source.finish, {})))
                 continue
-            plan, ctx = opened
-            story = _Story(source, plan, ctx, time.monotonic(),
-                           queue=deque(frame_batches(plan.frame_jobs, plan.frame_batch)))
-            story.stats = {"workers": self.pool.count, "retried": [], "worker_busy_seconds": {},
-                           "frame_batch": plan.frame_batch}
-            if plan.anchor_jobs:
-                story.key = uuid.uuid4().hex
-                story.meta = bundle_meta(plan.config, plan.settings, plan.anchor_jobs)
-                story.anchors = "waiting"
-            elif plan.bundle is not None:
-                story.key = uuid.uuid4().hex
-                story.meta = plan.bundle.meta
-                # ray.put from the driver: the driver owns these objects.
-                count = max(plan.bundle.steps, default=-1) + 1
-                story.steps = [ray.put(s.to_numpy()) if (s := plan.bundle.step(t)) is not None else ray.put(None)
-                               for t in range(count)]
-                story.stats["anchor_bytes"] = plan.bundle.nbytes()
-                self._largest_bundle = max(self._largest_bundle, plan.bundle.nbytes())
-                story.anchors = "done"
+            try:
+                story = self._opened(source, *opened)
+            except BaseException:  # an interrupt before the story is active: let go of it here
+                source.abort()
+                raise
             active.append(story)
             return True
         return False
+
+    def _opened(self, source: StorySource, plan: JobPlan, ctx: JobContext) -> _Story:
+        """The scheduler's record of a story ``source`` just opened."""
+        story = _Story(source, plan, ctx, time.monotonic(),
+                       queue=deque(frame_batches(plan.frame_jobs, plan.frame_batch)))
+        story.stats = {"workers": self.pool.count, "retried": [], "worker_busy_seconds": {},
+                       "frame_batch": plan.frame_batch}
+        if plan.anchor_jobs:
+            story.key = uuid.uuid4().hex
+            story.meta = bundle_meta(plan.config, plan.settings, plan.anchor_jobs)
+            story.anchors = "waiting"
+        elif plan.bundle is not None:
+            story.key = uuid.uuid4().hex
+            story.meta = plan.bundle.meta
+            # ray.put from the driver: the driver owns these objects.
+            count = max(plan.bundle.steps, default=-1) + 1
+            story.steps = [ray.put(s.to_numpy()) if (s := plan.bundle.step(t)) is not None else ray.put(None)
+                           for t in range(count)]
+            story.stats["anchor_bytes"] = plan.bundle.nbytes()
+            self._largest_bundle = max(self._largest_bundle, plan.bundle.nbytes())
+            story.anchors = "done"
+        return story
 
     def _dispatch(self, kind: str, story: _Story, worker: Worker, calls: dict[Any, _Call]) -> None:
         now = time.monotonic()

@@ -9,6 +9,7 @@ agree with the story's frames of the same id.
 from __future__ import annotations
 
 import json
+import posixpath
 from typing import Any
 
 import fsspec
@@ -19,7 +20,7 @@ from ..errors import StorySyncUserError, one_line
 from ..spec import StorySpec
 from .renderer import BundleMismatchError, FrameJob, RenderSettings, StoryRenderer
 
-__all__ = ["MAX_BUNDLE_BYTES", "check_bundle_for_job", "publish_steps", "read_bundle", "read_bundle_meta"]
+__all__ = ["MAX_BUNDLE_BYTES", "check_bundle_for_job", "check_bundle_model_setup", "publish_steps", "read_bundle", "read_bundle_meta"]
 
 # Larger than any real story's bundle (SDXL 1024 px, 50 steps, every layer: ~40 GB), small
 # enough that a wrong file is refused before it is read into memory.
@@ -84,6 +85,7 @@ def check_bundle_for_job(
     except (BundleMismatchError, ValueError) as exc:
         raise StorySyncUserError(f"--anchors {url}: {one_line(exc)}") from None
     meta = bundle.meta
+    check_bundle_model_setup(meta, settings, url)
     for position, anchor_id in enumerate(meta["anchor_ids"]):
         job = jobs.get(anchor_id)
         if job is None:
@@ -97,3 +99,35 @@ def check_bundle_for_job(
                                      f"{meta['anchor_seeds'][position]}, the story says {job.seed}")
         if [list(p) for p in meta["anchor_token_positions"][position]] != [list(p) for p in job.token_positions]:
             raise StorySyncUserError(f"{where} its subject tokens sit elsewhere in the bundle's prompt")
+
+
+def _loras_text(loras: list[tuple[str, float]], paths: list[str]) -> str:
+    if not loras:
+        return "without a LoRA"
+    shown = [f"{posixpath.basename(path) + ' ' if path else ''}(sha256 {sha[:12]}..., scale {scale:g})"
+             for (sha, scale), path in zip(loras, paths + [""] * len(loras))]
+    return "with LoRA " + " + ".join(shown)
+
+
+def check_bundle_model_setup(meta: dict[str, Any], settings: RenderSettings, url: str) -> None:
+    """Refuse a bundle made with another scheduler or other LoRAs (files by SHA-256, and scales)
+    than the job's, one line. A bundle from before ``--scheduler``/``--lora`` has neither key:
+    made with the model's scheduler and no LoRA."""
+    made_scheduler, ours = meta.get("scheduler"), settings.scheduler
+    if made_scheduler != ours:
+        def named(scheduler: str | None) -> str:
+            return f"--scheduler {scheduler}" if scheduler else "the model's own scheduler"
+
+        raise StorySyncUserError(
+            f"--anchors {url}: the anchor bundle was made with {named(made_scheduler)}, this job uses "
+            f"{named(ours)}; anchors and frames must share one scheduler"
+        )
+    made_loras = [(str(sha), float(scale)) for _, scale, sha in meta.get("loras") or []]
+    our_loras = [(sha, float(scale)) for _, scale, sha in settings.loras]
+    if made_loras != our_loras:
+        made_paths = [str(path) for path, _, _ in meta.get("loras") or []]
+        raise StorySyncUserError(
+            f"--anchors {url}: the anchor bundle was made {_loras_text(made_loras, made_paths)}, this job renders "
+            f"{_loras_text(our_loras, [p for p, _, _ in settings.loras])}; render the anchors again with the "
+            "job's --lora (or drop --anchors)"
+        )

@@ -1,7 +1,10 @@
 """A frame's identity: everything that determines its pixels, hashed into one fingerprint.
 
 A frame is a pure function of (model, dtype, sampling settings, config, its own prompt, negative
-prompt, seed and subject tokens, and, for StorySync, the anchors it was rendered against). The
+prompt, seed and subject tokens, and, for StorySync, the anchors it was rendered against). A
+``--scheduler`` and ``--lora`` adapters are part of the model: the scheduler's class name and each
+LoRA's file SHA-256 and scale (not its path) are in the description, and only when set, so the
+fingerprints of jobs that use neither are those they always were. The
 fingerprint is the SHA-256 of that description as canonical JSON; the dataset stores it per row,
 and a rerun keeps a row only when its fingerprint equals the one the story gives now. Where a frame
 renders (which worker, which host, CPU or GPU of the same dtype) is deliberately not part of it:
@@ -51,6 +54,9 @@ class RenderIdentity:
     config: dict[str, Any]
     subjects: tuple[tuple[str, tuple[str, ...]], ...]  # (description, tokens) per subject
     anchors: tuple[AnchorIdentity, ...]
+    # --scheduler (None: the model's own) and the LoRAs as (sha256, scale), in order.
+    scheduler: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +66,8 @@ class RenderIdentity:
             "config": self.config,
             "subjects": [{"description": d, "tokens": list(t)} for d, t in self.subjects],
             "anchors": [a.to_dict() for a in self.anchors],
+            **({"scheduler": self.scheduler} if self.scheduler is not None else {}),
+            **({"loras": [{"sha256": sha, "scale": float(scale)} for sha, scale in self.loras]} if self.loras else {}),
         }
 
 

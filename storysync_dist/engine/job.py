@@ -13,7 +13,7 @@ the fingerprints stored in the dataset, which decides the work:
 
 One story holds one set of render settings: if the dataset has rows of the story made with other
 settings (the ``config`` column: method, model and revision, dtype, steps, size, guidance, negative
-prompt, StorySync config; not the anchors), the job is refused before it writes anything, unless
+prompt, scheduler and LoRAs, StorySync config; not the anchors), the job is refused before it writes anything, unless
 ``replace_config`` is set, which renders those frames again (and cannot be combined with ``only``).
 
 Sampling settings the story leaves out come from the model, the way its stock pipeline picks them
@@ -41,18 +41,29 @@ from ..core.methods import METHODS, method_config, uses_anchors
 from ..core.residency import PLACEMENTS
 from ..errors import StorySyncUserError
 from ..io.sink import ParquetFrameSink
-from ..models.info import ModelInfo, load_model_info, model_info_from_pipeline
+from ..models.customize import ModelSetup, resolve_model_setup
+from ..models.info import (
+    ModelInfo,
+    attention_processor_names,
+    attention_processor_names_of,
+    load_model_info,
+    model_info_from_pipeline,
+)
 from ..models.loading import OFFLOADS
+from ..models.registry import family_named
 from ..models.revision import model_revision
 from ..spec import StorySpec, load_story, validate_for_model
 from .bundles import check_bundle_for_job, read_bundle
 from .devices import default_dtype, default_frame_batch, device_and_dtype
 from .identity import AnchorIdentity, RenderIdentity, frame_fingerprint
+from .layers import check_layers
+from .memory import check_size
 from .plan import JobPlan, frame_config_json, plan_jobs, plan_work
 from .renderer import RenderSettings
 
 __all__ = [
-    "JobPlan", "JobResult", "RenderOptions", "device_and_dtype", "job_config", "prepare_job", "with_model_defaults",
+    "JobPlan", "JobResult", "RenderOptions", "device_and_dtype", "job_config", "model_info", "prepare_job",
+    "with_model_defaults",
 ]
 
 log = logging.getLogger("storysync")
@@ -114,8 +125,9 @@ class RenderOptions:
     # A diffusers scheduler class name (--scheduler), built from the pipeline's own scheduler
     # config; None keeps the model's. Part of every frame's fingerprint.
     scheduler: str | None = None
-    # LoRA adapters as (path, scale) (--lora PATH[:SCALE]), loaded with load_lora_weights from
-    # safetensors; part of every frame's fingerprint and of the anchor-bundle check.
+    # LoRA adapters as (path, scale) (--lora PATH[:SCALE]; a bare path has scale 1), loaded with
+    # load_lora_weights from safetensors; part of every frame's fingerprint and of the anchor-bundle
+    # check. The CLI's values beat the story's ``model:`` section (docs/configuration.md).
     loras: list[tuple[str, float]] = field(default_factory=list)
     # Skip the peak-memory check made before anything renders (--force; docs/memory.md).
     force: bool = False
@@ -195,6 +207,8 @@ def prepare_job(
     # The layers left to the model family (None) are named now, so the config column, the
     # fingerprints and the bundles hold the names that were used.
     config = config.with_layers(info.share_layers, info.mask_layers)
+    if uses_anchors(options.method):
+        _check_layers(config, info, options, pipe)  # a typo in a layer name must not switch the method off
     if spec.defaults.negative_prompt is not None and not info.negative_prompt:
         raise StorySyncUserError(
             f"{spec.source}: defaults.negative_prompt: --model {options.model} takes no negative prompt "
@@ -202,15 +216,19 @@ def prepare_job(
         )
     size = (_or(spec.defaults.height, info.default_height), _or(spec.defaults.width, info.default_width))
     # Checked before the model's values are filled in, so an error names where a bad size came from.
+    check_size(size, info.max_size, cli=(options.height, options.width), story=(spec.defaults.height,
+               spec.defaults.width), source=spec.source)  # before any weights load (engine.memory)
     token_positions = validate_for_model(spec, info.tokenizer, info.size_factor, size=size)
     spec = with_model_defaults(spec, info)
+    setup = _model_setup(spec, options, pipe)  # --scheduler and --lora, checked before anything renders
 
     storysync = uses_anchors(options.method)
     d = spec.defaults
     settings = RenderSettings(
         model=options.model, steps=d.steps, height=d.height, width=d.width, guidance_scale=d.guidance_scale,
         dtype=_dtype_name(options, pipe, device), model_revision=model_revision(options.model),
-        negative_prompt=d.negative_prompt,
+        negative_prompt=d.negative_prompt, scheduler=setup.scheduler,
+        loras=tuple(lora.as_settings() for lora in setup.loras),
     )
     jobs = {job.frame_id: job for job in plan_jobs(spec, token_positions)}
 
@@ -239,7 +257,7 @@ def prepare_job(
         guidance_scale=settings.guidance_scale, negative_prompt=settings.negative_prompt,
         config=config.to_dict(),
         subjects=tuple((s.description, tuple(s.tokens)) for s in spec.subjects),
-        anchors=anchors,
+        anchors=anchors, scheduler=setup.scheduler, loras=tuple((lora.sha256, lora.scale) for lora in setup.loras),
     )
     fingerprints = {
         job.frame_id: frame_fingerprint(identity, frame_id=job.frame_id, prompt=job.prompt, seed=job.seed,
@@ -290,6 +308,46 @@ def _model_info(options: RenderOptions, pipe: object | None) -> ModelInfo:
         return _folder_model_info(options.model, model_revision(options.model))
     except (ValueError, TypeError) as exc:  # UnknownModelError, unsupported pipeline
         raise StorySyncUserError(f"--model: {exc}") from None
+
+
+def _check_layers(config: StorySyncConfig, info: ModelInfo, options: RenderOptions, pipe: object | None) -> None:
+    """``share_layers``/``mask_layers`` against the denoiser's processor names (``engine.layers``)."""
+    family = family_named(info.family)
+    try:
+        if pipe is not None:
+            processors = attention_processor_names_of(pipe)
+        else:
+            processors = attention_processor_names(options.model, model_revision(options.model))
+    except (ValueError, TypeError, OSError) as exc:
+        raise StorySyncUserError(f"--model: {exc}") from None
+    check_layers(config, processors, shares_at=family.shares_at, maps_at=family.maps_at, model=options.model)
+
+
+def _model_setup(spec: StorySpec, options: RenderOptions, pipe: object | None) -> ModelSetup:
+    """The job's scheduler and LoRAs, checked against the model (``models.customize``): ``--scheduler``
+    and ``--lora`` (``RenderOptions.scheduler``/``loras``), else the story's ``model:`` section; any
+    ``--lora`` replaces the story's whole list."""
+    scheduler = None
+    if options.scheduler is not None:
+        scheduler = (options.scheduler, "--scheduler")
+    elif spec.model.scheduler is not None:
+        scheduler = (spec.model.scheduler, f"{spec.source}: model.scheduler")
+    loras: list[tuple[str, Any, str]] = []
+    for item in options.loras or []:
+        if isinstance(item, str):
+            loras.append((item, 1.0, "--lora"))
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+            loras.append((item[0], item[1], "--lora"))
+        else:
+            raise StorySyncUserError(f"--lora {item!r}: give a path or a (path, scale) pair")
+    if not loras:
+        loras = [(lora.path, lora.scale, f"{spec.source}: model.loras[{i}]") for i, lora in enumerate(spec.model.loras)]
+    return resolve_model_setup(options.model, scheduler, loras, pipe=pipe, steps=spec.defaults.steps)
+
+
+def model_info(options: RenderOptions, pipe: object | None = None) -> ModelInfo:
+    """The :class:`ModelInfo` ``prepare_job`` plans against (cached per model and revision)."""
+    return _model_info(options, pipe)
 
 
 @functools.lru_cache(maxsize=8)

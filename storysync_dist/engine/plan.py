@@ -31,11 +31,13 @@ __all__ = [
 
 ANCHOR_DIR = "anchors"
 # Keys of the ``config`` column that are not render settings: the anchors are compared frame by
-# frame through the fingerprints (an anchor edit re-renders the frames), not refused.
-_NOT_SETTINGS = frozenset({"anchors"})
+# frame through the fingerprints (an anchor edit re-renders the frames), not refused; where the
+# LoRA files were read from is a note (a LoRA is its file's SHA-256 and scale, wherever it lies).
+_NOT_SETTINGS = frozenset({"anchors", "lora_paths"})
 _SHOWN_DIFFERENCES = 3
 _KEY_ORDER = {key: i for i, key in enumerate((
     "method", "model", "model_revision", "dtype", "steps", "height", "width", "guidance_scale", "negative_prompt",
+    "scheduler", "loras",
 ))}
 
 
@@ -96,7 +98,9 @@ class JobPlan:
             # The resolved settings (model defaults filled in), so a dry run shows what a story
             # that leaves them out will render at.
             f"settings: {st.width}x{st.height} px, {st.steps} steps, guidance {st.guidance_scale:g}, {st.dtype}, "
-            f"--method {self.options.method}",
+            f"--method {self.options.method}"
+            + (f", scheduler {st.scheduler}" if st.scheduler else "")
+            + "".join(f", LoRA {posixpath.basename(path)} x{scale:g}" for path, scale, _ in st.loras),
             f"render:  {len(new)}{ids(new)}",
             f"replace: {len(self.replace)}{ids(self.replace)}  (stored with other inputs: rendered again)",
             f"remove:  {len(self.remove)}{ids(self.remove)}  (no longer in the story)",
@@ -125,10 +129,20 @@ def frame_config_json(options: RenderOptions, settings: RenderSettings, config: 
 
     Holds the method, every ``RenderSettings`` field (model, revision, dtype, steps, height, width,
     guidance scale, negative prompt: the resolved values, model defaults included), the anchor ids
-    and the resolved StorySync config (``storysync``).
+    and the resolved StorySync config (``storysync``). A ``--scheduler`` (``scheduler``: the class
+    name) and ``--lora`` adapters (``loras``: SHA-256 and scale of each file, in order; their paths
+    in ``lora_paths``, which is not a setting) appear only when the job has them, so the column of a
+    job without them is what it always was.
     """
+    values = dataclasses.asdict(settings)
+    loras = values.pop("loras")
+    if values["scheduler"] is None:
+        del values["scheduler"]
+    if loras:
+        values["loras"] = [{"sha256": sha, "scale": scale} for _, scale, sha in loras]
+        values["lora_paths"] = [path for path, _, _ in loras]
     return json.dumps(
-        {"method": options.method, **dataclasses.asdict(settings), "anchors": anchors, "storysync": config.to_dict()},
+        {"method": options.method, **values, "anchors": anchors, "storysync": config.to_dict()},
         sort_keys=True,
     )
 
@@ -209,8 +223,11 @@ def plan_work(plan: JobPlan, sink: ParquetFrameSink) -> JobPlan:
 
 
 def _same_bundle(saved_meta: dict, plan: JobPlan) -> bool:
-    expected = bundle_meta(plan.config, plan.settings, [plan.jobs[a] for a in plan.anchor_ids])
-    return all(saved_meta.get(key) == value for key, value in expected.items())
+    # As JSON gives it back (tuples are lists there: the LoRAs of the settings).
+    expected = json.loads(json.dumps(bundle_meta(plan.config, plan.settings, [plan.jobs[a] for a in plan.anchor_ids])))
+    # A bundle saved before --scheduler/--lora existed has neither key: made without them.
+    return all(saved_meta.get(key) == value or (key not in saved_meta and value in (None, []))
+               for key, value in expected.items())
 
 
 def _settings_of(config_json: str | None) -> dict[str, Any] | None:

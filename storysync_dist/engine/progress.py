@@ -1,10 +1,25 @@
-"""Progress of a job that renders many stories, possibly concurrently: a terminal bar and Ray metrics.
+"""Progress of a job that renders many stories, possibly concurrently: a terminal bar or plain
+log lines, and Ray metrics.
 
 A :class:`JobProgress` is told how many frames the job will render for each story
 (:meth:`JobProgress.add_story`), then about each rendered frame (:meth:`JobProgress.frame_done`) and
-each finished story (:meth:`JobProgress.story_done`). It shows one tqdm bar for the whole job, prints
-one line per finished story, and (on a Ray cluster) exports the numbers as Ray metrics, which Ray's
-Prometheus endpoint serves and the Ray dashboard / Grafana can chart.
+each finished story (:meth:`JobProgress.story_done`). It shows the job's progress on ``stream``
+(stderr by default), prints one line per finished story on stdout, and (on a Ray cluster) exports
+the numbers as Ray metrics, which Ray's Prometheus endpoint serves and the Ray dashboard / Grafana
+can chart.
+
+How the job's progress is shown depends on ``stream``:
+
+- a terminal (``stream.isatty()``): one tqdm bar for the whole job, redrawn in place;
+- anything else (``ray job logs``, CI, a file): no bar and no carriage return, but one plain line at
+  most every ``log_every`` seconds of ``clock`` (written when a frame or story is reported, so a
+  quiet stretch writes nothing), and one last line at :meth:`JobProgress.close`::
+
+      out/demo: 12/40 frames, 0.85 fps, ETA 33s, stories 1/4
+      out/demo: 40/40 frames in 47s, 0.85 fps, stories 4/4
+
+``unit`` names what is counted (``"frame"``; ``storysync eval`` counts ``"image"``s scored, and
+its rate reads ``images/s``).
 
 What the numbers mean (all times in seconds of ``clock``, ``time.monotonic`` by default):
 
@@ -43,15 +58,19 @@ The gauges are updated on every ``add_story`` and ``frame_done``; the counter on
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["METRIC_DESCRIPTIONS", "JobProgress"]
+__all__ = ["DEFAULT_LOG_EVERY", "METRIC_DESCRIPTIONS", "JobProgress", "format_seconds", "is_terminal"]
+
+#: Seconds between two plain progress lines where the stream is not a terminal (``--log-every``).
+DEFAULT_LOG_EVERY = 10.0
 
 #: name -> (kind, tag keys, description) of every Ray metric a JobProgress exports.
 METRIC_DESCRIPTIONS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -99,6 +118,26 @@ def _eta(done: int, total: int, fps: float) -> float | None:
     return max(total - done, 0) / fps if fps > 0 else None
 
 
+def is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal (a closed or odd stream is not)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def format_seconds(seconds: float) -> str:
+    """``"33s"``, ``"4m 05s"``, ``"2h 03m"``: a duration for a log line."""
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
 @dataclass
 class _Story:
     total: int
@@ -109,21 +148,35 @@ class _Story:
 
 
 class JobProgress:
-    """Frames rendered by a job over many stories: a tqdm bar, a line per finished story, Ray metrics.
+    """Frames rendered by a job over many stories: a tqdm bar on a terminal or plain lines elsewhere,
+    a line per finished story, Ray metrics.
 
-    ``show`` turns the bar and the per-story lines on; ``metrics`` exports Ray metrics (None: when Ray
-    is initialized at construction); ``clock`` gives the time in seconds. The job's clock starts at
-    construction; each story's clock starts at its ``add_story``. See the module docstring for what
-    each number means. The methods may be called from several threads.
+    ``show`` turns the progress and the per-story lines on; ``metrics`` exports Ray metrics (None:
+    when Ray is initialized at construction); ``clock`` gives the time in seconds. ``stream`` (None:
+    ``sys.stderr`` now) gets the bar when it is a terminal, else a plain line at most every
+    ``log_every`` seconds and one at close; ``story_lines`` prints a line per finished story on
+    stdout; ``unit`` names what is counted. The job's clock starts at construction; each story's
+    clock starts at its ``add_story``. See the module docstring for what each number means. The
+    methods may be called from several threads.
     """
 
     def __init__(self, job_name: str, *, show: bool = True, metrics: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, log_every: float = DEFAULT_LOG_EVERY,
+                 stream: IO[str] | None = None, unit: str = "frame", story_lines: bool = True) -> None:
+        if not log_every > 0:
+            raise ValueError(f"log_every must be > 0, got {log_every}")
         self.job_name = job_name
         self.show = show
+        self.log_every = log_every
+        self.unit = unit
+        self.story_lines = story_lines
+        self.stream = sys.stderr if stream is None else stream
+        # Plain lines where no terminal shows the bar: a bar's carriage returns smear in a log.
+        self.lines = show and not is_terminal(self.stream)
         self._clock = clock
         self._lock = threading.RLock()
         self._start = clock()
+        self._last_line = self._start
         self._closed_at: float | None = None
         self._stories: dict[str, _Story] = {}
         self._done = 0
@@ -131,7 +184,8 @@ class JobProgress:
         if metrics is None:
             metrics = _ray_is_initialized()
         self._metrics: dict[str, Any] | None = _ray_metrics() if metrics else None
-        self._bar = tqdm(total=0, desc=job_name, unit="frame", disable=not show, dynamic_ncols=True)
+        self._bar = tqdm(total=0, desc=job_name, unit=unit, disable=not show or self.lines, file=self.stream,
+                         dynamic_ncols=True)
 
     @property
     def metrics_enabled(self) -> bool:
@@ -151,7 +205,8 @@ class JobProgress:
             self._total += total
             self._bar.total = self._total
             self._refresh_bar()
-            self._export(story_id, frame=False)
+            self._export(story_id, frame=0)
+            self._maybe_line()
 
     def open_story(self, story_id: str, total: int) -> None:
         """The story starts rendering now with ``total`` frames: add it, or, when it was added ahead
@@ -169,18 +224,22 @@ class JobProgress:
             story.added_at = self._clock()
             self._bar.total = self._total
             self._refresh_bar()
-            self._export(story_id, frame=False)
+            self._export(story_id, frame=0)
+            self._maybe_line()
 
-    def frame_done(self, story_id: str, seconds: float = 0.0) -> None:
-        """Count one rendered frame of ``story_id``; ``seconds``: how long it took to render (optional,
-        only shown in the story's line as the mean render time per frame)."""
+    def frame_done(self, story_id: str, seconds: float = 0.0, *, count: int = 1) -> None:
+        """Count ``count`` (default one) rendered frames of ``story_id``; ``seconds``: how long they
+        took to render (optional, only shown in the story's line as the mean render time per frame)."""
+        if count < 1:
+            raise ValueError(f"story {story_id!r}: count must be >= 1, got {count}")
         with self._lock:
             story = self._story(story_id)
-            story.done += 1
+            story.done += count
             story.render_seconds += seconds
-            self._done += 1
-            self._refresh_bar(advance=1)
-            self._export(story_id, frame=True)
+            self._done += count
+            self._refresh_bar(advance=count)
+            self._export(story_id, frame=count)
+            self._maybe_line()
 
     def story_done(self, story_id: str) -> None:
         """Mark ``story_id`` finished (stops its clock) and print its line: frames, wall time, fps.
@@ -192,17 +251,24 @@ class JobProgress:
                 return
             story.finished_at = self._clock()
             self._refresh_bar()
-            if self.show:
-                tqdm.write(self._story_line(story_id, story))
+            if self.show and self.story_lines:
+                line = self._story_line(story_id, story)
+                if self.lines:
+                    print(line, file=sys.stdout, flush=True)
+                else:
+                    tqdm.write(line)
+            self._maybe_line()
 
     def close(self) -> None:
-        """Stop the job's clock and close the bar (idempotent)."""
+        """Stop the job's clock and close the bar, or write the last plain line (idempotent)."""
         with self._lock:
             if self._closed_at is not None:
                 return
             self._closed_at = self._clock()
             self._refresh_bar()
             self._bar.close()
+            if self.lines and self._stories:
+                self._write_line(self._final_line())
 
     def __enter__(self) -> JobProgress:
         return self
@@ -238,6 +304,14 @@ class JobProgress:
                 "stories": stories,
             }
 
+    def progress_line(self) -> str:
+        """``"<job>: 12/40 frames, 0.85 fps, ETA 33s, stories 1/4"``: the job's numbers now."""
+        with self._lock:
+            _, rate, eta, finished = self._counts()
+            eta_text = "?" if eta is None else format_seconds(eta)
+            return (f"{self.job_name}: {self._done}/{self._total} {self.unit}s, {self._rate_text(rate)}, "
+                    f"ETA {eta_text}, stories {finished}/{len(self._stories)}")
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _story(self, story_id: str) -> _Story:
@@ -254,11 +328,42 @@ class JobProgress:
 
     def _story_line(self, story_id: str, story: _Story) -> str:
         wall = self._story_seconds(story, self._clock())
-        line = (f"{self.job_name}: story {story_id}: {story.done}/{story.total} frames in "
-                f"{wall:.1f}s ({_rate(story.done, wall):.2f} fps)")
+        line = (f"{self.job_name}: story {story_id}: {story.done}/{story.total} {self.unit}s in "
+                f"{wall:.1f}s ({self._rate_text(_rate(story.done, wall))})")
         if story.done and story.render_seconds > 0:
-            line += f", {story.render_seconds / story.done:.2f}s/frame rendering"
+            line += f", {story.render_seconds / story.done:.2f}s/{self.unit} rendering"
         return line
+
+    def _counts(self) -> tuple[float, float, float | None, int]:
+        """elapsed, rate, ETA and finished stories, now."""
+        elapsed = self._elapsed(self._clock())
+        rate = _rate(self._done, elapsed)
+        finished = sum(story.finished_at is not None for story in self._stories.values())
+        return elapsed, rate, _eta(self._done, self._total, rate), finished
+
+    def _rate_text(self, rate: float) -> str:
+        return f"{rate:.2f} fps" if self.unit == "frame" else f"{rate:.2f} {self.unit}s/s"
+
+    def _final_line(self) -> str:
+        elapsed, rate, _, finished = self._counts()
+        return (f"{self.job_name}: {self._done}/{self._total} {self.unit}s in {format_seconds(elapsed)}, "
+                f"{self._rate_text(rate)}, stories {finished}/{len(self._stories)}")
+
+    def _maybe_line(self) -> None:
+        """Write the progress line when ``log_every`` seconds have passed since the last one."""
+        if not self.lines or self._closed_at is not None:
+            return
+        now = self._clock()
+        if now - self._last_line >= self.log_every:
+            self._write_line(self.progress_line())
+            self._last_line = now
+
+    def _write_line(self, line: str) -> None:
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: progress is not worth failing a job
+            pass
 
     def _refresh_bar(self, advance: int = 0) -> None:
         if self._bar.disable:
@@ -273,7 +378,7 @@ class JobProgress:
         if advance:
             self._bar.update(advance)
 
-    def _export(self, story_id: str, *, frame: bool) -> None:
+    def _export(self, story_id: str, *, frame: int) -> None:
         if self._metrics is None:
             return
         job = {"job": self.job_name}
@@ -281,7 +386,7 @@ class JobProgress:
         fps = _rate(self._done, self._elapsed(self._clock()))
         eta = _eta(self._done, self._total, fps)
         if frame:
-            self._metrics["storysync_frames_done"].inc(1, tags=story_tags)
+            self._metrics["storysync_frames_done"].inc(frame, tags=story_tags)
         self._metrics["storysync_story_frames_done"].set(self._stories[story_id].done, tags=story_tags)
         self._metrics["storysync_frames_total"].set(self._total, tags=job)
         self._metrics["storysync_frames_per_second"].set(fps, tags=job)

@@ -63,6 +63,10 @@ class RenderSettings:
     dtype: str = "float32"
     model_revision: str | None = None
     negative_prompt: str | None = None
+    # --scheduler (a diffusers class name; None: the model's own) and --lora ((absolute path, scale,
+    # sha256) each), applied to the pipeline by models.customize.apply_model_setup.
+    scheduler: str | None = None
+    loras: tuple[tuple[str, float, str], ...] = ()
 
 
 @dataclass

@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core.anchors import AnchorBundle
 from ..core.residency import PlacedBundle
 from ..errors import StorySyncUserError, one_line
 from ..io.lease import Lease, LeaseHeldError
 from ..io.sink import FrameRecord, ParquetFrameSink, write_bytes
+from ..models.customize import apply_model_setup
 from ..models.presets import load_pipeline
 from ..models.registry import adapter_for
 from .devices import device_and_dtype
@@ -50,12 +50,14 @@ class JobContext:
         self.bundle_url: str | None = None
         self.first_frame_seconds: float | None = None
         self._on_frame = on_frame
-        # A job of many stories shows one JobProgress; a single story its own bar.
+        # The job's JobProgress (render_story and render_stories give one for all their stories); a
+        # story run alone (run_job) gets its own, shown the same way: a bar on a terminal, plain
+        # lines every --log-every seconds elsewhere (engine.progress).
+        self._own_progress = progress is None
+        if progress is None:
+            progress = JobProgress(plan.options.out, show=plan.options.progress, log_every=plan.options.log_every)
         self.progress = progress
-        if progress is not None:
-            progress.open_story(plan.spec.id, plan.total)
-        self.bar = tqdm(total=plan.total, unit="frame", disable=progress is not None or not plan.options.progress or None,
-                        desc=plan.spec.id)
+        progress.open_story(plan.spec.id, plan.total)
 
     def emit(self, output: FrameOutput) -> None:
         """Write one finished frame (one atomic part file, replacing any older row of it)."""
@@ -69,17 +71,16 @@ class JobContext:
         elapsed = time.perf_counter() - self.start
         if self.first_frame_seconds is None:
             self.first_frame_seconds = elapsed
-        self.bar.update(1)
-        self.bar.set_postfix(frame=output.job.frame_id, sec=f"{output.seconds:.2f}")
         log.info("frame %s done in %.2fs (%d/%d, ETA %.0fs)", output.job.frame_id, output.seconds, done,
                  plan.total, elapsed / done * max(0, plan.total - done))
-        if self.progress is not None:
-            self.progress.frame_done(plan.spec.id, output.seconds)
+        self.progress.frame_done(plan.spec.id, output.seconds)
         if self._on_frame is not None:
             self._on_frame(output)
 
     def step(self, label: str, i: int) -> None:
-        self.bar.set_postfix(frame=label, step=f"{i + 1}/{self.plan.settings.steps}")
+        """Denoising step ``i`` of ``label`` (the anchors, a frame or a batch) is done. Progress counts
+        frames, so no bar or line shows it (it is logged at DEBUG level)."""
+        log.debug("%s: %s step %d/%d", self.plan.spec.id, label, i + 1, self.plan.settings.steps)
 
     def save_bundle(self, bundle: AnchorBundle) -> None:
         """Save the anchor bundle next to the dataset when the job asked for it."""
@@ -89,9 +90,9 @@ class JobContext:
                                           storage_options=options.storage_options)
 
     def close(self) -> None:
-        self.bar.close()
-        if self.progress is not None:
-            self.progress.story_done(self.plan.spec.id)
+        self.progress.story_done(self.plan.spec.id)
+        if self._own_progress:
+            self.progress.close()
 
 
 Executor = Callable[[JobPlan, JobContext], dict]
@@ -126,6 +127,8 @@ def local_executor(pipe: object | None = None) -> Executor:
         if pipe is None:
             device, dtype = device_and_dtype(options.device, options.dtype)
             pipe = load_pipeline(options.model, device=device, dtype=dtype, offload=options.offload)
+        # The story's --scheduler and --lora (one pipeline serves stories with different ones).
+        apply_model_setup(pipe, plan.settings.scheduler, plan.settings.loras)
         renderer = StoryRenderer(adapter_for(pipe), plan.config, plan.settings)
         device = str(renderer.adapter.device)
         log.info("rendering in this process on %s (%s)", device, plan.settings.dtype)
@@ -156,12 +159,16 @@ def local_executor(pipe: object | None = None) -> Executor:
     return execute
 
 
-def _lease_story(plan: JobPlan) -> Lease:
+def _story_lease(plan: JobPlan) -> Lease:
     options, spec = plan.options, plan.spec
-    lease = Lease(options.out, f"story-{spec.id}", storage_options=options.storage_options,
-                  purpose=f"job rendering story {spec.id!r}")
+    return Lease(options.out, f"story-{spec.id}", storage_options=options.storage_options,
+                 purpose=f"job rendering story {spec.id!r}")
+
+
+def _acquire(lease: Lease, plan: JobPlan) -> None:
+    options, spec = plan.options, plan.spec
     try:
-        return lease.acquire()
+        lease.acquire()
     except LeaseHeldError as exc:
         raise StorySyncUserError(
             f"--out {options.out}: story {spec.id!r} is being written by another job ({exc}); wait for it "
@@ -197,14 +204,17 @@ class StoryJob:
         self._sink: ParquetFrameSink | None = None
         self._start = 0.0
         self._existed: bool | None = None
+        self._aborted = False
 
     def start(self) -> tuple[JobPlan, JobContext] | None:
         """Lease the story and re-plan it; return (plan, ctx), or None when nothing renders."""
         options = self.plan.options
         self._start = time.perf_counter()
         self._existed = _out_exists(options)
-        self._lease = _lease_story(self.plan)
+        # Kept before it is taken, so an interrupt that lands while it is taken still lets it go (abort).
+        self._lease = _story_lease(self.plan)
         try:
+            _acquire(self._lease, self.plan)
             self._sink = ParquetFrameSink(options.out, storage_options=options.storage_options)
             self.plan = plan_work(self.plan, self._sink)  # what changed between planning and the lease
             self.ctx = JobContext(self.plan, self._sink, self.on_frame, progress=self.progress)
@@ -242,12 +252,20 @@ class StoryJob:
 
     def abort(self) -> None:
         """Let go of the story after a failure: the frames written so far are committed (best
-        effort: a rerun commits them otherwise), so readers see them."""
+        effort: a rerun commits them otherwise), so readers see them, and the manifest entry says
+        what is stored. Once is enough: a second call does nothing."""
+        if self._aborted:
+            return
+        self._aborted = True
         if self.ctx is not None:
             self.ctx.close()
         if self._sink is not None and self._lease is not None:
             try:
                 self._sink.commit_story(self.plan.spec.id, current=self.plan.fingerprints)
+                if self.ctx is not None and self.ctx.rendered:
+                    # The manifest entry says what is stored now: "complete": false, which frames are
+                    # done. (A job that wrote nothing leaves the manifest, and a new --out, as they were.)
+                    write_story_outputs(self._sink, self.plan, {}, changed=True, removed=[], manifest=self.manifest)
             except Exception as exc:  # the job's own error matters more
                 log.warning("could not commit the frames of %s written so far: %s", self.plan.spec.id, one_line(exc))
         self._release()
@@ -269,14 +287,14 @@ def run_job(plan: JobPlan, executor: Executor, on_frame: Callable[[FrameOutput],
 def run_story(job: StoryJob, executor: Executor) -> JobResult:
     """Open ``job``, render it with ``executor`` (in this process, or one story on a Ray pool),
     finish it."""
-    opened = job.start()
     stats: dict = {}
-    if opened is not None or job.plan.save_bundle:
-        try:
+    try:
+        opened = job.start()
+        if opened is not None or job.plan.save_bundle:
             stats = executor(job.plan, job.ctx)
-        except BaseException:
-            job.abort()
-            raise
+    except BaseException:
+        job.abort()
+        raise
     return job.finish(stats)
 
 

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from storysync_dist.cache import cache_root
+
 __all__ = [
     "BACKGROUND_COLOUR", "RANDOM_TINY_U2NET_SEED", "BackgroundRemover", "build_random_tiny_u2net", "find_u2net",
     "load_background_remover",
@@ -168,11 +170,6 @@ def load_background_remover(
     return _LOADED[key]
 
 
-def _cache_root() -> pathlib.Path:
-    env = os.environ.get("STORYSYNC_CACHE")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "storysync"
-
-
 def build_random_tiny_u2net(
     cache_dir: str | os.PathLike[str] | None = None, *, seed: int = RANDOM_TINY_U2NET_SEED
 ) -> pathlib.Path:
@@ -185,7 +182,7 @@ def build_random_tiny_u2net(
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    folder = pathlib.Path(cache_dir) if cache_dir is not None else _cache_root() / "eval"
+    folder = pathlib.Path(cache_dir) if cache_dir is not None else cache_root() / "eval"
     path = folder / f"random-tiny-u2net-seed{seed}.onnx"
     if path.is_file():
         return path

@@ -68,6 +68,9 @@ class ModelInfo:
     # Whether guidance_scale > 1 means classifier-free guidance, an [uncond | cond] batch (UNet);
     # False where guidance is an embedding of the model (FLUX.1-dev) or absent (schnell).
     cfg_batch: bool = True
+    # The largest height or width a render may ask for (px); a larger one is refused before anything
+    # loads (engine.memory.check_size). 4096 unless the family knows better.
+    max_size: int = 4096
 
     @property
     def defaults(self) -> SamplingDefaults:
@@ -152,6 +155,16 @@ class ModelFamily(ABC):
     def presets(self) -> Mapping[str, Preset]:
         """Offline presets of this family (name -> preset)."""
         return {}
+
+    def shares_at(self, processor: str) -> bool:
+        """Whether the processor named ``processor`` (a key of the denoiser's ``attn_processors``) is
+        one that a ``share_layers`` prefix selects for cross-image sharing (a self-attention)."""
+        return processor.endswith("attn1.processor")
+
+    def maps_at(self, processor: str) -> bool:
+        """Whether ``processor`` is one that a ``mask_layers`` prefix selects for the subject maps
+        (a text cross-attention)."""
+        return processor.endswith("attn2.processor")
 
     def resolve_config(self, config: StorySyncConfig, info: ModelInfo) -> StorySyncConfig:
         """Fill the config's family-dependent defaults (layers left as None) from ``info``."""

@@ -388,7 +388,14 @@ class FluxFamily(ModelFamily):
 
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
+
+    def shares_at(self, processor: str) -> bool:
+        return True  # every FLUX attention is joint text+image self-attention (FluxStorySyncProcessor)
+
     info_files = ("model_index.json", "tokenizer_2/*", "transformer/config.json", "vae/config.json")
+
+    def maps_at(self, processor: str) -> bool:
+        return True
 
     def info_from_folder(self, folder: pathlib.Path, model_index: Mapping[str, Any]) -> ModelInfo:
         from transformers import AutoTokenizer

@@ -1,5 +1,6 @@
 """What a driver needs to know about a model without loading its weights: the tokenizer (to
-validate prompts), the size factor (to validate height and width) and the sampling defaults a
+validate prompts), the size factor and the largest size (``ModelInfo.max_size``, 4096 px unless
+the family says otherwise: to validate height and width) and the sampling defaults a
 story may leave out (size, steps, guidance), chosen the way the model's stock pipeline chooses them.
 
 The answers come from the model's family (``models/registry.py``); this module finds the folder.
@@ -13,6 +14,8 @@ the same defaults, fingerprints and ``config`` column.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import pathlib
 from typing import Any
@@ -70,3 +73,44 @@ def model_info_from_pipeline(pipe: Any) -> ModelInfo:
     from .registry import info_for_pipeline
 
     return info_for_pipeline(pipe)
+
+
+# The components whose attention layers StorySync installs processors on, by model_index role.
+_DENOISER_ROLES = ("unet", "transformer")
+
+
+def attention_processor_names(model: str, revision: str | None = None) -> tuple[str, ...]:
+    """The keys of the denoiser's ``attn_processors`` (``"up_blocks.0.attentions.0.transformer_
+    blocks.0.attn1.processor"``, ...): what ``share_layers`` and ``mask_layers`` prefixes select.
+
+    The denoiser is built from its config on torch's meta device: no weights are read and nothing
+    is allocated. ``revision`` only keys the cache (an edited folder is read again)."""
+    return _processor_names(str(model_folder(model)), revision)
+
+
+@functools.lru_cache(maxsize=16)
+def _processor_names(folder: str, revision: str | None) -> tuple[str, ...]:
+    import diffusers
+    import torch
+
+    index = json.loads((pathlib.Path(folder) / "model_index.json").read_text())
+    for role in _DENOISER_ROLES:
+        entry = index.get(role)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers"):
+            continue
+        cls = getattr(diffusers, str(entry[1]), None)
+        if cls is None:
+            break
+        with torch.device("meta"):
+            denoiser = cls.from_config(cls.load_config(pathlib.Path(folder) / role))
+        return tuple(denoiser.attn_processors)
+    raise UnknownModelError(f"{folder}: no UNet or transformer among the components of model_index.json")
+
+
+def attention_processor_names_of(pipe: Any) -> tuple[str, ...]:
+    """:func:`attention_processor_names` of a loaded pipeline."""
+    for role in _DENOISER_ROLES:
+        denoiser = getattr(pipe, role, None)
+        if denoiser is not None and hasattr(denoiser, "attn_processors"):
+            return tuple(denoiser.attn_processors)
+    raise UnknownModelError(f"{type(pipe).__name__}: no UNet or transformer to install processors on")

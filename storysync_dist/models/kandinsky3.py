@@ -324,6 +324,12 @@ class Kandinsky3Family(ModelFamily):
 
     name = "kandinsky3"
     pipeline_classes = ("Kandinsky3Pipeline",)
+
+    def shares_at(self, processor: str) -> bool:
+        return is_self_attention(processor)
+
+    def maps_at(self, processor: str) -> bool:
+        return is_cross_attention(processor)
     info_files = ("model_index.json", "tokenizer/*", "unet/config.json", "movq/config.json")
 
     def info_from_folder(self, folder: pathlib.Path, model_index: Mapping[str, Any]) -> ModelInfo:

@@ -45,6 +45,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from storysync_dist.cache import cache_root
 from storysync_dist.models.tokenizer import build_clip_tokenizer
 
 if TYPE_CHECKING:
@@ -271,12 +272,6 @@ def _quiet_progress_bars() -> Iterator[None]:
             huggingface_hub.utils.disable_progress_bars()
         else:
             huggingface_hub.utils.enable_progress_bars()
-
-
-def cache_root() -> pathlib.Path:
-    """Root of storysync's on-disk cache: `$STORYSYNC_CACHE`, else `~/.cache/storysync`."""
-    env = os.environ.get("STORYSYNC_CACHE")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "storysync"
 
 
 def _get_preset(name: str) -> Preset:

@@ -17,7 +17,13 @@ from typing import Any
 from .family import Adapter, ModelFamily, ModelInfo
 
 __all__ = [
-    "adapter_for", "families", "family_for_class", "family_for_pipeline", "info_for_pipeline", "model_info",
+    "adapter_for",
+    "families",
+    "family_for_class",
+    "family_for_pipeline",
+    "family_named",
+    "info_for_pipeline",
+    "model_info",
 ]
 
 # family name -> (module, class). Order matters only for messages.
@@ -32,6 +38,11 @@ _FAMILIES: dict[str, tuple[str, str]] = {
 def _load(name: str) -> ModelFamily:
     module, cls = _FAMILIES[name]
     return getattr(importlib.import_module(module), cls)()
+
+
+def family_named(name: str) -> ModelFamily:
+    """The family whose ``ModelFamily.name`` (``ModelInfo.family``) is ``name``."""
+    return _load(name)
 
 
 def families() -> list[ModelFamily]:

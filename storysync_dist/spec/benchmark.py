@@ -21,7 +21,7 @@ from ..errors import StorySpecError
 from .loading import _build, _read_document
 from .schema import Defaults, StorySpec, Subject, _format_validation_error, _Model, _RawFrame, _RawStory
 
-__all__ = ["BENCHMARK_SUBJECT", "load_benchmark", "slug"]
+__all__ = ["BENCHMARK_SUBJECT", "load_benchmark", "slug", "subject_tokens"]
 
 StrictStr = Annotated[str, Strict()]
 # The subject's placeholder name in benchmark stories: frame templates read "{subject} <setting>".
@@ -85,6 +85,55 @@ def _benchmark_id(category: str, index: int, concept_token: str) -> str:
     return f"{readable}-{digest[:_ID_HASH_CHARS]}"
 
 
+# Words a multi-word concept token may hold that name nothing ("loaf of bread", "mist from a waterfall"):
+# left out when the token is matched word by word.
+_STOP_WORDS = frozenset({"a", "an", "and", "at", "by", "for", "from", "in", "of", "on", "the", "to", "with"})
+_WORD_RE = re.compile(r"\w+(?:['’-]\w+)*")
+
+
+def _phrase(phrase: str, text: str, *, ignore_case: bool) -> str | None:
+    """The span of ``text`` that is ``phrase`` as whole words (any white space between them), as
+    written in ``text``; None when there is none."""
+    pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, phrase.split())) + r"(?!\w)"
+    found = re.search(pattern, text, re.IGNORECASE if ignore_case else 0)
+    return " ".join(found.group(0).split()) if found else None
+
+
+def subject_tokens(concept_token: str, subject: str) -> list[str]:
+    """The subject tokens (``Subject.tokens``) of a benchmark set: the words whose cross-attention
+    gives the subject mask, spelled as the subject text spells them.
+
+    - The concept token as written, when the subject contains it as a phrase (whole words): the
+      common case, which keeps every such set exactly as it was.
+    - Else the phrase as the subject writes it, when it is there but in another case ("Snow
+      Leopard" in "A snow leopard"): CLIP tokenizers lowercase, T5's do not.
+    - Else word by word, the way a story's list of tokens is matched: the concept token's words
+      except stop words (of, a, the, from, ...), each as the subject spells it, in any order and
+      any case ("loaf of bread" in "A crusty loaf of freshly baked bread" -> ``["loaf", "bread"]``,
+      "waterfall mist" in "Mist from a waterfall" -> ``["waterfall", "Mist"]``); a word that the
+      subject has only as a plural ("macaron" in "delicate macarons") is taken as the plural.
+      A word that the subject lacks stays as written: ``validate_for_model`` then refuses the set
+      unless the word is in every frame prompt anyway.
+    """
+    words = _WORD_RE.findall(concept_token)
+    if not words or _phrase(concept_token, subject, ignore_case=False) is not None:
+        return [concept_token]
+    phrase = _phrase(concept_token, subject, ignore_case=True)
+    if phrase is not None:
+        return [phrase]
+    content = [word for word in words if word.lower() not in _STOP_WORDS] or words
+    by_lower: dict[str, str] = {}
+    for word in _WORD_RE.findall(subject):
+        by_lower.setdefault(word.lower(), word)
+    tokens: list[str] = []
+    for word in content:
+        lower = word.lower()
+        spelled = by_lower.get(lower) or by_lower.get(lower + "s") or by_lower.get(lower + "es") or word
+        if spelled not in tokens:
+            tokens.append(spelled)
+    return tokens
+
+
 def _benchmark_story(
     raw: _RawBenchmarkSet, category: str, index: int, defaults: Defaults, source: str, story_id: str
 ) -> StorySpec:
@@ -101,7 +150,7 @@ def _benchmark_story(
         story = _RawStory(
             id=story_id,
             style=raw.style,
-            subjects=[Subject(name=BENCHMARK_SUBJECT, description=raw.subject, tokens=[raw.concept_token])],
+            subjects=[Subject(name=BENCHMARK_SUBJECT, description=raw.subject, tokens=subject_tokens(raw.concept_token, raw.subject))],
             defaults=defaults,
             frames=frames,
         )
@@ -129,7 +178,8 @@ def load_benchmark(
             settings: [rising from a fiery ashes, soaring through a glowing sky]
 
     Set ``i`` of ``category`` becomes a story with one subject (``{subject}``, tokens
-    ``[concept_token]``), the set's style, and one frame per setting (ids ``s00``, ``s01``, ...;
+    ``subject_tokens(concept_token, subject)``: ``[concept_token]`` when the subject contains it as
+    written, else its words as the subject spells them), the set's style, and one frame per setting (ids ``s00``, ``s01``, ...;
     prompt ``"{style} {subject} {setting}"``); anchors are the first two frames. ``story.category``
     is the category name as written in the file. ``categories`` keeps only those categories (file
     order), ``limit`` keeps the first ``limit`` sets of each category, and ``defaults`` sets the

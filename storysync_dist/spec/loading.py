@@ -23,6 +23,7 @@ from ..core.ids import ID_PATTERN, is_valid_id
 from ..errors import StorySpecError
 from .schema import (
     Frame,
+    ModelSection,
     StorySpec,
     Subject,
     _collapse,
@@ -119,6 +120,17 @@ def _check_storysync(section: Any, source: str) -> dict[str, Any]:
     return json.loads(json.dumps(section))
 
 
+def _resolve_model_section(section: ModelSection, source: str) -> ModelSection:
+    """The ``model:`` section with its LoRA paths made absolute: a relative path is relative to the
+    story file's folder (a story built in Python, without a file, keeps its paths as given)."""
+    if not section.loras or not os.path.isfile(source):
+        return section
+    folder = os.path.dirname(os.path.abspath(source))
+    loras = [lora.model_copy(update={"path": os.path.join(folder, os.path.expanduser(lora.path))})
+             for lora in section.loras]
+    return section.model_copy(update={"loras": loras})
+
+
 def _build(raw: _RawStory, source: str, category: str | None = None) -> StorySpec:
     """Resolve defaults (ids, seeds, anchors) and run the model-independent cross-field checks.
 
@@ -206,6 +218,7 @@ def _build(raw: _RawStory, source: str, category: str | None = None) -> StorySpe
         source=source,
         category=category,
         storysync=_check_storysync(raw.storysync, source),
+        model=_resolve_model_section(raw.model, source),
     )
 
 

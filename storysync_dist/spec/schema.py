@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from ..core.ids import MAX_SEED
 from ..errors import StorySpecError
 
-__all__ = ["Defaults", "Frame", "SeedRangeError", "StorySpec", "Subject", "check_seed"]
+__all__ = ["Defaults", "Frame", "LoraSpec", "ModelSection", "SeedRangeError", "StorySpec", "Subject", "check_seed"]
 
 # Subject names are used as ``{name}`` placeholders, so they must be valid format-field names.
 _SUBJECT_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -149,6 +149,47 @@ class Defaults(_Model):
         return None if value is None else _collapse(value)
 
 
+class LoraSpec(_Model):
+    """One LoRA adapter of the ``model:`` section: a ``.safetensors`` file and its scale.
+
+    A relative ``path`` is relative to the story file's folder (``loading._build`` makes it
+    absolute); the file itself is checked against the model by the job (``models.customize``).
+    """
+
+    path: str
+    scale: StrictFloat = 1.0
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("scale")
+    @classmethod
+    def _check_scale(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+        return float(value)
+
+
+class ModelSection(_Model):
+    """The story's ``model:`` section: what it changes of the model it renders with, a scheduler
+    (a diffusers class name; None: the model's own) and LoRA adapters, in order. ``--scheduler``
+    and ``--lora`` on the command line win (any ``--lora`` replaces the whole list)."""
+
+    scheduler: str | None = None
+    loras: list[LoraSpec] = Field(default_factory=list)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _check_scheduler(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be a diffusers scheduler class name, not empty")
+        return None if value is None else value.strip()
+
+
 class Frame(_Model):
     """One scene, fully resolved: ``prompt`` is the rendered text sent to the text encoder."""
 
@@ -181,6 +222,8 @@ class StorySpec(_Model):
     # The benchmark category a story came from (``load_benchmark``); None for a story file.
     category: str | None = None
     storysync: dict[str, Any] = Field(default_factory=dict)
+    # The ``model:`` section (scheduler and LoRAs; LoRA paths absolute for a story file).
+    model: ModelSection = Field(default_factory=ModelSection)
 
     def frame_by_id(self, frame_id: str) -> Frame:
         """Return the frame with this id; ``StorySpecError`` (naming the file) if there is none."""
@@ -261,6 +304,7 @@ class _RawStory(_Model):
     # Any: checked against StorySyncConfig in loading._build, whose errors name the option
     # (storysync.rfh_gamma); absent is {}, an explicit null is refused there as not a mapping.
     storysync: Any = Field(default_factory=dict)
+    model: ModelSection = Field(default_factory=ModelSection)
 
 
 # --------------------------------------------------------------------------------------------------
