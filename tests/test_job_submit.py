@@ -5,9 +5,13 @@ private ports and ``--temp-dir``, and only its own processes are stopped at the 
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
+import uuid
 from pathlib import Path
 
+from _pixels import assert_same_pixels, frame_pixels, like_a_ray_worker
 from _ray import RAY, RayHead, connected
 
 from storysync_dist.cli import main
@@ -62,3 +66,44 @@ def test_a_gpu_index_is_a_user_error_on_the_cluster(auth_ray_head: RayHead, tmp_
     assert code == 2 and len(err) == 1
     assert err[0].startswith("storysync: error: --device cuda:1: with --workers, Ray assigns each worker its own GPU")
     assert not (tmp_path / "out").exists()
+
+
+def test_ray_job_stop_ends_a_two_worker_render_in_one_line_and_a_rerun_finishes_it(auth_ray_head: RayHead, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    job_id = f"storysync-stop-{uuid.uuid4().hex[:8]}"
+    slow = [*SMALL[:2], "--steps", "10", *SMALL[4:]]  # frames long enough to stop the job between them
+    started = subprocess.run(
+        [RAY, "job", "submit", "--address", auth_ray_head.dashboard, "--working-dir", str(ROOT), "--no-wait",
+         "--submission-id", job_id, "--", "python", "jobs/render_story.py", "examples/story.yaml", *slow,
+         "--out", str(out), "--workers", "2"],
+        cwd=ROOT, env=auth_ray_head.env, capture_output=True, text=True, timeout=300, check=False)
+    assert started.returncode == 0, started.stdout + started.stderr
+
+    def ray_job(*args: str) -> str:
+        proc = subprocess.run([RAY, "job", *args, "--address", auth_ray_head.dashboard, job_id], cwd=ROOT,
+                              env=auth_ray_head.env, capture_output=True, text=True, timeout=120, check=False)
+        return proc.stdout + proc.stderr
+
+    deadline = time.monotonic() + 300
+    while len(list(out.rglob("*.staged"))) < 2:  # two frames written: stop it between frames
+        assert time.monotonic() < deadline, (ray_job("status"), sorted(out.rglob("*")), ray_job("logs")[-4000:])
+        time.sleep(0.1)
+    ray_job("stop")  # SIGTERM to the driver; it waits for the job to end
+    while not any(s in (status := ray_job("status")) for s in ("was stopped", "failed", "succeeded")):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert f"Job '{job_id}' was stopped" in status
+    log = ray_job("logs")
+    ends = [line for line in log.splitlines() if "interrupted" in line]
+    assert len(ends) == 1 and ends[0].startswith("render_story: interrupted (SIGTERM): "), log[-4000:]
+    assert ends[0].endswith("; run the same command again to finish") and "Traceback" not in log
+    entry = json.loads((out / "manifest.json").read_text())["stories"]["ginger-cat"]
+    done = [f["id"] for f in entry["frames"] if f["done"]]
+    assert entry["complete"] is False and 2 <= len(done) < 6
+    assert f"{len(done)} of 6 frames written to {out}" in ends[0]
+    # The same command again (in this process here: --workers N equals it) finishes it, equal to an
+    # uninterrupted run.
+    with like_a_ray_worker():
+        assert main(["render", str(EXAMPLE), *slow, "--out", str(out)]) == 0
+        assert main(["render", str(EXAMPLE), *slow, "--out", str(tmp_path / "whole")]) == 0
+    assert_same_pixels(frame_pixels(out), frame_pixels(tmp_path / "whole"))
