@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -81,21 +79,9 @@ def test_a_size_over_the_maximum_is_refused_in_one_line_before_anything_loads(
     err = one_line(capsys)
     for needle in needles:
         assert needle in err
-    assert not out.exists()
-
-
-def test_the_console_script_refuses_a_huge_size_in_a_real_process(tmp_path: Path) -> None:
-    story = write_story(tmp_path)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "storysync_dist.cli", "render", str(story), "--model", "tiny-sdxl", "--out", str(out),
-         "--height", "1048576", "--width", "1048576", "--no-progress"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr
-    err = proc.stderr.strip()
-    assert err == "storysync: error: --height 1048576: larger than 4096 px, the most this model renders; " \
-                  "use a height of at most 4096"
+    if extra:  # the exact line a user sees (the console script prints what main() prints)
+        assert err == ("storysync: error: --height 1048576: larger than 4096 px, the most this model renders; "
+                       "use a height of at most 4096")
     assert not out.exists()
 
 
