@@ -92,7 +92,8 @@ class JobPlan:
             shown = ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
             return f" ({shown})" if items else ""
 
-        new = [f.id for f in self.spec.frames if f.id in self._writes and f.id not in self.replace]
+        writes, replaced = self._writes, set(self.replace)  # once: per frame, this was quadratic (issue 20)
+        new = [f.id for f in self.spec.frames if f.id in writes and f.id not in replaced]
         st = self.settings
         lines = [
             # The resolved settings (model defaults filled in), so a dry run shows what a story
