@@ -7,11 +7,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from _stories import fox_story
 
 from storysync_dist.api import RenderOptions, render_story
 from storysync_dist.io.sink import ParquetFrameSink
+from storysync_dist.models.info import load_model_info
+from storysync_dist.spec.model_checks import _token_ids, _token_ids_of_all
 
 SMALL = {"steps": 2, "height": 64, "width": 64}
 
@@ -75,3 +78,27 @@ def test_a_dry_run_of_thirty_thousand_frames_is_not_quadratic(tmp_path: Path) ->
     # about 4 s here; with the per-frame set of the old summary it took 9 s for 10^4 frames alone,
     # so about 90 s for these.
     assert seconds < 30, seconds
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd", "tiny-flux", "tiny-kandinsky3"])
+def test_batched_tokenization_equals_one_prompt_at_a_time(model: str) -> None:
+    tokenizer = load_model_info(model).tokenizer
+    words = ["fox", "Füchsin", "naïve café", "{braces}", "  spaces  ", "emoji 🦊", "a-b_c", "UPPER lower"]
+    prompts = [" ".join(words[(i + k) % len(words)] for k in range(i % 40)) for i in range(600)]
+    prompts += ["", "x" * 500]
+    one_by_one = [_token_ids(tokenizer, p, special=True) for p in prompts]
+    assert list(_token_ids_of_all(tokenizer, prompts)) == one_by_one
+    # Without the Rust backend's batch call (a tokenizer that only takes one text at a time): the same.
+    assert list(_token_ids_of_all(_OneByOne(tokenizer), prompts[:50])) == one_by_one[:50]
+
+
+class _OneByOne:
+    """A tokenizer whose batch call gives nothing usable: the fallback path."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: object, **kwargs: object) -> dict:
+        if isinstance(text, list):
+            return {"input_ids": None}
+        return self.tokenizer(text, **kwargs)

@@ -7,7 +7,7 @@ returns the subject-token positions the engine needs for the masks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import StorySpecError
@@ -26,6 +26,32 @@ def _token_ids(tokenizer: Any, text: str, *, special: bool) -> list[int]:
     if ids and isinstance(ids[0], list):  # a batch of one
         ids = ids[0]
     return [int(i) for i in ids]
+
+
+BATCH = 4096  # prompts per tokenizer call: one Rust call each for a fast tokenizer, bounded memory
+
+
+def _token_ids_of_all(tokenizer: Any, texts: Sequence[str]) -> Iterator[list[int]]:
+    """The ids of every text with start/end tokens, as :func:`_token_ids` gives them one by one,
+    from batched calls (10^5 prompts: about 7.5 s one by one on this 2-CPU VM)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        # The Rust tokenizer itself: what the transformers call returns without truncation or padding,
+        # without building a BatchEncoding per text (about 2.5x faster on 10^4 prompts).
+        for first in range(0, len(texts), BATCH):
+            for encoding in backend.encode_batch(list(texts[first : first + BATCH]), add_special_tokens=True):
+                yield list(encoding.ids)
+        return
+    for first in range(0, len(texts), BATCH):
+        chunk = list(texts[first : first + BATCH])
+        encoded = tokenizer(chunk, truncation=False, add_special_tokens=True)
+        ids = encoded["input_ids"] if isinstance(encoded, dict) else getattr(encoded, "input_ids", None)
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if not isinstance(ids, list) or len(ids) != len(chunk) or not all(isinstance(x, list) for x in ids):
+            ids = [_token_ids(tokenizer, text, special=True) for text in chunk]  # a tokenizer without batches
+        for row in ids:
+            yield [int(i) for i in row]
 
 
 def _find_runs(haystack: Sequence[int], needle: Sequence[int]) -> list[int]:
@@ -101,9 +127,9 @@ def validate_for_model(
         subject_words.append(words)
 
     positions: list[list[list[int]]] = []
-    for frame in spec.frames:
+    all_ids = _token_ids_of_all(tokenizer, [frame.prompt for frame in spec.frames])
+    for frame, ids in zip(spec.frames, all_ids):
         where = f"{source}: frame {frame.id!r} (#{frame.index})"
-        ids = _token_ids(tokenizer, frame.prompt, special=True)
         if len(ids) > limit:
             raise StorySpecError(
                 f"{where}: prompt is {len(ids)} tokens long; the model's text encoder takes at most {limit} "
