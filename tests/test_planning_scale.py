@@ -4,6 +4,7 @@ already holds some of its frames equals a plain computation from what is stored,
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import yaml
 from _stories import fox_story
 
 from storysync_dist.api import RenderOptions, render_story
+from storysync_dist.errors import StorySpecError
 from storysync_dist.io.sink import ParquetFrameSink
 from storysync_dist.models.info import load_model_info
+from storysync_dist.spec import StorySpec, load_story
 from storysync_dist.spec.model_checks import _token_ids, _token_ids_of_all
 
 SMALL = {"steps": 2, "height": 64, "width": 64}
@@ -102,3 +105,63 @@ class _OneByOne:
         if isinstance(text, list):
             return {"input_ids": None}
         return self.tokenizer(text, **kwargs)
+
+
+# ---- stories written by programs: JSON and JSON Lines ---------------------------------------------------
+STORY = {
+    "id": "fox-lines", "style": "A photo of",
+    "subjects": [{"name": "fox", "description": "a small red fox", "tokens": ["fox"]}],
+    "defaults": {"steps": 3, "height": 64, "width": 64, "seed": 7},
+    "anchors": ["b", "d"], "storysync": {"rfh_gamma": 0.5},
+    "frames": [{"id": "a", "prompt": "{fox} in a meadow"}, {"id": "b", "prompt": "{fox} by a stream", "seed": 3},
+               {"prompt": "{fox} in the snow"}, {"id": "d", "prompt": "{fox} in a city at night"}],
+}
+
+
+def _json_lines(story: dict) -> str:
+    header = {k: v for k, v in story.items() if k != "frames"}
+    return "\n".join(json.dumps(x) for x in [header, *story["frames"]]) + "\n"
+
+
+def _same_spec(a: StorySpec, b: StorySpec) -> None:
+    assert a.model_dump(exclude={"source"}) == b.model_dump(exclude={"source"})
+
+
+def test_json_and_json_lines_stories_load_to_their_yaml_twins_spec(tmp_path: Path) -> None:
+    want = load_story(_write(tmp_path / "story.yaml", STORY))
+    (tmp_path / "story.json").write_text(json.dumps(STORY))
+    (tmp_path / "story.jsonl").write_text(_json_lines(STORY).replace("\n", "\n\n", 1))  # a blank line is skipped
+    _same_spec(load_story(str(tmp_path / "story.json")), want)
+    _same_spec(load_story(str(tmp_path / "story.jsonl")), want)
+    assert [f.id for f in want.frames] == ["a", "b", "frame-0002", "d"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"id": "x", "subjects": []}\n{"prompt": "a"}\n{"prompt": \n', "story.jsonl: line 3, column 12: invalid JSON"),
+    ('{"id": "x"}\n["a"]\n', "story.jsonl: line 2: must be a JSON object, got list"),
+    ('{"id": "x"}\n{"prompt": "a", "sed": 3}\n', "story.jsonl: line 2: sed: Extra inputs are not permitted"),
+    ('{"id": "x"}\n{"id": "a"}\n', "story.jsonl: line 2: prompt: Field required"),
+    ('{"id": "x", "frames": []}\n', "story.jsonl: line 1: the first line is the story without its frames"),
+    ("\n\n", "story.jsonl: the story file is empty"),
+])
+def test_json_lines_errors_name_the_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "story.jsonl"
+    path.write_text(text)
+    with pytest.raises(StorySpecError) as caught:
+        load_story(str(path))
+    assert str(caught.value).startswith(f"{tmp_path}/{message}"), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_json_lines_story_renders_from_the_cli_and_a_bad_one_exits_2(tmp_path: Path, capsys) -> None:
+    from storysync_dist.cli import main
+
+    good = tmp_path / "story.jsonl"
+    good.write_text(_json_lines({**STORY, "frames": STORY["frames"][:2], "anchors": ["a"]}))
+    assert main(["render", str(good), "--model", "tiny-sdxl", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "rendered 2 frame(s)" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x"}\n{"prompt": 3}\n')
+    assert main(["render", str(bad), "--model", "tiny-sdxl", "--out", str(tmp_path / "bad-out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}: line 2: prompt" in err[0] and not (tmp_path / "bad-out").exists()

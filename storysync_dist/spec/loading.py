@@ -1,7 +1,7 @@
 """Reading a story file: YAML/JSON parsing, prompt rendering, and resolving into a ``StorySpec``.
 
 ``load_story`` reads a file (``_read_document``: extension, UTF-8 with or without BOM, duplicate
-YAML keys refused), validates it against the raw schema, and ``_build`` resolves ids, seeds and
+YAML keys refused; YAML with libyaml's C parser when there is one; JSON Lines line by line), validates it against the raw schema, and ``_build`` resolves ids, seeds and
 anchors, renders the prompts (``_render``) and checks the ``storysync:`` section. Every problem is
 one ``StorySpecError`` line naming the file. ``spec.benchmark`` reuses ``_read_document`` and
 ``_build`` for benchmark prompt files.
@@ -29,13 +29,14 @@ from .schema import (
     _collapse,
     _format_validation_error,
     _id_list,
+    _RawFrame,
     _RawStory,
     check_seed,
 )
 
 __all__ = ["load_story"]
 
-_EXTENSIONS = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
+_EXTENSIONS = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".jsonl": "jsonl"}
 
 
 # libyaml's C parser when PyYAML was built with it (about ten times faster on a long story), else
@@ -59,7 +60,41 @@ class _UniqueKeyLoader(_SafeLoader):  # type: ignore[misc, valid-type]
         return super().construct_mapping(node, deep=deep)
 
 
+def _parse_json_lines(text: str, source: str) -> dict[str, Any]:
+    """A JSON Lines story: the first line is the story without its frames (id, style, subjects,
+    defaults, ...), every later line one frame (``{"id": ..., "prompt": ..., "seed": ...}``); blank
+    lines are skipped. The format a program writes a long story in, one frame at a time; errors
+    name the line."""
+    header: dict[str, Any] | None = None
+    frames: list[Any] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StorySpecError(f"{source}: line {number}, column {exc.colno}: invalid JSON: {exc.msg}") from None
+        if not isinstance(value, dict):
+            raise StorySpecError(f"{source}: line {number}: must be a JSON object, got {type(value).__name__}")
+        if header is None:
+            if "frames" in value:
+                raise StorySpecError(f"{source}: line {number}: the first line is the story without its frames; "
+                                     "write one frame per line after it")
+            header = value
+            continue
+        try:
+            _RawFrame.model_validate(value)
+        except ValidationError as exc:
+            raise StorySpecError(_format_validation_error(f"{source}: line {number}", exc)) from None
+        frames.append(value)
+    if header is None:
+        raise StorySpecError(f"{source}: the story file is empty")
+    return {**header, "frames": frames}
+
+
 def _parse_text(text: str, kind: str, source: str) -> Any:
+    if kind == "jsonl":
+        return _parse_json_lines(text, source)
     if kind == "json":
         try:
             return json.loads(text)
@@ -231,7 +266,7 @@ def _read_document(source: str, noun: str) -> Any:
     """Read and parse a YAML/JSON file; ``noun`` ("story file", ...) names it in the errors."""
     kind = _EXTENSIONS.get(os.path.splitext(source)[1].lower())
     if kind is None:
-        raise StorySpecError(f"{source}: unsupported {noun} extension; use .yaml, .yml or .json")
+        raise StorySpecError(f"{source}: unsupported {noun} extension; use .yaml, .yml, .json or .jsonl")
     try:
         with open(source, "rb") as handle:
             data = handle.read()
@@ -254,7 +289,8 @@ def _read_document(source: str, noun: str) -> Any:
 
 
 def load_story(path: str | os.PathLike[str]) -> StorySpec:
-    """Read, validate and resolve a story file (``.yaml``, ``.yml`` or ``.json``).
+    """Read, validate and resolve a story file (``.yaml``, ``.yml``, ``.json``, or ``.jsonl``: a
+    header line, then one frame per line).
 
     Raises ``StorySpecError`` with a one-line message naming the file for every problem: a missing or
     unreadable file, invalid YAML/JSON, schema errors, no frames or subjects, bad or duplicate ids,
