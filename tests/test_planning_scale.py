@@ -13,6 +13,7 @@ import yaml
 from _stories import fox_story
 
 from storysync_dist.api import RenderOptions, render_story
+from storysync_dist.engine.job import prepare_job
 from storysync_dist.errors import StorySpecError
 from storysync_dist.io.sink import ParquetFrameSink
 from storysync_dist.models.info import load_model_info
@@ -165,3 +166,24 @@ def test_a_json_lines_story_renders_from_the_cli_and_a_bad_one_exits_2(tmp_path:
     assert main(["render", str(bad), "--model", "tiny-sdxl", "--out", str(tmp_path / "bad-out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{bad}: line 2: prompt" in err[0] and not (tmp_path / "bad-out").exists()
+
+
+def test_fingerprints_made_once_per_identity_equal_the_whole_description_hashed(tmp_path: Path) -> None:
+    import hashlib
+
+    from storysync_dist.engine.identity import FINGERPRINT_VERSION, frame_fingerprint
+
+    story = _write(tmp_path / "fp.yaml", _story([{"id": "a", "prompt": "{fox} naïve café 🦊", "seed": 1},
+                                                   {"id": "b", "prompt": "{fox} in the snow", "seed": 2}]))
+    plan = prepare_job(load_story(story), RenderOptions(model="tiny-sdxl", out=str(tmp_path / "out"), loras=[]))
+    for job in plan.jobs.values():
+        is_anchor = job.frame_id in plan.anchor_ids
+        description = {"version": FINGERPRINT_VERSION, "render": plan.identity.to_dict(),
+                       "frame": {"id": job.frame_id, "prompt": job.prompt, "seed": job.seed,
+                                 "token_positions": [list(p) for p in job.token_positions],
+                                 "role": "anchor" if is_anchor else "frame"}}
+        plain = hashlib.sha256(json.dumps(description, sort_keys=True, separators=(",", ":"),
+                                          ensure_ascii=False).encode("utf-8")).hexdigest()
+        assert plan.fingerprints[job.frame_id] == plain
+        assert frame_fingerprint(plan.identity, frame_id=job.frame_id, prompt=job.prompt, seed=job.seed,
+                                 token_positions=job.token_positions, is_anchor=is_anchor) == plain

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FINGERPRINT_VERSION", "AnchorIdentity", "RenderIdentity", "frame_fingerprint"]
+__all__ = ["FINGERPRINT_VERSION", "AnchorIdentity", "RenderIdentity", "fingerprints_of", "frame_fingerprint"]
 
 # Bump when the renderer changes pixels for the same inputs, so old rows are redone.
 FINGERPRINT_VERSION = 1
@@ -81,12 +82,25 @@ def frame_fingerprint(
     is_anchor: bool,
 ) -> str:
     """SHA-256 hex of the canonical JSON of one frame's identity."""
-    description = {
-        "version": FINGERPRINT_VERSION,
-        "render": identity.to_dict(),
-        "frame": {"id": frame_id, "prompt": prompt, "seed": int(seed),
-                  "token_positions": [list(p) for p in token_positions],
-                  "role": "anchor" if is_anchor else "frame"},
-    }
-    text = json.dumps(description, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return fingerprints_of(identity)(frame_id=frame_id, prompt=prompt, seed=seed, token_positions=token_positions,
+                                     is_anchor=is_anchor)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def fingerprints_of(identity: RenderIdentity) -> Callable[..., str]:
+    """:func:`frame_fingerprint` for many frames of one identity: the render part is serialized
+    once. The text hashed is the canonical JSON (sorted keys, no spaces) of ``{"frame": ...,
+    "render": ..., "version": ...}``, which is its three sorted parts joined, so it is the same
+    text, byte for byte, as serializing the whole description per frame."""
+    tail = f',"render":{_canonical(identity.to_dict())},"version":{_canonical(FINGERPRINT_VERSION)}}}'
+
+    def fingerprint(*, frame_id: str, prompt: str, seed: int, token_positions: list[list[int]],
+                    is_anchor: bool) -> str:
+        frame = {"id": frame_id, "prompt": prompt, "seed": int(seed),
+                 "token_positions": [list(p) for p in token_positions], "role": "anchor" if is_anchor else "frame"}
+        return hashlib.sha256(f'{{"frame":{_canonical(frame)}{tail}'.encode()).hexdigest()
+
+    return fingerprint

@@ -55,7 +55,7 @@ from ..models.revision import model_revision
 from ..spec import StorySpec, load_story, validate_for_model
 from .bundles import check_bundle_for_job, read_bundle
 from .devices import default_dtype, default_frame_batch, device_and_dtype
-from .identity import AnchorIdentity, RenderIdentity, frame_fingerprint
+from .identity import AnchorIdentity, RenderIdentity, fingerprints_of
 from .layers import check_layers
 from .memory import check_size
 from .plan import JobPlan, frame_config_json, plan_jobs, plan_work
@@ -259,10 +259,10 @@ def prepare_job(
         subjects=tuple((s.description, tuple(s.tokens)) for s in spec.subjects),
         anchors=anchors, scheduler=setup.scheduler, loras=tuple((lora.sha256, lora.scale) for lora in setup.loras),
     )
+    fingerprint = fingerprints_of(identity)  # the render part serialized once, not per frame
     fingerprints = {
-        job.frame_id: frame_fingerprint(identity, frame_id=job.frame_id, prompt=job.prompt, seed=job.seed,
-                                        token_positions=job.token_positions,
-                                        is_anchor=job.frame_id in anchor_ids)
+        job.frame_id: fingerprint(frame_id=job.frame_id, prompt=job.prompt, seed=job.seed,
+                                  token_positions=job.token_positions, is_anchor=job.frame_id in anchor_ids)
         for job in jobs.values()
     }
     plan = JobPlan(
