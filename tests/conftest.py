@@ -41,6 +41,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # Every Ray the tests start listens on 127.0.0.1 only (Ray's single-machine mode); set before
     # any test module imports ray, which reads it at import.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # No usage statistics: tests send traffic only to 127.0.0.1, and Ray Data's usage collection
+    # starts a daemon thread in this process (once a test has run ray.data) that asks a Prometheus
+    # at 127.0.0.1:9090 every 10 s, for the rest of the session; test_model_loading's no_network
+    # caught it at random.
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
 @pytest.fixture(scope="session")
