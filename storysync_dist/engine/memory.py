@@ -155,28 +155,12 @@ def model_shapes(model: str, revision: str | None = None) -> ModelShapes:
     read, nothing is allocated). ``revision`` only keys the cache (an edited folder is read again).
     ``ValueError`` for a folder whose components cannot be built that way."""
     import diffusers
-    import torch
-    import transformers
 
-    from ..models.info import model_folder
+    from ..models.info import meta_components, model_folder
 
     folder = pathlib.Path(model_folder(model))
     index = json.loads((folder / "model_index.json").read_text())
-    libraries = {"diffusers": diffusers, "transformers": transformers}
-    modules: dict[str, Any] = {}
-    for role, entry in index.items():
-        if role.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] not in libraries:
-            continue
-        cls = getattr(libraries[entry[0]], str(entry[1]), None)
-        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-            continue  # tokenizers, schedulers
-        # torch's meta device, not accelerate's init_empty_weights: tied weights stay tied (T5's
-        # shared embedding counts once) and the switch is per thread.
-        with torch.device("meta"):
-            if entry[0] == "diffusers":
-                modules[role] = cls.from_config(cls.load_config(folder / role))
-            else:
-                modules[role] = cls(cls.config_class.from_pretrained(folder / role))
+    modules = meta_components(str(folder), revision)
     return _shapes(modules, upcasts=hasattr(getattr(diffusers, str(index.get("_class_name")), None), "upcast_vae"))
 
 

@@ -41,10 +41,10 @@ from typing import Any
 
 import diffusers
 import torch
-import transformers
 
 from ..errors import StorySyncUserError, one_line
-from .loading import _class_of, _library_module
+from .info import meta_components
+from .loading import _class_of
 from .presets import UnknownModelError, _quiet_progress_bars
 
 __all__ = [
@@ -307,27 +307,6 @@ def lora_mismatch(
     return None
 
 
-def _meta_components(folder: pathlib.Path, index: dict[str, Any]) -> Callable[[str], torch.nn.Module | None]:
-    """``role -> component`` built on the meta device from the folder's configs (no weights)."""
-    built: dict[str, torch.nn.Module | None] = {}
-
-    def component(role: str) -> torch.nn.Module | None:
-        if role not in built:
-            built[role] = None
-            entry = index.get(role)
-            if isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(e, str) for e in entry):
-                module = _library_module(entry[0])
-                cls = _class_of(module, entry[1]) if module is not None else None
-                with torch.device("meta"):
-                    if cls is not None and issubclass(cls, diffusers.ModelMixin):
-                        built[role] = cls.from_config(cls.load_config(folder / role))
-                    elif cls is not None and issubclass(cls, transformers.PreTrainedModel):
-                        built[role] = cls(cls.config_class.from_pretrained(folder / role))
-        return built[role]
-
-    return component
-
-
 @functools.lru_cache(maxsize=32)
 def _folder_mismatch(model: str, folder: str, path: str, sha256: str) -> str | None:
     root = pathlib.Path(folder)
@@ -335,7 +314,8 @@ def _folder_mismatch(model: str, folder: str, path: str, sha256: str) -> str | N
     pipeline_class = _class_of(diffusers, str(index.get("_class_name")))
     if pipeline_class is None:
         return f"--model {model} names no diffusers pipeline class"
-    return lora_mismatch(pipeline_class, path, _meta_components(root, index))
+    components = meta_components(folder)
+    return lora_mismatch(pipeline_class, path, components.get)
 
 
 # ---- the driver's check -------------------------------------------------------------------------

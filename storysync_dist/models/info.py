@@ -90,21 +90,42 @@ def attention_processor_names(model: str, revision: str | None = None) -> tuple[
 
 @functools.lru_cache(maxsize=16)
 def _processor_names(folder: str, revision: str | None) -> tuple[str, ...]:
+    for role in _DENOISER_ROLES:
+        denoiser = meta_components(folder, revision).get(role)
+        if denoiser is not None and hasattr(denoiser, "attn_processors"):
+            return tuple(denoiser.attn_processors)
+    raise UnknownModelError(f"{folder}: no UNet or transformer among the components of model_index.json")
+
+
+@functools.lru_cache(maxsize=8)
+def meta_components(folder: str, revision: str | None = None) -> dict[str, Any]:
+    """Every torch component of the pipeline folder (``role -> module``), built from its config on
+    torch's meta device: the structure (module names, shapes, parameter counts) without reading a
+    weight or allocating anything. Tokenizers and schedulers are left out. ``revision`` only keys
+    the cache (an edited folder is read again). Shared by the layer-name check, the memory
+    estimate and the LoRA check; the modules are read, never changed."""
     import diffusers
     import torch
+    import transformers
 
-    index = json.loads((pathlib.Path(folder) / "model_index.json").read_text())
-    for role in _DENOISER_ROLES:
-        entry = index.get(role)
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers"):
+    root = pathlib.Path(folder)
+    index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    libraries = {"diffusers": diffusers, "transformers": transformers}
+    modules: dict[str, Any] = {}
+    for role, entry in index.items():
+        if role.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] not in libraries:
             continue
-        cls = getattr(diffusers, str(entry[1]), None)
-        if cls is None:
-            break
+        cls = getattr(libraries[entry[0]], str(entry[1]), None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            continue  # tokenizers, schedulers
+        # torch's meta device, not accelerate's init_empty_weights: tied weights stay tied (T5's
+        # shared embedding counts once) and the switch is per thread.
         with torch.device("meta"):
-            denoiser = cls.from_config(cls.load_config(pathlib.Path(folder) / role))
-        return tuple(denoiser.attn_processors)
-    raise UnknownModelError(f"{folder}: no UNet or transformer among the components of model_index.json")
+            if entry[0] == "diffusers":
+                modules[role] = cls.from_config(cls.load_config(root / role))
+            else:
+                modules[role] = cls(cls.config_class.from_pretrained(root / role))
+    return modules
 
 
 def attention_processor_names_of(pipe: Any) -> tuple[str, ...]:
