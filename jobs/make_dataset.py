@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from _common import (
     add_cluster_arguments,
@@ -44,6 +45,9 @@ from storysync_dist.arguments import (
 )
 from storysync_dist.errors import StorySpecError, StorySyncUserError
 from storysync_dist.spec import StorySpec
+
+if TYPE_CHECKING:
+    from storysync_dist.engine.job import RenderOptions
 
 PROG = "make_dataset"
 
@@ -70,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bundle-budget", type=positive_int, metavar="BYTES",
                         help="bytes of anchor steps each worker may keep resident; bounds how many stories are "
                         "open at once (default 4 GiB; docs/distributed.md)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check and plan every subject set against --out, print what a run would render, "
+                        "replace and remove (totals), and write nothing")
     add_efficiency_arguments(parser)
     add_check_arguments(parser)
     add_progress_arguments(parser)
@@ -151,6 +158,8 @@ def _main(args: argparse.Namespace) -> int:
     options = options_from_args(args, steps=None, height=None, width=None, seed=None,
                                 bundle_budget=args.bundle_budget)
     check_efficiency_options(options)  # a bad --bundle-on or --offload fails before anything loads
+    if args.dry_run:
+        return _dry_run(stories, options, len(problems))
     pipe = None
     if args.workers == 0 and stories:
         # One pipeline for every story, instead of one load per story; the device/dtype defaults
@@ -179,6 +188,41 @@ def _main(args: argparse.Namespace) -> int:
     for category in dict.fromkeys(_category(story) for story in stories):
         print(f"  {category}: rendered {rendered[category]}, skipped {skipped[category]}")
     print(f"dataset: {args.out}")
+    return 0
+
+
+def _dry_run(stories: list[StorySpec], options: RenderOptions, left_out: int) -> int:
+    """Plan every story against the dataset and print the totals (one line per kind of change, as
+    ``storysync render --dry-run`` prints for one story); nothing is written and no model loads."""
+    from storysync_dist.api import render_stories
+
+    start = time.perf_counter()
+    totals: Counter[str] = Counter()
+    settings: list[str] = []
+    memory: dict[str, None] = {}  # the distinct memory notes, in order
+    for result in render_stories(stories, options):
+        totals["stories"] += 1
+        totals["new"] += result.new
+        totals["replace"] += len(result.replaced)
+        totals["remove"] += len(result.removed)
+        totals["skip"] += len(result.skipped)
+        totals["stale"] += len(result.stale)
+        settings = settings or [line for line in result.notes if line.startswith("settings:")]
+        memory.update(dict.fromkeys(line for line in result.notes if line.startswith("peak memory")))
+    print(f"dry run of {totals['stories']} stories into {options.out}: nothing was written "
+          f"({time.perf_counter() - start:.1f}s)")
+    for line in [*settings, *list(memory)[:3]]:
+        print(f"  {line}")
+    if len(memory) > 3:
+        print(f"  ... and {len(memory) - 3} other memory estimates")
+    print(f"  render:  {totals['new']}")
+    print(f"  replace: {totals['replace']}  (stored with other inputs: rendered again)")
+    print(f"  remove:  {totals['remove']}  (no longer in the stories)")
+    print(f"  skip:    {totals['skip']} already present")
+    if totals["stale"]:
+        print(f"  stale:   {totals['stale']}  (out of date, not selected)")
+    if left_out:
+        print(f"  {left_out} subject set(s) left out (--skip-invalid)")
     return 0
 
 

@@ -62,7 +62,7 @@ def _dry_run_result(plan: JobPlan, memory: str | None = None) -> JobResult:
         out=plan.options.out, story_id=plan.spec.id, rendered=[], skipped=plan.skipped, storyboard="",
         manifest="", seconds=0.0, replaced=list(plan.replace), removed=list(plan.remove),
         stale=list(plan.stale), damaged=list(plan.damaged), dry_run=True,
-        notes=[*plan.notes, *plan.summary(), *([memory] if memory else [])],
+        notes=[*plan.notes, *plan.summary(), *([memory] if memory else [])], new=len(plan.new_frames()),
     )
 
 

@@ -8,6 +8,9 @@ import json
 import time
 from pathlib import Path
 
+import pandas
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from _stories import fox_story
@@ -16,6 +19,7 @@ from storysync_dist.api import RenderOptions, render_story
 from storysync_dist.engine.job import prepare_job
 from storysync_dist.errors import StorySpecError
 from storysync_dist.io.sink import ParquetFrameSink
+from storysync_dist.io.story_table import write_story_table
 from storysync_dist.models.info import load_model_info
 from storysync_dist.spec import StorySpec, load_story
 from storysync_dist.spec.model_checks import _token_ids, _token_ids_of_all
@@ -152,6 +156,73 @@ def test_json_lines_errors_name_the_line(tmp_path: Path, text: str, message: str
         load_story(str(path))
     assert str(caught.value).startswith(f"{tmp_path}/{message}"), str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+# ---- Parquet stories: one row per frame --------------------------------------------------------------
+def test_parquet_stories_load_to_their_yaml_twins_spec(tmp_path: Path) -> None:
+    want = load_story(_write(tmp_path / "story.yaml", STORY))
+    header = {k: v for k, v in STORY.items() if k != "frames"}
+    write_story_table(str(tmp_path / "meta.parquet"), header, STORY["frames"])  # header in the metadata
+    _same_spec(load_story(str(tmp_path / "meta.parquet")), want)
+    # As pandas writes it: the header in a sidecar, a missing id and seed are nulls (the seed
+    # column becomes float64 with a NaN).
+    pandas.DataFrame(STORY["frames"]).to_parquet(tmp_path / "frames.parquet")
+    assert str(pq.read_schema(tmp_path / "frames.parquet").field("seed").type) == "double"
+    (tmp_path / "frames.header.json").write_text(json.dumps(header))
+    _same_spec(load_story(str(tmp_path / "frames.parquet")), want)
+    (tmp_path / "frames.header.json").unlink()
+    (tmp_path / "frames.header.yaml").write_text(yaml.safe_dump(header))
+    _same_spec(load_story(str(tmp_path / "frames.parquet")), want)
+
+
+def _parquet(path: Path, columns: dict, header: dict | None = None) -> str:
+    table = pa.table(columns)
+    if header is not None:
+        table = table.replace_schema_metadata({b"storysync.story": json.dumps(header).encode()})
+    pq.write_table(table, path)
+    return str(path)
+
+
+HEADER = {k: v for k, v in STORY.items() if k not in ("frames", "anchors")}
+
+
+@pytest.mark.parametrize(("columns", "header", "message"), [
+    ({"prompt": ["{fox} a", None, "{fox} c"]}, HEADER, "story.parquet: row 1: prompt is null"),
+    ({"prompt": ["{fox} a", "{fox} b"], "seed": [1.0, 2.5]}, HEADER, "story.parquet: row 1: seed 2.5 is not a whole"),
+    ({"prompt": ["{fox} a"], "seed": [-1.0]}, HEADER, "story.parquet: row 0: seed must be within [0, 2**63 - 1]"),
+    ({"prompt": ["{fox} a"], "sed": [3]}, HEADER, "story.parquet: column 'sed' is not a frame field"),
+    ({"id": ["a"]}, HEADER, "story.parquet: no 'prompt' column"),
+    ({"prompt": [1, 2]}, HEADER, "story.parquet: column 'prompt' is int64; it must hold strings"),
+    ({"prompt": ["{fox} a", "{fox} b"], "id": ["a", "A b"]}, HEADER, "story.parquet: frame 'A b' (#1): id must"),
+    ({"prompt": ["{fox} a", "{fox} b"], "id": ["a", "a"]}, HEADER, "story.parquet: frame 'a' (#1): duplicate id"),
+    ({"prompt": ["{fox} a", "{fox} b"], "seed": [0, 2**63 - 1]}, {**HEADER, "defaults": {"seed": 0}}, None),
+    ({"prompt": ["{fox} a"]}, None, "story.parquet: no story header: write the story without its frames into"),
+    ({"prompt": ["{fox} a"]}, {**HEADER, "frames": []}, "story.parquet: the header is the story without its frames"),
+    ({"prompt": ["{fox} a"]}, [1], "story.parquet: metadata storysync.story: must be a JSON object"),
+])
+def test_parquet_story_errors_name_the_row_or_column(tmp_path: Path, columns: dict, header: dict | None,
+                                                     message: str | None) -> None:
+    path = _parquet(tmp_path / "story.parquet", columns, header)
+    if message is None:  # the edge of the seed range loads
+        assert [f.seed for f in load_story(path).frames] == [0, 2**63 - 1]
+        return
+    with pytest.raises(StorySpecError) as caught:
+        load_story(path)
+    assert str(caught.value).startswith(f"{tmp_path}/{message}"), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_file_that_is_not_parquet_or_a_bad_sidecar_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "story.parquet").write_text("id: not parquet\n")
+    with pytest.raises(StorySpecError, match=r"story.parquet: not a readable Parquet file"):
+        load_story(str(tmp_path / "story.parquet"))
+    path = _parquet(tmp_path / "frames.parquet", {"prompt": ["{fox} a"]})
+    (tmp_path / "frames.header.json").write_text('{"id": "x", "subjects": [')
+    with pytest.raises(StorySpecError, match=r"frames.header.json: line 1, column 26: invalid JSON"):
+        load_story(path)
+    (tmp_path / "frames.header.json").write_text("[]")
+    with pytest.raises(StorySpecError, match=r"frames.header.json: the story header must be a mapping"):
+        load_story(path)
 
 
 def test_a_json_lines_story_renders_from_the_cli_and_a_bad_one_exits_2(tmp_path: Path, capsys) -> None:

@@ -154,6 +154,9 @@ class JobResult:
     damaged: list[str] = field(default_factory=list)
     dry_run: bool = False
     notes: list[str] = field(default_factory=list)
+    # For a dry run: the frames a real run would write that the dataset does not hold yet (the
+    # ``replaced`` ones are rendered too).
+    new: int = 0
 
 
 def _dtype_name(options: RenderOptions, pipe: object | None, device: str | None) -> str:

@@ -92,8 +92,7 @@ class JobPlan:
             shown = ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
             return f" ({shown})" if items else ""
 
-        writes, replaced = self._writes, set(self.replace)  # once: per frame, this was quadratic (issue 20)
-        new = [f.id for f in self.spec.frames if f.id in writes and f.id not in replaced]
+        new = self.new_frames()
         st = self.settings
         lines = [
             # The resolved settings (model defaults filled in), so a dry run shows what a story
@@ -114,6 +113,11 @@ class JobPlan:
         if self.damaged:
             lines.append(f"damaged: {len(self.damaged)} part file(s) to set aside: {'; '.join(self.damaged)}")
         return lines
+
+    def new_frames(self) -> list[str]:
+        """The frames the job writes that the dataset does not hold yet, in frame order."""
+        writes, replaced = self._writes, set(self.replace)  # once: per frame, this was quadratic (issue 20)
+        return [f.id for f in self.spec.frames if f.id in writes and f.id not in replaced]
 
     @property
     def _writes(self) -> set[str]:

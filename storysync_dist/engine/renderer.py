@@ -26,7 +26,7 @@ from ..errors import NonFiniteOutputError, StorySyncUserError
 from ..models.family import Adapter
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a job of 10^6 frames holds 10^6 of these
 class FrameJob:
     """What one frame needs: its id, prompt, seed and the token positions of each subject."""
 

@@ -127,6 +127,7 @@ def validate_for_model(
         subject_words.append(words)
 
     positions: list[list[list[int]]] = []
+    shared: dict[tuple[tuple[int, ...], ...], list[list[int]]] = {}
     all_ids = _token_ids_of_all(tokenizer, [frame.prompt for frame in spec.frames])
     for frame, ids in zip(spec.frames, all_ids):
         where = f"{source}: frame {frame.id!r} (#{frame.index})"
@@ -149,5 +150,8 @@ def validate_for_model(
                 for start in starts:
                     found.update(range(start, start + len(word_ids)))
             per_subject.append(sorted(found))
-        positions.append(per_subject)
+        # Frames written from one template have the same positions: one shared list for all of
+        # them (never mutated; 10^6 frames hold one list, not 10^6).
+        key = tuple(tuple(p) for p in per_subject)
+        positions.append(shared.setdefault(key, per_subject))
     return positions

@@ -327,11 +327,13 @@ def _format_loc(loc: Iterable[Any]) -> str:
     return out
 
 
-def _format_validation_error(source: str, exc: ValidationError, loc_prefix: str = "") -> str:
-    """Turn a pydantic error into one line: ``story.yaml: frames[2].seed: Input should be ...``."""
+def _format_validation_error(source: str, exc: ValidationError, loc_prefix: str = "",
+                             loc_parts: tuple[Any, ...] = ()) -> str:
+    """Turn a pydantic error into one line: ``story.yaml: frames[2].seed: Input should be ...``.
+    ``loc_parts`` go before each error's location (``("frames", 2)`` for a frame validated alone)."""
     parts = []
     for err in exc.errors(include_url=False):
-        loc = loc_prefix + _format_loc(err.get("loc", ()))
+        loc = loc_prefix + _format_loc((*loc_parts, *err.get("loc", ())))
         if err.get("type") == "value_error" and "error" in err.get("ctx", {}):
             # Our own validators phrase messages to follow the field: "defaults.steps must be >= 1".
             text = f"{loc} {err['ctx']['error']}" if loc else str(err["ctx"]["error"])
