@@ -496,3 +496,31 @@ def test_the_index_carries_each_rows_config(root: str, monkeypatch: pytest.Monke
     monkeypatch.setattr(pq.ParquetFile, "read", spy)
     assert {r.frame_id: r.config for r in ParquetFrameSink(root).stored(STORY)} == expected
     assert columns_read and all(c is not None and "image" not in c and "config" in c for c in columns_read)
+
+
+def test_writing_a_long_story_frame_by_frame_reads_each_staged_index_once(tmp_path: pathlib.Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: each write used to look through every staged file of the story for older rows of
+    its frames, so the writes between two commits were quadratic. Frames written once look at
+    nothing; a frame written again still replaces its older staged row."""
+    sink = ParquetFrameSink(str(tmp_path / "out"))
+    looked_at: list[str] = []
+    index_of = ParquetFrameSink._index_of
+
+    def counting(self: ParquetFrameSink, path: str) -> list:
+        looked_at.append(path)
+        return index_of(self, path)
+
+    monkeypatch.setattr(ParquetFrameSink, "_index_of", counting)
+    frames = 300
+    for i in range(frames):
+        sink.write([record(i, size=(8, 8))])
+    assert len(looked_at) <= 2, len(looked_at)  # the first write looks at the (empty) folder only
+    again = sink.write([record(7, size=(8, 8), fingerprint="fp-new")])
+    stored = sink.existing(STORY)
+    assert len(stored) == frames and [row.fingerprint for row in stored["frame-0007"]] == ["fp-new"]
+    assert stored["frame-0007"][0].part.endswith(again.rsplit("/", 1)[-1])
+    # After the rewrite the known ids are rebuilt: the next new frame looks at nothing again.
+    looked_at.clear()
+    sink.write([record(frames, size=(8, 8))])
+    assert looked_at == []

@@ -55,12 +55,13 @@ def _token_ids_of_all(tokenizer: Any, texts: Sequence[str]) -> Iterator[list[int
 
 
 def _find_runs(haystack: Sequence[int], needle: Sequence[int]) -> list[int]:
-    width = len(needle)
-    return [
-        start
-        for start in range(len(haystack) - width + 1)
-        if list(haystack[start : start + width]) == list(needle)
-    ]
+    """Every start of ``needle`` as a contiguous run in ``haystack``. Only where the first token
+    matches is the rest compared (this runs once per frame and subject word: 10^6 frames)."""
+    width, first = len(needle), needle[0]
+    rest = list(needle[1:])
+    last = len(haystack) - width
+    return [start for start, token in enumerate(haystack)
+            if token == first and start <= last and list(haystack[start + 1 : start + width]) == rest]
 
 
 def validate_for_model(
