@@ -88,6 +88,21 @@ def test_make_dataset_writes_one_dataset_that_datasets_reads(tmp_path: Path, job
     assert make_dataset.main([str(bench), "--out", str(out), *SMALL]) == 0
     assert "0 frame(s) rendered, 4 already present" in capsys.readouterr().out
 
+    # --dry-run plans every set against the dataset, prints the totals and writes nothing: the two
+    # sets it holds are skipped, a third set (not rendered yet) would render.
+    bigger = tmp_path / "bigger.yaml"
+    bigger.write_text(BENCHMARK + "  - concept_token: muffin\n    subject: A blueberry muffin\n    style: A photo of\n"
+                      "    settings: [on a table, in a basket, in the rain]\n", encoding="utf-8")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert make_dataset.main([str(bigger), "--out", str(out), "--dry-run", *SMALL]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"dry run of 3 stories into {out}: nothing was written")
+    assert "  render:  3" in printed and "  skip:    4 already present" in printed
+    assert "  remove:  0  (no longer in the stories)" in printed
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert make_dataset.main([str(bigger), "--out", str(tmp_path / "none"), "--dry-run", *SMALL]) == 0
+    assert "  render:  7" in capsys.readouterr().out.splitlines() and not (tmp_path / "none").exists()
+
 
 def test_make_dataset_on_two_ray_workers_matches_in_process(tmp_path: Path, jobs, ray_cluster, capsys) -> None:
     # Three scenes per subject: two anchors and one frame for the workers, in each story; one pool

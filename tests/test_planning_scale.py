@@ -279,3 +279,44 @@ def test_finding_a_token_run_equals_comparing_every_window() -> None:
         needle = [rng.randrange(4) for _ in range(rng.randrange(1, 4))]
         plain = [i for i in range(len(haystack)) if haystack[i : i + len(needle)] == needle]
         assert _find_runs(haystack, needle) == plain, (haystack, needle)
+
+
+def test_a_story_checked_again_reuses_its_positions_and_a_changed_one_does_not(monkeypatch, tmp_path) -> None:
+    """jobs/make_dataset.py checks every subject set, then plans each: the second check of the same
+    prompts with the same tokenizer reuses the first one's positions (no second tokenization)."""
+    from storysync_dist.spec import model_checks
+    from storysync_dist.spec.model_checks import validate_for_model
+
+    info = load_model_info("tiny-sdxl")
+    story = load_story(_write(tmp_path / "a.yaml", _story([{"id": f"f{i}", "prompt": f"{{fox}} at {i}"}
+                                                            for i in range(5)])))
+    first = validate_for_model(story, info.tokenizer, info.size_factor)
+    calls: list[int] = []
+    real = model_checks._token_ids_of_all
+    monkeypatch.setattr(model_checks, "_token_ids_of_all", lambda t, texts: calls.append(len(texts)) or real(t, texts))
+    assert validate_for_model(story, info.tokenizer, info.size_factor) is first and calls == []
+    # The fox moved one word to the right in frame 2: its own positions, from a tokenization.
+    moved = load_story(_write(tmp_path / "b.yaml", _story([{"id": f"f{i}", "prompt": f"{{fox}} at {i}"} for i in range(5)]
+                                                          [:2] + [{"id": "f2", "prompt": "one {fox} at 2"}]
+                                                          + [{"id": f"f{i}", "prompt": f"{{fox}} at {i}"} for i in (3, 4)])))
+    again = validate_for_model(moved, info.tokenizer, info.size_factor)
+    assert calls == [5] and again[2] == [[p + 1 for p in first[2][0]]] and again[:2] == first[:2]
+    # Bounded: past CHECKED_FRAMES the oldest story is forgotten and tokenized again.
+    monkeypatch.setattr(model_checks, "CHECKED_FRAMES", 6)
+    validate_for_model(load_story(_write(tmp_path / "c.yaml", _story([{"prompt": "{fox} alone"}]))), info.tokenizer,
+                       info.size_factor)
+    validate_for_model(story, info.tokenizer, info.size_factor)
+    assert calls == [5, 1, 5]
+
+
+def test_a_config_as_a_dict_equals_dataclasses_asdict() -> None:
+    import dataclasses
+
+    from storysync_dist.core.config import _PREFIXES, StorySyncConfig
+
+    config = StorySyncConfig().with_layers(("down_blocks.1", "up_blocks.0"), ("up_blocks.1",))
+    want = dataclasses.asdict(config)
+    for key in _PREFIXES:
+        want[key] = None if getattr(config, key) is None else list(getattr(config, key))
+    assert config.to_dict() == want
+    assert [type(v) for v in config.to_dict().values()] == [type(v) for v in want.values()]

@@ -678,16 +678,22 @@ def check_memory(plans: list[Any], info: Any, *, pipe: Any | None = None, execut
         return [f"peak memory per worker: not estimated ({' '.join(str(exc).split())[:200]})"] * len(plans)
     free, where = _free_for(options, pipe, executor)
     notes = []
+    # Stories of one job mostly have the same shape (10^4 subject sets of a suite): each distinct
+    # shape is estimated once.
+    known: dict[JobShape, tuple[MemoryEstimate, list[tuple[str, MemoryEstimate]], str]] = {}
     for plan in plans:
         if not (plan.anchor_jobs or plan.frame_jobs):
             notes.append("peak memory per worker: nothing to render")
             continue
         job = JobShape.of(plan, cfg_batch=bool(info.cfg_batch), text_len=int(info.text_len), device=where,
                           free=free.bytes if free is not None else None, loaded=pipe is not None)
-        est, fixes = estimate(shapes, job), alternatives(shapes, job)
+        if job not in known:
+            est, fixes = estimate(shapes, job), alternatives(shapes, job)
+            known[job] = (est, fixes, _note(est, free, where, fixes))
+        est, fixes, note = known[job]
         if not (options.force or options.dry_run):
             check_fits(est, free, fixes)
-        notes.append(_note(est, free, where, fixes))
+        notes.append(note)
     return notes
 
 

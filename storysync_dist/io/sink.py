@@ -379,7 +379,9 @@ class ParquetFrameSink:
             return cached
         try:
             with self.fs.open(path, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
+                # The story id and config columns read as dictionaries: one value per distinct
+                # string, never a copy per row (10^5 rows of config JSON: about 70 MB otherwise).
+                parquet = pq.ParquetFile(handle, read_dictionary=["story_id", "config"])
                 names = parquet.schema_arrow.names
                 missing = [name for name in ("story_id", "frame_id") if name not in names]
                 if missing:
@@ -728,11 +730,14 @@ class ParquetFrameSink:
 def _shared_strings(column: pa.ChunkedArray | pa.Array) -> list[Any]:
     """``column.to_pylist()`` with one Python object per distinct value, shared by the rows that
     hold it."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    encoded = pc.dictionary_encode(column)
-    values = encoded.dictionary.to_pylist()
-    return [None if i is None else values[i] for i in encoded.indices.to_pylist()]
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out: list[Any] = []
+    shared: dict[Any, Any] = {}
+    for chunk in chunks:
+        encoded = chunk if pa.types.is_dictionary(chunk.type) else pc.dictionary_encode(chunk)
+        values = [shared.setdefault(value, value) for value in encoded.dictionary.to_pylist()]
+        out.extend(None if i is None else values[i] for i in encoded.indices.to_pylist())
+    return out
 
 
 def _split(sizes: list[float], target: int) -> list[tuple[int, int]]:

@@ -7,6 +7,8 @@ returns the subject-token positions the engine needs for the masks.
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,6 +28,21 @@ def _token_ids(tokenizer: Any, text: str, *, special: bool) -> list[int]:
     if ids and isinstance(ids[0], list):  # a batch of one
         ids = ids[0]
     return [int(i) for i in ids]
+
+
+_WORDS: weakref.WeakKeyDictionary[Any, dict[str, list[int]]] = weakref.WeakKeyDictionary()
+
+
+def _word_ids(tokenizer: Any, word: str) -> list[int]:
+    """A subject token word's ids (no start/end tokens), once per tokenizer and word: a suite of
+    10^4 subject sets asks for the same few words 10^4 times, a tokenizer call (~0.2 ms) each."""
+    try:
+        known = _WORDS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        return _token_ids(tokenizer, word, special=False)
+    if word not in known:
+        known[word] = _token_ids(tokenizer, word, special=False)
+    return list(known[word])
 
 
 BATCH = 4096  # prompts per tokenizer call: one Rust call each for a fast tokenizer, bounded memory
@@ -119,7 +136,7 @@ def validate_for_model(
     for subject in spec.subjects:
         words = []
         for word in subject.tokens:
-            ids = _token_ids(tokenizer, word, special=False)
+            ids = _word_ids(tokenizer, word)
             if not ids:
                 raise StorySpecError(
                     f"{source}: subject {subject.name!r} token {word!r} tokenizes to nothing with this model"
@@ -127,6 +144,14 @@ def validate_for_model(
             words.append((word, ids))
         subject_words.append(words)
 
+    # The same story checked again with the same tokenizer (jobs/make_dataset.py checks every
+    # subject set, then plans each): the positions of the first check, not a second tokenization.
+    key = (limit, tuple(tuple(tuple(ids) for _, ids in words) for words in subject_words),
+           tuple(frame.prompt for frame in spec.frames))
+    checked = _checked_for(tokenizer)
+    known = checked.get(key) if checked is not None else None
+    if known is not None:
+        return known
     positions: list[list[list[int]]] = []
     shared: dict[tuple[tuple[int, ...], ...], list[list[int]]] = {}
     all_ids = _token_ids_of_all(tokenizer, [frame.prompt for frame in spec.frames])
@@ -153,6 +178,40 @@ def validate_for_model(
             per_subject.append(sorted(found))
         # Frames written from one template have the same positions: one shared list for all of
         # them (never mutated; 10^6 frames hold one list, not 10^6).
-        key = tuple(tuple(p) for p in per_subject)
-        positions.append(shared.setdefault(key, per_subject))
+        run = tuple(tuple(p) for p in per_subject)
+        positions.append(shared.setdefault(run, per_subject))
+    if checked is not None:
+        checked.put(key, positions)
     return positions
+
+
+class _Checked:
+    """The positions of the stories checked with one tokenizer, the oldest dropped first once
+    they hold more than ``CHECKED_FRAMES`` frames."""
+
+    def __init__(self) -> None:
+        self.stories: OrderedDict[Any, list[list[list[int]]]] = OrderedDict()
+        self.frames = 0
+
+    def get(self, key: Any) -> list[list[list[int]]] | None:
+        return self.stories.get(key)
+
+    def put(self, key: Any, positions: list[list[list[int]]]) -> None:
+        if key in self.stories:
+            return
+        self.stories[key] = positions
+        self.frames += len(positions)
+        while self.frames > CHECKED_FRAMES and len(self.stories) > 1:
+            _, dropped = self.stories.popitem(last=False)
+            self.frames -= len(dropped)
+
+
+_CHECKED: weakref.WeakKeyDictionary[Any, _Checked] = weakref.WeakKeyDictionary()
+CHECKED_FRAMES = 2_000_000  # frames whose positions are kept per tokenizer
+
+
+def _checked_for(tokenizer: Any) -> _Checked | None:
+    try:
+        return _CHECKED.setdefault(tokenizer, _Checked())
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no memory of earlier checks
+        return None
