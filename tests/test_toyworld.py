@@ -10,8 +10,20 @@ from PIL import Image, ImageFilter
 
 from storysync_dist.toyworld.oracle import read_image, score_frame
 from storysync_dist.toyworld.world import (
-    ACCESSORIES, BACKGROUNDS, CLASSES, COLOURS, PATTERNS, PLACES, Identity, Placed, Scene, identities, prompt_of,
-    random_scene, render, scene_of_prompt,
+    ACCESSORIES,
+    BACKGROUNDS,
+    CLASSES,
+    COLOURS,
+    PATTERNS,
+    PLACES,
+    Identity,
+    Placed,
+    Scene,
+    identities,
+    prompt_of,
+    random_scene,
+    render,
+    scene_of_prompt,
 )
 
 
@@ -108,7 +120,7 @@ def test_a_frame_is_adherent_only_with_its_background_and_classes_in_their_place
     assert score_frame(image, "a tent on the left in the forest").subject is None
     extra, _ = render(Scene("forest", (Placed("ball", "left", subject), Placed("log", "right", subject)), "pair"))
     assert not score_frame(extra, "a ball on the left in the forest").adherent  # an object not asked for
-    with pytest.raises(ValueError, match="not a toyworld prompt|no background|no place"):
+    with pytest.raises(ValueError, match=r"no background in .a cat on a sofa."):
         scene_of_prompt("a cat on a sofa")
 
 
