@@ -524,3 +524,21 @@ def test_writing_a_long_story_frame_by_frame_reads_each_staged_index_once(tmp_pa
     looked_at.clear()
     sink.write([record(frames, size=(8, 8))])
     assert looked_at == []
+
+
+def test_the_rows_kept_for_the_next_compaction_are_bounded(tmp_path: pathlib.Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: the driver kept up to a part's bytes (128 MiB) of staged rows in memory, and grew
+    by that much over a long story. It keeps at most ROW_CACHE_BYTES; the rest is read back at the
+    commit, with the same result."""
+    monkeypatch.setattr(sink_module, "ROW_CACHE_BYTES", 3 * 2**10)
+    sink = ParquetFrameSink(str(tmp_path / "out"))
+    records = [record(i, size=(24, 16)) for i in range(12)]
+    for rec in records:
+        sink.write([rec])
+        assert sink._row_cache_bytes <= 3 * 2**10
+    assert 0 < len(sink._row_cache) < len(records)  # some kept, most read back
+    sink.commit_story(STORY, current={r.frame_id: r.fingerprint for r in records})
+    table = ParquetFrameSink(str(tmp_path / "out"), read_only=True).read_table(STORY)
+    assert table.column("frame_id").to_pylist() == [r.frame_id for r in records]
+    assert [row["bytes"] for row in table.column("image").to_pylist()] == [r.image_png for r in records]

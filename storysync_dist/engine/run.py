@@ -22,7 +22,7 @@ from ..core.anchors import AnchorBundle
 from ..core.residency import PlacedBundle
 from ..errors import StorySyncUserError, one_line
 from ..io.lease import Lease, LeaseHeldError
-from ..io.sink import FrameRecord, ParquetFrameSink, write_bytes
+from ..io.sink import FrameRecord, ParquetFrameSink, hand_back_memory, write_bytes
 from ..models.customize import apply_model_setup
 from ..models.presets import load_pipeline
 from ..models.registry import adapter_for
@@ -239,6 +239,7 @@ class StoryJob:
             changed = bool(ctx.rendered or removed or plan.leftovers or sink.damaged)
             storyboard, manifest = write_story_outputs(sink, plan, stats, changed=changed, removed=removed,
                                                        manifest=self.manifest)
+            hand_back_memory()  # the storyboard's decoded frames: a driver of many stories stays flat
         except BaseException:
             self.abort()
             raise

@@ -83,11 +83,13 @@ Output paths are built only from validated ids (``storysync_dist.spec.ID_PATTERN
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import json
 import logging
 import math
 import posixpath
+import sys
 from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -160,6 +162,7 @@ __all__ = [
     "StoredFrame",
     "create_exclusive",
     "dataset_files",
+    "hand_back_memory",
     "is_object_store",
     "open_dataset",
     "part_name",
@@ -362,6 +365,10 @@ class ParquetFrameSink:
         cached = self._row_cache.get(path)
         if cached is not None:
             return cached.select(columns) if columns is not None else cached
+        if is_local(self.fs):
+            # Arrow's own reader: its buffers come from Arrow's pool, which a compaction hands back
+            # (``hand_back_memory``); Python file reads left a long job's driver holding them.
+            return pq.read_table(path, columns=columns)
         with self.fs.open(path, "rb") as handle:
             return pq.read_table(handle, columns=columns)
 
@@ -701,9 +708,7 @@ class ParquetFrameSink:
                                            zip(ids, fps, _shared_strings(chunk["config"]))]
             self._write_marker_if_clean()
         self._delete(story_id, [path for path in drop if path not in new_parts])
-        # A compaction holds up to a part's bytes at once: hand them back to the system now, or the
-        # allocator keeps them and a long job's driver looks as if it grew by a part.
-        pa.default_memory_pool().release_unused()
+        hand_back_memory()
         return sorted(removed)
 
 
@@ -725,6 +730,16 @@ class ParquetFrameSink:
             # Keep the records so the caller can retry the flush.
             self._buffer = records + self._buffer
             raise
+
+
+def hand_back_memory() -> None:
+    """A compaction holds up to a part's bytes at once: hand the freed memory back to the system
+    (Arrow's pool, and glibc's heap where there is one), or the allocators keep it and a long job's
+    driver looks as if it grew by a part at every compaction."""
+    pa.default_memory_pool().release_unused()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _shared_strings(column: pa.ChunkedArray | pa.Array) -> list[Any]:
