@@ -38,7 +38,8 @@ __all__ = ["EXIT_USER_ERROR", "add_bench_arguments", "add_render_arguments", "bu
 
 def add_render_arguments(render: argparse.ArgumentParser) -> None:
     """Every option of ``storysync render`` (``jobs/render_story.py`` takes the same)."""
-    render.add_argument("story", help="story file (.yaml, .yml or .json)")
+    render.add_argument("story", help="story file: .yaml, .yml, .json, .jsonl (a header line, then one frame per line) "
+                        "or .parquet (one row per frame)")
     add_model_arguments(render)
     render.add_argument("--only", help="comma-separated frame ids to render (against the same anchors)")
     render.add_argument("--steps", type=positive_int,
