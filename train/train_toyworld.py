@@ -307,10 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.stage == "vae":
-        train_vae(args.out, args.steps, args.batch_size, args.save_every)
-    elif args.stage == "unet":
-        train_unet(args.out, args.steps, args.batch_size, args.save_every)
+    # Gradients on whatever the caller's mode (the render path turns them off process-wide).
+    with torch.enable_grad():
+        if args.stage == "vae":
+            train_vae(args.out, args.steps, args.batch_size, args.save_every)
+        elif args.stage == "unet":
+            train_unet(args.out, args.steps, args.batch_size, args.save_every)
     if args.export is not None:
         export(args.out, args.export)
     return 0
