@@ -26,17 +26,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import itertools
 
-from bench.report import machine_info
+from bench.report import machine_info, rss_mib
 
 MODEL = "tiny-sdxl"
 WINDOW = 500
-
-
-def rss_mib() -> float:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def write_story(folder: pathlib.Path, frames: int, size: int, steps: int) -> pathlib.Path:

@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bench.report import machine_info
+from bench.report import machine_info, rss_mib
 
 MODEL = "tiny-sdxl"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -93,8 +93,8 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
     import make_dataset
 
     imported = time.perf_counter()
-    rss_after_imports = _rss_kib()
-    row: dict[str, Any] = {"imports_s": imported - start, "rss_after_imports_mib": rss_after_imports / 1024}
+    rss_after_imports = rss_mib()
+    row: dict[str, Any] = {"imports_s": imported - start, "rss_after_imports_mib": rss_after_imports}
     if case["stories"] == 1:
         frames = len(load_story(case["path"]).frames)  # freed before the dry run: not counted twice
         loaded = time.perf_counter()
@@ -151,13 +151,6 @@ def synthesize(case: dict[str, Any]) -> float:
             ) for f in frames[first:first + 50_000]])
         sink.commit_story(plan.spec.id, current=plan.fingerprints)
     return time.perf_counter() - start
-
-
-def _rss_kib() -> int:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def _in_fresh_process(function: str, case: dict[str, Any]) -> Any:

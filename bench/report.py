@@ -45,6 +45,17 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def rss_mib() -> float:
+    """This process's resident set now, MiB (``VmRSS``; NaN where /proc is missing)."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _loadavg() -> str:
     """1-minute load average now: other processes on the machine skew every time measured."""
     try:
