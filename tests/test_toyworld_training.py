@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import subprocess
 import sys
 
 import torch
@@ -14,39 +15,35 @@ from safetensors.torch import load_file
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("train_toyworld", ROOT / "train" / "train_toyworld.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("train_toyworld", module)
-    spec.loader.exec_module(module)
-    return module
+def _train(out: pathlib.Path, steps: int, save_every: int) -> None:
+    """The script as a user runs it, in its own process: it sets torch's threads, seeds its
+    generator and trains with autograd, none of which may leak into the test session (a fresh-clone
+    suite that ran it in-process ended in a segmentation fault at exit)."""
+    subprocess.run([sys.executable, str(ROOT / "train" / "train_toyworld.py"), "--out", str(out), "--stage", "vae",
+                    "--steps", str(steps), "--batch-size", "2", "--save-every", str(save_every), "--threads", "1"],
+                   check=True, capture_output=True, timeout=300)
 
 
 def test_a_resumed_vae_run_equals_one_run(tmp_path: pathlib.Path) -> None:
-    # The script sets the process's thread count and seeds torch's generator: both put back.
-    threads, generator = torch.get_num_threads(), torch.get_rng_state()
-    try:
-        # With gradients off, as a process that rendered has them: the script turns them on itself.
-        with torch.no_grad():
-            _check_resume(tmp_path)
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_rng_state(generator)
-
-
-def _check_resume(tmp_path: pathlib.Path) -> None:
-    train = _script()
-    train.main(["--out", str(tmp_path / "once"), "--stage", "vae", "--steps", "4", "--batch-size", "2",
-                "--save-every", "4", "--threads", "1"])
-    train.main(["--out", str(tmp_path / "twice"), "--stage", "vae", "--steps", "2", "--batch-size", "2",
-                "--save-every", "2", "--threads", "1"])
-    train.main(["--out", str(tmp_path / "twice"), "--stage", "vae", "--steps", "4", "--batch-size", "2",
-                "--save-every", "2", "--threads", "1"])
+    _train(tmp_path / "once", steps=4, save_every=4)
+    _train(tmp_path / "twice", steps=2, save_every=2)
+    _train(tmp_path / "twice", steps=4, save_every=2)
     once = load_file(str(tmp_path / "once" / "checkpoints" / "vae" / "weights.safetensors"))
     twice = load_file(str(tmp_path / "twice" / "checkpoints" / "vae" / "weights.safetensors"))
     assert once.keys() == twice.keys() and any(k.startswith("optim.") for k in once)
     for key in once:
         assert torch.equal(once[key], twice[key]), key
     # And training moved the weights away from their seeded start.
-    start = train.build_vae().state_dict()
+    start = _seeded_vae().state_dict()
     assert any(not torch.equal(start[k[6:]], v) for k, v in once.items() if k.startswith("model."))
+
+
+def _seeded_vae():
+    spec = importlib.util.spec_from_file_location("train_toyworld", ROOT / "train" / "train_toyworld.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    generator = torch.get_rng_state()
+    try:
+        return module.build_vae()
+    finally:
+        torch.set_rng_state(generator)  # build_vae seeds torch's generator
