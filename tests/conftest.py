@@ -24,6 +24,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if "STORYSYNC_CACHE" not in os.environ:
         os.environ["STORYSYNC_CACHE"] = tempfile.mkdtemp(prefix="storysync-test-cache-")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Until the trained toyworld model is shipped (issue 21), the `toyworld` preset resolves to a
+    # pipeline folder that the `toyworld_model` fixture trains for one step: it tests the preset's
+    # path (CLI, API, Ray workers), not quality. Set before the Ray head starts, which inherits it.
+    from storysync_dist.toyworld import MODEL_ENV, model_folder
+
+    if MODEL_ENV not in os.environ and not (model_folder() / "model_index.json").is_file():
+        os.environ[MODEL_ENV] = str(Path(os.environ["STORYSYNC_CACHE"]) / "toyworld-one-step")
     # torch in this process and in every subprocess a test starts runs with one thread, as a Ray
     # FrameWorker does (tests/_pixels.py, WORKER_THREADS): in-process renders then match the
     # workers' by construction, and on a loaded 2-CPU machine torch's spinning second thread
@@ -62,6 +69,27 @@ def auth_ray_head() -> Iterator[RayHead]:
     job server on 127.0.0.1, no GPUs. ``head.env`` holds what a driver needs to join it."""
     with started_head(num_cpus=3, num_gpus=0, dashboard=True) as head:
         yield head
+
+
+@pytest.fixture(scope="session")
+def toyworld_model() -> Path:
+    """The `toyworld` preset's folder: the shipped model, or (until it is shipped) one trained for a
+    single step of each stage and exported by train/train_toyworld.py, as a user would."""
+    import subprocess
+    import sys
+
+    from storysync_dist.toyworld import model_folder
+
+    folder = model_folder()
+    if not (folder / "model_index.json").is_file():
+        script = Path(__file__).resolve().parents[1] / "train" / "train_toyworld.py"
+        work = folder.with_name(folder.name + "-training")
+        for stage in ("vae", "unet"):
+            extra = ["--export", str(folder)] if stage == "unet" else []
+            subprocess.run([sys.executable, str(script), "--out", str(work), "--stage", stage, "--steps", "1",
+                            "--batch-size", "2", "--save-every", "1", "--threads", "1", *extra],
+                           check=True, capture_output=True, timeout=600)
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -209,7 +209,7 @@ def test_a_path_still_works_and_an_unknown_value_lists_the_names(tmp_path: Path,
                  "--out", str(tmp_path / "out")]) == 2
     err = one_line_error(capsys)
     assert f"--suite {tmp_path / 'nothing.yaml'}: not a file and not a known suite name" in err
-    assert f"known: {', '.join(sorted(suites.SUITES))}" in err
+    assert f"known: {', '.join(sorted([*suites.SUITES, *suites.GENERATED]))}" in err
     assert not (cache / "suites").exists()
 
 
@@ -217,9 +217,12 @@ def test_list_suites_needs_no_other_option(monkeypatch: pytest.MonkeyPatch, caps
     entry = register(monkeypatch, "tiny-suite", SUITE_BYTES)
     assert main(["bench", "--list-suites"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == sorted(suites.SUITES)
-    for line, listed in zip(lines, sorted(suites.SUITES.values(), key=lambda e: e.name), strict=True):
+    # The downloaded suites, then the generated ones (toyworld's), each with what it is.
+    assert [line.split()[0] for line in lines] == [*sorted(suites.SUITES), *suites.GENERATED]
+    for line, listed in zip(lines, sorted(suites.SUITES.values(), key=lambda e: e.name)):
         assert f"{listed.size:,} bytes" in line and listed.source in line and listed.licence in line
+    for line, (name, what) in zip(lines[len(suites.SUITES):], suites.GENERATED.items(), strict=True):
+        assert line.startswith(f"{name} ") and "generated" in line and what in line
     assert any(line.startswith(f"{entry.name} ") for line in lines)
 
     monkeypatch.syspath_prepend(str(ROOT / "jobs"))

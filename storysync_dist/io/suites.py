@@ -7,6 +7,9 @@ A name maps to a pinned URL and the SHA-256 and size of the file there (``SUITES
   ``$STORYSYNC_CACHE``, else ``~/.cache/storysync``; ``storysync_dist.cache``). A file there
   with the pinned hash is used without any network; otherwise it is downloaded once with pooch
   (``HTTPDownloader`` with a short timeout) and kept only if its hash is the pinned one;
+- a generated suite (``GENERATED``: ``toyworld``, ``toyworld-tune``, the quality instrument's
+  stories, ``toyworld.stories``): written into the same cache folder from the world's grammar,
+  no network;
 - else an existing file, as given (any file of the same shape);
 - else a one-line ``StorySyncUserError`` (exit 2) listing the names.
 
@@ -31,7 +34,7 @@ from ..cache import cache_root
 from ..errors import StorySyncUserError, one_line
 
 __all__ = [
-    "DOWNLOAD_TIMEOUT_S", "MIRROR_ENV", "SUITES", "SuiteEntry", "format_suites", "resolve_suite", "suite_cache_path",
+    "DOWNLOAD_TIMEOUT_S", "GENERATED", "MIRROR_ENV", "SUITES", "SuiteEntry", "format_suites", "resolve_suite", "suite_cache_path",
     "suite_url",
 ]
 
@@ -72,6 +75,14 @@ SUITES: dict[str, SuiteEntry] = {
 }
 
 
+# Suites made by the program itself: name -> what --list-suites says of it.
+GENERATED = {
+    "toyworld": "toyworld's test split: 24 one-subject stories x 5 frames for the quality instrument "
+                "(--model toyworld), generated from the world's grammar (docs/quality.md)",
+    "toyworld-tune": "toyworld's tuning split: 24 more stories with other seeds; choose constants on this one",
+}
+
+
 def suite_cache_path(entry: SuiteEntry) -> pathlib.Path:
     """Where the suite's file is kept: ``<cache root>/suites/<name>.yaml``."""
     return cache_root() / "suites" / f"{entry.name}.yaml"
@@ -92,7 +103,31 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def _known_names() -> str:
-    return ", ".join(sorted(SUITES))
+    return ", ".join(sorted([*SUITES, *GENERATED]))
+
+
+def _generated(name: str) -> pathlib.Path:
+    """The generated suite ``name`` in the cache, written (then renamed into place) when missing
+    or different: the grammar is the truth, the file a copy for the loader and for the user."""
+    import tempfile
+
+    import yaml
+
+    from ..toyworld.stories import suite_document
+
+    text = yaml.safe_dump(suite_document(name), sort_keys=False)
+    path = cache_root() / "suites" / f"{name}.yaml"
+    if path.is_file() and path.read_text() == text:
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{name}.", delete=False) as handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    except OSError as exc:
+        raise StorySyncUserError(f"suite {name}: cannot write the cache folder {path.parent} ({one_line(exc)}); "
+                                 "set STORYSYNC_CACHE to a writable folder") from None
+    return path
 
 
 def resolve_suite(value: str | os.PathLike[str], *, option: str = "--suite") -> str:
@@ -100,6 +135,8 @@ def resolve_suite(value: str | os.PathLike[str], *, option: str = "--suite") -> 
     missing, see the module docstring) or an existing file. ``option`` names the argument in the
     one-line errors (``StorySyncUserError``)."""
     text = os.fspath(value)
+    if text in GENERATED:
+        return str(_generated(text))
     entry = SUITES.get(text)
     if entry is None:
         if os.path.exists(text):
@@ -177,8 +214,9 @@ def _reason(exc: Exception) -> str:
 
 def format_suites() -> str:
     """What ``storysync bench --list-suites`` prints: one line per name with its size and source."""
-    width = max(len(name) for name in SUITES)
+    width = max(len(name) for name in [*SUITES, *GENERATED])
     return "\n".join(
-        f"{entry.name:{width}s}  {entry.size:,} bytes  {entry.source}; licence: {entry.licence}"
-        for entry in sorted(SUITES.values(), key=lambda e: e.name)
+        [f"{entry.name:{width}s}  {entry.size:,} bytes  {entry.source}; licence: {entry.licence}"
+         for entry in sorted(SUITES.values(), key=lambda e: e.name)]
+        + [f"{name:{width}s}  generated  {what}" for name, what in GENERATED.items()]
     )

@@ -7,7 +7,11 @@ two text encoders, `vae_scale_factor == 8`) without network access or a GPU. Eac
 written with `save_pretrained` and always loaded back with `from_pretrained`, so the real loading path
 runs every time.
 
-`random-sdxl` is the exception: the full-size SDXL base architecture with seeded random weights, for
+`toyworld` is a trained model, not random weights: the quality instrument's
+``StableDiffusionPipeline`` (issue 21, ``docs/quality.md``), trained by ``train/train_toyworld.py``
+and shipped as a pipeline folder (``Preset.folder``), which loads like any local folder.
+
+`random-sdxl` is the other exception: the full-size SDXL base architecture with seeded random weights, for
 benchmarks (real compute, noise pictures). At ~3.5B parameters (14 GB in float32) saving it would cost
 more than building it, so `load_pipeline` builds it in memory, directly in the requested dtype and on
 the requested device; only its configs and tokenizers are written to disk (for `load_model_info`).
@@ -109,6 +113,9 @@ class Preset:
     components: Mapping[str, Mapping[str, Any]]
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
     in_memory: bool = False
+    # A trained pipeline folder shipped with the package (``toyworld``): ``path()`` is this folder,
+    # called at each use (the folder may be moved by an environment variable); nothing is built.
+    folder: Callable[[], pathlib.Path] | None = None
     # role -> builder of that component from its config dict; None: the UNet families' builders.
     # A family whose components differ (FLUX's T5 text_encoder_2, a transformer) brings its own.
     builders: Mapping[str, Callable[[dict[str, Any]], Any]] | None = None
@@ -193,7 +200,9 @@ class Preset:
         return self.pipeline_class(**parts, **self.pipeline_kwargs)
 
     def path(self) -> pathlib.Path:
-        """Folder this preset is (or will be) saved to."""
+        """Folder this preset is (or will be) saved to; a shipped folder for a trained preset."""
+        if self.folder is not None:
+            return self.folder()
         return cache_root() / "presets" / f"{self.name}-{self.cache_key()}"
 
 
@@ -302,6 +311,10 @@ def preset_path(name: str) -> pathlib.Path:
     target = preset.path()
     if (target / "model_index.json").is_file():
         return target
+    if preset.folder is not None:  # trained weights cannot be built: say where they come from
+        raise UnknownModelError(
+            f"preset {name!r}: no trained pipeline at {target} (model_index.json missing); its weights are "
+            f"made by train/train_toyworld.py --export (docs/quality.md)")
     # Threads share torch's global RNG, so two concurrent in-process builds would interleave their
     # seeding; processes are kept apart by the atomic rename below instead.
     with _BUILD_LOCK:

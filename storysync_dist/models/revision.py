@@ -1,6 +1,7 @@
 """Which version of a model a frame was rendered with, as far as it can be told without weights.
 
 - a preset: its name and ``PRESET_VERSION`` (presets are built from fixed configs and seeds);
+  a trained preset (``toyworld``): a hash of its folder, weights included (they are small);
 - a hub id in the Hugging Face cache: the snapshot's commit hash;
 - a local folder: a hash of its ``model_index.json`` and component configs, and of the names and
   sizes of its weight files (reading gigabytes of weights per job would cost more than it tells).
@@ -21,13 +22,18 @@ __all__ = ["model_revision"]
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
-def _folder_digest(folder: pathlib.Path) -> str:
+def _folder_digest(folder: pathlib.Path, weights: bool = False) -> str:
+    """A hash of the folder's configs and its weight files' names and sizes; of the weights' bytes
+    too with ``weights`` (a small trained preset: retraining keeps every size)."""
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
             continue
         rel = path.relative_to(folder).as_posix()
         if path.suffix == ".json" or path.name.endswith(".txt"):
+            digest.update(f"{rel}\0".encode())
+            digest.update(path.read_bytes())
+        elif path.name.endswith(_WEIGHT_SUFFIXES) and weights:
             digest.update(f"{rel}\0".encode())
             digest.update(path.read_bytes())
         elif path.name.endswith(_WEIGHT_SUFFIXES):
@@ -38,8 +44,11 @@ def _folder_digest(folder: pathlib.Path) -> str:
 @functools.lru_cache(maxsize=64)
 def model_revision(model: str) -> str | None:
     """A short revision string for ``model``, or None when it cannot be told."""
-    if model in PRESETS:
+    if model in PRESETS and PRESETS[model].folder is None:  # seeded weights: the preset's version
         return f"preset-v{PRESET_VERSION}"
+    if model in PRESETS:  # a trained preset (toyworld): retrained weights must not reuse old frames
+        folder = PRESETS[model].path()
+        return _folder_digest(folder, weights=True) if folder.is_dir() else None
     local = pathlib.Path(os.path.expanduser(model))
     if local.is_dir():
         return _folder_digest(local)

@@ -1,9 +1,10 @@
 """The UNet family's offline presets: `tiny-sd` and `tiny-sdxl` (the real pipeline classes with tiny
-configs and seeded random weights) and `random-sdxl` (SDXL base 1.0's full architecture with random
+configs and seeded random weights), `toyworld` (the trained quality instrument) and `random-sdxl` (SDXL base 1.0's full architecture with random
 weights, built in memory, for benchmarks). How presets are built, saved and loaded is `presets.py`."""
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 from diffusers import (
@@ -154,6 +155,12 @@ def _sdxl_base_components() -> dict[str, dict[str, Any]]:
 
 
 
+def _toyworld_folder() -> pathlib.Path:
+    from ..toyworld import model_folder
+
+    return model_folder()
+
+
 UNET_PRESETS: dict[str, Preset] = {
     "tiny-sd": Preset(
         name="tiny-sd",
@@ -179,5 +186,14 @@ UNET_PRESETS: dict[str, Preset] = {
         components=_sdxl_base_components(),
         pipeline_kwargs={"image_encoder": None, "feature_extractor": None},
         in_memory=True,
+    ),
+    # The quality instrument (issue 21): a small StableDiffusionPipeline trained on toyworld's
+    # pictures, shipped as a folder (``toyworld.model_folder``); loaded like any local folder.
+    "toyworld": Preset(
+        name="toyworld",
+        pipeline_class=StableDiffusionPipeline,
+        scheduler_class=PNDMScheduler,
+        components={},
+        folder=_toyworld_folder,
     ),
 }

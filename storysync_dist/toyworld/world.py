@@ -9,9 +9,9 @@ inconsistency a story method must remove.
 
 What the data teaches, and why (facts from an earlier attempt, issue 21):
 - scenes of two or three objects of distinct classes whose places are bound to their nouns
-  ("a ball left of a kite on the beach"): a noun's cross-attention must find its object to
+  ("a ball right of a tent on the beach"): a noun's cross-attention must find its object to
   render the scene right, so subject-token masks localize;
-- scenes of two to four *identical* instances of one class ("three boxes in the city"), the
+- scenes of two to four *identical* instances of one class ("three towers in the city"), the
   identity unnamed: self-attention learns to copy appearance from one region to another, which
   is what extended attention to the anchors relies on.
 
@@ -107,8 +107,9 @@ class Placed:
 @dataclass(frozen=True)
 class Scene:
     """A picture's truth: background and objects, and the prompt ``kind`` that names them
-    (``single``: "a ball on the left ...", ``pair``: "a ball left of a kite ...", ``group``:
-    "three boxes ...", identical instances)."""
+    (``single``: "a ball on the left ...", ``pair``: "a ball left of a tent ..." or "a ball right
+    of a tent ...", the first object named first, ``group``:
+    "three towers ...", identical instances)."""
 
     background: str
     objects: tuple[Placed, ...]
@@ -128,8 +129,10 @@ def prompt_of(scene: Scene) -> str:
         place = "in the middle" if one.place == "middle" else f"on the {one.place}"
         return f"a {one.cls} {place} {where}"
     if scene.kind == "pair":
+        # Either object may be named first, so a story's subject always can be ("a ball right of a
+        # tent"): the first noun is bound to its own place.
         first, second = objects
-        return f"a {first.cls} left of a {second.cls} {where}"
+        return f"a {first.cls} {first.place} of a {second.cls} {where}"
     if scene.kind == "trio":
         return f"a {objects[0].cls}, a {objects[1].cls} and a {objects[2].cls} {where}"
     if scene.kind == "group":
@@ -157,8 +160,10 @@ def scene_of_prompt(prompt: str) -> Scene:
         if place is None:
             raise ValueError(f"no place in {prompt!r}")
         return Scene(background, (Placed(named[0], place, blank),), "single")
-    if len(named) == 2 and "left" in words:
-        return Scene(background, (Placed(named[0], "left", blank), Placed(named[1], "right", blank)), "pair")
+    if len(named) == 2 and "of" in words and words[words.index("of") - 1] in ("left", "right"):
+        first = words[words.index("of") - 1]
+        second = "right" if first == "left" else "left"
+        return Scene(background, (Placed(named[0], first, blank), Placed(named[1], second, blank)), "pair")
     if len(named) == 3:
         return Scene(background, tuple(Placed(c, p, blank) for c, p in zip(named, PLACES)), "trio")
     raise ValueError(f"{prompt!r} is not a toyworld prompt")
@@ -186,7 +191,7 @@ def random_scene(rng: np.random.Generator, kinds: tuple[str, ...] = ("single", "
     elif kind in ("pair", "trio"):
         count = 2 if kind == "pair" else 3
         classes = rng.permutation(CLASSES)[:count]
-        places = ("left", "right") if kind == "pair" else tuple(PLACES)
+        places = tuple(PLACES) if kind == "trio" else tuple(str(p) for p in rng.permutation(["left", "right"]))
         objects = tuple(Placed(str(c), p, pool[int(rng.integers(len(pool)))], *jitter())
                         for c, p in zip(classes, places))
     else:
