@@ -141,7 +141,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     """``--metrics``, ``--weights``, ``--encoders``: what ``storysync eval`` and ``bench`` score with."""
-    parser.add_argument("--metrics", help="comma-separated metrics (default: clip-t,clip-i,dino,lpips,dreamsim)")
+    parser.add_argument("--metrics", help="comma-separated metrics (default: clip-t,clip-i,dino,lpips,dreamsim; "
+                        "also: oracle, toyworld renders only, no weights)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", metavar="DIR",
                         help="folder of the metric weights (layout: docs/evaluation.md); default: the Hugging "

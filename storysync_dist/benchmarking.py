@@ -5,9 +5,11 @@ Layout of ``--out``::
 
     renders/<method>/      one dataset per method (storysync's Parquet format)
     scores/<method>/       its scores (``storysync eval``: per_frame/per_story Parquet, CSV)
-    results.csv            one row per method: the mean over stories of every metric
+    results.csv            one row per method: the mean over stories of every metric (``oracle``:
+                           identity consistency, adherence, background leakage)
     table.md               the same in the layout of the paper's Table 1
-    adherence_vs_similarity.png   CLIP-T against subject similarity, one point per method
+    adherence_vs_similarity.png   CLIP-T against subject similarity, one point per method (without
+                           CLIP-T, the oracle's adherence against identity consistency)
     storyboards/<story>.png       one sheet per subject set, the methods as rows
 
 A rerun resumes: the renders skip the frames already present (the engine's fingerprints) and the

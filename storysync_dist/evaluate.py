@@ -2,11 +2,13 @@
 
 The dataset is read through ``io.layout.open_dataset`` (committed parts only), one story at a time
 in frame order. Each story is scored by ``eval.scores.score_story``: CLIP-T per frame, the subject
-metrics as the mean over the story's frame pairs on background-removed images. The scores go to
+metrics as the mean over the story's frame pairs on background-removed images, and, when asked for
+(``--metrics oracle``, toyworld renders only), toyworld's oracle (``eval.oracle``). The scores go to
 ``<out>`` (default ``<dataset>/eval``) as Parquet and CSV (``io.scores``).
 
-A rerun resumes: a story whose frames (ids and fingerprints), metrics and weights are those of its
-stored row keeps its scores and is not scored again.
+A rerun resumes: a story whose frames (ids and fingerprints), metrics and weights (and, with the
+oracle, its flagged anchor frames) are those of its stored row keeps its scores and is not scored
+again.
 
 Encoders are loaded (and missing weights reported, exit 2) before any story is scored; with
 ``workers >= 1`` each Ray ``EvalWorker`` loads its own (``distributed.evaluator``).
@@ -42,7 +44,9 @@ class EvalOptions:
 
     dataset: str
     out: str | None = None  # default: <dataset>/eval
-    metrics: Sequence[str] | None = None  # default: every metric (eval.encoders.METRICS)
+    # default: every encoder metric (eval.encoders.METRICS); "oracle" (toyworld renders only) only
+    # when named: eval.encoders.ALL_METRICS are the choices.
+    metrics: Sequence[str] | None = None
     weights: str | None = None  # a folder of local weights (docs/evaluation.md); None: the HF cache
     encoders: str | None = None  # "random-tiny": tiny random encoders, a plumbing check
     workers: int = 0
@@ -70,24 +74,27 @@ class EvalResult:
 
 @dataclass
 class StoryFrames:
-    """One story's frames as plain data (what a Ray worker receives): ids, prompts, and their PNG
-    bytes once read (``with_images``; a story's images are read only when it is scored)."""
+    """One story's frames as plain data (what a Ray worker receives): ids, prompts, the dataset's
+    ``is_anchor`` flags (None where unknown; empty: all unknown), and their PNG bytes once read
+    (``with_images``; a story's images are read only when it is scored)."""
 
     story_id: str
     frame_ids: list[str]
     prompts: list[str]
     digest: str
     images: list[bytes] = field(default_factory=list)
+    anchors: list[bool | None] = field(default_factory=list)
 
 
 def check_eval_options(options: EvalOptions) -> tuple[str, ...]:
-    """The metrics to compute; one-line errors naming the option."""
-    from .eval.encoders import METRICS
+    """The metrics to compute (default: ``eval.encoders.METRICS``, every encoder metric; the
+    oracle only when named); one-line errors naming the option."""
+    from .eval.encoders import ALL_METRICS, METRICS
 
     metrics = tuple(options.metrics) if options.metrics else METRICS
-    unknown = [m for m in metrics if m not in METRICS]
+    unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown:
-        raise StorySyncUserError(f"--metrics {','.join(unknown)}: unknown metric (choose from {', '.join(METRICS)})")
+        raise StorySyncUserError(f"--metrics {','.join(unknown)}: unknown metric (choose from {', '.join(ALL_METRICS)})")
     if options.encoders not in (None, RANDOM_TINY):
         raise StorySyncUserError(f"--encoders {options.encoders!r}: the only preset is {RANDOM_TINY}")
     if options.encoders and options.weights:
@@ -97,12 +104,19 @@ def check_eval_options(options: EvalOptions) -> tuple[str, ...]:
     return metrics
 
 
-def _digest(frames: list[tuple[str, str | None]], metrics: Sequence[str], weights: dict[str, str]) -> str:
-    payload = json.dumps([sorted(frames, key=lambda f: f[0]), list(metrics), weights], sort_keys=True)
+def _digest(frames: list[tuple[str, str | None]], metrics: Sequence[str], weights: dict[str, str],
+            anchors: list[str] | None = None) -> str:
+    """A story's scores are kept while this is unchanged: its frames (ids, fingerprints), the
+    metrics, the weights, and for the oracle the anchor frames its background leakage is
+    measured against (given only then, so the digests of the other metrics stay as they were)."""
+    parts: list[Any] = [sorted(frames, key=lambda f: f[0]), list(metrics), weights]
+    if anchors is not None:
+        parts.append(sorted(anchors))
+    payload = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-INDEX_COLUMNS = ["story_id", "frame_id", "frame_index", "prompt", "fingerprint", "model"]
+INDEX_COLUMNS = ["story_id", "frame_id", "frame_index", "prompt", "fingerprint", "model", "is_anchor"]
 
 
 def read_story_index(dataset: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, list[dict]]]:
@@ -150,8 +164,9 @@ def score_story_frames(story: StoryFrames, encoders: Any, remover: Any, metrics:
 
     from .eval.scores import FrameForEval, score_story
 
-    frames = [FrameForEval(story.story_id, fid, prompt, Image.open(io.BytesIO(png)).convert("RGB"))
-              for fid, prompt, png in zip(story.frame_ids, story.prompts, story.images)]
+    anchors = story.anchors or [None] * len(story.frame_ids)
+    frames = [FrameForEval(story.story_id, fid, prompt, Image.open(io.BytesIO(png)).convert("RGB"), anchor)
+              for fid, prompt, png, anchor in zip(story.frame_ids, story.prompts, story.images, anchors)]
     return score_story(frames, encoders, remover, metrics)
 
 
@@ -178,21 +193,29 @@ def evaluate_dataset(options: EvalOptions, *, loaded: tuple[Any, Any] | None = N
     metrics = check_eval_options(options)
     out = options.out or posixpath.join(options.dataset.rstrip("/"), EVAL_DIR)
     stories = read_story_index(options.dataset, options.storage_options)
+    oracle = "oracle" in metrics
+    if oracle:  # every prompt must be toyworld's: a one-line error (exit 2) before anything loads
+        from .eval.oracle import toyworld_scenes
+
+        for story_id, rows in stories:
+            toyworld_scenes(story_id, [r["frame_id"] for r in rows], [r["prompt"] for r in rows])
     # The encoders load here first, in-process: missing weights fail at once (exit 2), before any
     # worker starts; their description of the weights is part of every story's digest.
     encoders, remover = loaded if loaded is not None else _load(metrics, options)
     weights = dict(encoders.weights)  # each metric's, and "background"
     # Random weights anywhere make the numbers a plumbing check: the encoders (random-tiny), or the
-    # model that rendered the frames (every offline preset, tiny-* and random-*, has random weights).
-    from .models.presets import PRESETS
-
-    preset_models = sorted({r["model"] for _, rows in stories for r in rows if r["model"] in PRESETS})
+    # model that rendered the frames (the offline presets built from configs, tiny-* and random-*;
+    # not a trained preset shipped as a folder, toyworld).
+    preset_models = random_weight_models({r["model"] for _, rows in stories for r in rows})
     plumbing = bool(encoders.plumbing_check) or bool(preset_models)
 
     work: list[StoryFrames] = []
     for story_id, rows in stories:
-        digest = _digest([(r["frame_id"], r["fingerprint"]) for r in rows], metrics, weights)
-        work.append(StoryFrames(story_id, [r["frame_id"] for r in rows], [r["prompt"] for r in rows], digest))
+        flags = [r.get("is_anchor") for r in rows]
+        anchors = [r["frame_id"] for r in rows if r.get("is_anchor")] if oracle else None
+        digest = _digest([(r["frame_id"], r["fingerprint"]) for r in rows], metrics, weights, anchors)
+        work.append(StoryFrames(story_id, [r["frame_id"] for r in rows], [r["prompt"] for r in rows], digest,
+                                anchors=flags))
     previous = read_scores(out, options.storage_options) or ([], [])
     kept = {row["story_id"]: row for row in previous[1] if row.get("digest") in {s.digest for s in work}}
     todo = [s for s in work if s.story_id not in kept]
@@ -236,6 +259,7 @@ def _write_tables(out: str, work: list[StoryFrames], kept: dict[str, dict], resu
                   complete: bool) -> tuple[dict[str, str], dict[str, Any], list[dict[str, Any]]]:
     """Write the score tables of the stories scored (``kept`` from earlier runs, ``results`` now);
     an interrupted run writes what it has with ``complete`` False, and its rerun reuses them."""
+    from .eval.scores import score_names
     from .io.scores import write_scores
 
     frame_rows: list[dict[str, Any]] = [r for r in previous_frames if r["story_id"] in kept]
@@ -257,7 +281,9 @@ def _write_tables(out: str, work: list[StoryFrames], kept: dict[str, dict], resu
         "label": (f"PLUMBING CHECK: random weights ({random_parts}); "
                   "these numbers say nothing about quality") if plumbing else "scores with the weights listed",
         "random_weight_models": preset_models,
-        "mean": {m: _mean([row.get(m.replace("-", "_")) for row in story_rows]) for m in metrics},
+        # Keyed by score ("clip-t", ..., and the oracle's "identity-consistency", "adherence",
+        # "background-leakage"), each the mean over stories of its column (eval.scores.score_names).
+        "mean": {m: _mean([row.get(m.replace("-", "_")) for row in story_rows]) for m in score_names(metrics)},
     }
     return write_scores(out, frame_rows, story_rows, summary, options.storage_options), summary, story_rows
 
@@ -288,6 +314,14 @@ class _EvalProgress:
         self.job.close()
 
 
+def random_weight_models(models: set[str] | Sequence[str]) -> list[str]:
+    """The ``models`` that are offline presets with random weights (every preset built from
+    configs: ``Preset.folder is None``), sorted; a trained preset (``toyworld``) is not one."""
+    from .models.presets import PRESETS
+
+    return sorted({m for m in models if m in PRESETS and PRESETS[m].folder is None})
+
+
 def _random_parts(random_encoders: bool, preset_models: list[str]) -> str:
     parts = ["random-tiny encoders"] if random_encoders else []
     if preset_models:
@@ -306,8 +340,9 @@ def print_eval_result(result: EvalResult) -> None:
         print(result.summary["label"])
     print(f"scored {len(result.scored)} story(ies), kept {len(result.reused)} scored earlier, "
           f"{result.frames} frame(s), in {result.seconds:.1f}s")
+    width = max([9, *map(len, result.summary["mean"])])
     for metric, value in result.summary["mean"].items():
-        print(f"  {metric:9s} {'n/a' if value is None else f'{value:.4f}'}")
+        print(f"  {metric:{width}s} {'n/a' if value is None else f'{value:.4f}'}")
     for metric, used in result.summary["weights"].items():
         print(f"weights:    {metric}: {used}")
     for kind in ("per_frame", "per_story", "csv"):

@@ -10,6 +10,12 @@
   per-channel weight; inputs in [-1, 1] at a fixed size. Lower is better.
 * **DreamSim** (Fu et al. 2023): ``1 − cos`` of ViT embeddings fine-tuned on human similarity
   judgements (NIGHTS). Lower is better.
+* **oracle** (toyworld renders only, ``eval/oracle.py``): the quality instrument's metric
+  (docs/quality.md), read by ``toyworld.oracle`` from the pictures with the world's own palette and
+  shapes. No network and no weights: loading it loads nothing. Not in the default set.
+
+``METRICS`` is the default set (every encoder metric); ``ALL_METRICS`` the names ``--metrics``
+accepts (``METRICS`` and ``oracle``).
 
 Subject metrics run on background-removed frames (see ``background.py``); the per-story reduction
 over frame pairs is ``pairwise.py``. Preprocessing is explicit (PIL bicubic resize, centre crop,
@@ -48,11 +54,17 @@ from ..errors import StorySyncUserError, one_line
 from .background import RANDOM_TINY_DESCRIPTION, BackgroundRemover, find_u2net, load_background_remover
 
 __all__ = [
-    "HIGHER_IS_BETTER", "METRICS", "SUBJECT_METRICS", "Encoders", "LPIPSNetwork", "MissingWeightsError",
+    "ALL_METRICS", "HIGHER_IS_BETTER", "METRICS", "ORACLE", "ORACLE_WEIGHTS", "SUBJECT_METRICS", "Encoders",
+    "LPIPSNetwork", "MissingWeightsError",
     "dreamsim_distance", "load_encoders", "validate_metrics",
 ]
 
-METRICS = ("clip-t", "clip-i", "dino", "lpips", "dreamsim")
+METRICS = ("clip-t", "clip-i", "dino", "lpips", "dreamsim")  # the default: every encoder metric
+ORACLE = "oracle"  # toyworld's oracle (no weights); only when asked for
+ALL_METRICS = (*METRICS, ORACLE)
+# What the oracle "uses" in the weights record (and so in every story's digest): bump the version
+# when toyworld.oracle reads pictures differently, so that a rerun scores the stories again.
+ORACLE_WEIGHTS = "toyworld oracle v1 (storysync_dist.toyworld.oracle; no weights)"
 SUBJECT_METRICS = ("clip-i", "dino", "lpips", "dreamsim")  # computed on background-removed frames
 HIGHER_IS_BETTER = {"clip-t": True, "clip-i": True, "dino": True, "lpips": False, "dreamsim": False}
 HUB_IDS = {"clip": "openai/clip-vit-large-patch14", "dino": "facebook/dino-vits16"}
@@ -69,11 +81,12 @@ class MissingWeightsError(StorySyncUserError):
 
 
 def validate_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
-    """The requested metric names, in :data:`METRICS` order; unknown names are a user error."""
-    unknown = [m for m in metrics if m not in METRICS]
+    """The requested metric names, in :data:`ALL_METRICS` order; unknown names are a user error."""
+    unknown = [m for m in metrics if m not in ALL_METRICS]
     if unknown or not metrics:
-        raise StorySyncUserError(f"--metrics: unknown or empty {unknown or list(metrics)} (choose from {', '.join(METRICS)})")
-    return tuple(m for m in METRICS if m in metrics)
+        raise StorySyncUserError(f"--metrics: unknown or empty {unknown or list(metrics)} "
+                                 f"(choose from {', '.join(ALL_METRICS)})")
+    return tuple(m for m in ALL_METRICS if m in metrics)
 
 
 def _pixels(images: Sequence[Image.Image], size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
@@ -352,7 +365,7 @@ def load_encoders(
     metrics: Sequence[str], *, weights: str | None = None, encoders: str | None = None, device: str = "cpu",
     remove_background: bool = True,
 ) -> Encoders:
-    """Load the networks of ``metrics`` (names from :data:`METRICS`) on ``device``, offline.
+    """Load the networks of ``metrics`` (names from :data:`ALL_METRICS`) on ``device``, offline.
 
     ``encoders="random-tiny"``: tiny random models (plumbing check); ``weights=DIR``: the layout of this
     module's docstring; neither: CLIP and DINO from the Hugging Face cache. Everything needed is
@@ -360,28 +373,36 @@ def load_encoders(
     line naming each missing metric and path or hub id. With a subject metric and
     ``remove_background``, ``Encoders.remover`` is :func:`~.background.load_background_remover`'s
     (the same instance that function returns to other callers).
+
+    ``oracle`` needs no network: with only ``oracle`` nothing is loaded (and nothing can be
+    missing), ``plumbing_check`` is False even with random-tiny (no random weight is used), and
+    ``weights["oracle"]`` is :data:`ORACLE_WEIGHTS`.
     """
     chosen = validate_metrics(metrics)
+    learned = tuple(m for m in chosen if m != ORACLE)
     if encoders not in (None, RANDOM_TINY):
         raise StorySyncUserError(f"--encoders: unknown {encoders!r} (the only choice is {RANDOM_TINY})")
     if encoders is not None and weights is not None:
         raise StorySyncUserError("--encoders random-tiny and --weights exclude each other")
-    wanted = {_model_of(m) for m in chosen}
+    wanted = {_model_of(m) for m in learned}
     if remove_background and any(m in SUBJECT_METRICS for m in chosen):
         wanted.add("background")
-    enc = Encoders(metrics=chosen, plumbing_check=encoders == RANDOM_TINY, weights={}, device=device)
+    enc = Encoders(metrics=chosen, plumbing_check=encoders == RANDOM_TINY and bool(learned), weights={},
+                   device=device)
     if encoders == RANDOM_TINY:
-        _random_tiny(wanted, enc)
+        if wanted:
+            _random_tiny(wanted, enc)
     else:
-        labels = {n: "/".join(m for m in chosen if _model_of(m) == n) for n in wanted}
+        labels = {n: "/".join(m for m in learned if _model_of(m) == n) for n in wanted}
         found, missing = _sources(wanted, weights, labels)
         if missing:
             raise MissingWeightsError(f"missing weights: {'; '.join(missing)}; {_HOW}")
-        _load_real(found, enc)
+        if found:
+            _load_real(found, enc)
     for name in ("clip", "dino", "lpips", "dreamsim"):
         if getattr(enc, name) is not None:
             setattr(enc, name, getattr(enc, name).to(device).eval())
-    weights_of = {m: enc.weights[_model_of(m)] for m in chosen}
+    weights_of = {m: ORACLE_WEIGHTS if m == ORACLE else enc.weights[_model_of(m)] for m in chosen}
     if "background" in wanted:
         enc.remover = load_background_remover(weights=weights, encoders=encoders, device=device)
         weights_of["background"] = enc.remover.weights

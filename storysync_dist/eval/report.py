@@ -2,6 +2,10 @@
 layout of the StorySync paper's Table 1, and the prompt-adherence / subject-similarity plot that
 ConsiStory and StorySync draw (CLIP-T on x, a subject metric on y, one point per method).
 
+With ``--metrics oracle`` (toyworld renders, docs/quality.md) the rows, the CSV and the table get
+the oracle's three scores: identity consistency, adherence and background leakage; without CLIP-T
+the plot shows adherence on x and identity consistency on y.
+
 A run with random-tiny encoders is a plumbing check: its table and plot say so in their title.
 """
 
@@ -12,24 +16,29 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .scores import score_names
+
 __all__ = ["bench_rows", "plot_adherence", "table_markdown"]
 
 PLUMBING = ("PLUMBING CHECK: random weights (random-tiny encoders, or a tiny/random model preset); these "
             "numbers test that the pipeline runs end to end and say nothing about quality.")
 # How the paper names the methods in Table 1.
 DISPLAY = {"vanilla": "Vanilla", "storysync": "StorySync", "consistory": "ConsiStory", "storydiffusion": "StoryDiffusion"}
-# Table 1's columns, and DINO after them; the arrow says which way is better.
+# Table 1's columns, DINO after them, then the oracle's scores (toyworld); the arrow says which way
+# is better.
 COLUMNS = (("clip-t", "CLIP-T ↑"), ("clip-i", "CLIP-I ↑"), ("lpips", "LPIPS ↓"), ("dreamsim", "DreamSim ↓"),
-           ("dino", "DINO ↑"))
+           ("dino", "DINO ↑"), ("identity-consistency", "Identity ↑"), ("adherence", "Adherence ↑"),
+           ("background-leakage", "BG leakage ↓"))
 
 
 def bench_rows(summaries: Mapping[str, Mapping[str, Any]], *, model: str, metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per method from each method's eval summary (``summary.json``): its means over stories."""
+    """One row per method from each method's eval summary (``summary.json``): its means over stories,
+    one column per score of ``metrics`` (``oracle``: its three, ``scores.score_names``)."""
     rows = []
     for method, summary in summaries.items():
         row: dict[str, Any] = {"method": method, "model": model, "stories": summary["stories"],
                                "frames": summary["frames"]}
-        for metric in metrics:
+        for metric in score_names(metrics):
             row[metric.replace("-", "_")] = summary["mean"].get(metric)
         rows.append(row)
     return rows
@@ -41,8 +50,10 @@ def _cell(value: Any) -> str:
 
 def table_markdown(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], *, plumbing_check: bool,
                    suite: str | None = None, stories: int | None = None) -> str:
-    """Table 1's layout: Method | Model | CLIP-T | CLIP-I | LPIPS | DreamSim (| DINO)."""
-    columns = [(m, title) for m, title in COLUMNS if m in metrics]
+    """Table 1's layout: Method | Model | CLIP-T | CLIP-I | LPIPS | DreamSim (| DINO) (| Identity |
+    Adherence | BG leakage, the oracle's)."""
+    scores = score_names(metrics)
+    columns = [(m, title) for m, title in COLUMNS if m in scores]
     lines = []
     if plumbing_check:
         lines += [f"**{PLUMBING}**", ""]
@@ -57,8 +68,17 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], *,
     return "\n".join(lines) + "\n"
 
 
+def _present(rows: Sequence[Mapping[str, Any]], metric: str) -> bool:
+    return any(not _missing(r.get(metric.replace("-", "_"))) for r in rows)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def plot_adherence(rows: Sequence[Mapping[str, Any]], *, plumbing_check: bool) -> bytes:
-    """PNG: CLIP-T (prompt adherence) against each subject metric present (CLIP-I, DreamSim, ...)."""
+    """PNG: CLIP-T (prompt adherence) against each subject metric present (CLIP-I, DreamSim, ...);
+    without CLIP-T but with the oracle's scores, adherence against identity consistency."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,18 +86,21 @@ def plot_adherence(rows: Sequence[Mapping[str, Any]], *, plumbing_check: bool) -
 
     titles = dict(COLUMNS)
     # CLIP-I and DreamSim first: the paper's two subject-similarity headline metrics.
-    similarity = [(m, titles[m]) for m in ("clip-i", "dreamsim", "dino", "lpips")
-                  if any(r.get(m.replace("-", "_")) is not None for r in rows)]
+    similarity = [(m, titles[m]) for m in ("clip-i", "dreamsim", "dino", "lpips") if _present(rows, m)]
+    x_metric, x_title = "clip-t", "CLIP-T ↑"
     panels = similarity[:2] or [("clip-t", "CLIP-T ↑")]
+    if not _present(rows, "clip-t") and _present(rows, "adherence"):  # the oracle's (toyworld) instead
+        x_metric, x_title = "adherence", "oracle adherence ↑"
+        panels = [("identity-consistency", "oracle identity consistency ↑")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
     for ax, (metric, title) in zip(axes[0], panels):
         for row in rows:
-            x, y = row.get("clip_t"), row.get(metric.replace("-", "_"))
-            if x is None or y is None or (isinstance(y, float) and math.isnan(y)):
+            x, y = row.get(x_metric.replace("-", "_")), row.get(metric.replace("-", "_"))
+            if _missing(x) or _missing(y):
                 continue
             ax.scatter([x], [y], s=60)
             ax.annotate(DISPLAY.get(row["method"], row["method"]), (x, y), textcoords="offset points", xytext=(6, 4))
-        ax.set_xlabel("prompt adherence: CLIP-T ↑")
+        ax.set_xlabel(f"prompt adherence: {x_title}")
         ax.set_ylabel(f"subject similarity: {title}")
         ax.tick_params(axis="x", labelrotation=30)
         ax.grid(alpha=0.3)

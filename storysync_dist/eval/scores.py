@@ -5,8 +5,16 @@
 * CLIP-I, DINO, LPIPS, DreamSim per story: the mean over the unordered pairs of its frames
   (``pairwise.py``), on the frames with their background removed (rembg, ``background.py``) when a
   remover is given, so that the subject is compared and not the scene.
+* ``oracle`` (toyworld renders only, ``oracle.py``): per frame ``oracle_adherent`` (1.0/0.0),
+  ``oracle_identity`` (the subject's ``colour/pattern/accessory`` or None) and
+  ``oracle_background``; per story ``identity_consistency``, ``adherence`` and
+  ``background_leakage``.
 
-Column names use underscores (``clip_t``); a metric that was not requested is NaN.
+Column names use underscores (``clip_t``); a metric that was not requested is NaN, except the
+oracle's columns, which are None (null) then: its NaN means "no pair" or "no eligible frame". ``score_names`` gives the names of the per-story scores of a list of
+metrics (``oracle`` has three: ``identity-consistency``, ``adherence``, ``background-leakage``),
+under which ``summary.json`` keeps their means over stories; a score's column is
+``column_name(name)``.
 """
 
 from __future__ import annotations
@@ -19,28 +27,39 @@ from typing import Any
 from PIL import Image
 
 from .background import BackgroundRemover
-from .encoders import SUBJECT_METRICS, Encoders, dreamsim_distance, validate_metrics
+from .encoders import ORACLE, SUBJECT_METRICS, Encoders, dreamsim_distance, validate_metrics
+from .oracle import ORACLE_FRAME_COLUMNS, ORACLE_SCORES, ORACLE_STORY_COLUMNS, score_oracle
 from .pairwise import cosine_per_frame, mean_pairwise_cosine, mean_pairwise_distance
 
-__all__ = ["FRAME_COLUMNS", "STORY_COLUMNS", "FrameForEval", "column_name", "score_story"]
+__all__ = ["FRAME_COLUMNS", "STORY_COLUMNS", "FrameForEval", "column_name", "score_names", "score_story"]
 
-FRAME_COLUMNS = ("story_id", "frame_id", "prompt", "clip_t")
-STORY_COLUMNS = ("story_id", "num_frames", "clip_t", "clip_i", "dino", "lpips", "dreamsim", "plumbing_check")
+FRAME_COLUMNS = ("story_id", "frame_id", "prompt", "clip_t", *ORACLE_FRAME_COLUMNS)
+STORY_COLUMNS = ("story_id", "num_frames", "clip_t", "clip_i", "dino", "lpips", "dreamsim", *ORACLE_STORY_COLUMNS,
+                 "plumbing_check")
 
 
 @dataclass(frozen=True)
 class FrameForEval:
-    """One rendered frame of a story, with the prompt it was rendered from."""
+    """One rendered frame of a story, with the prompt it was rendered from; ``is_anchor``: the
+    dataset's flag (None when unknown), used by the oracle's background leakage."""
 
     story_id: str
     frame_id: str
     prompt: str
     image: Image.Image
+    is_anchor: bool | None = None
 
 
 def column_name(metric: str) -> str:
-    """The table column of a metric: ``clip-t`` → ``clip_t``."""
+    """The table column of a metric or score: ``clip-t`` → ``clip_t``."""
     return metric.replace("-", "_")
+
+
+def score_names(metrics: Sequence[str]) -> tuple[str, ...]:
+    """The per-story scores of ``metrics``, in order: each metric is its own score, except
+    ``oracle``, which is ``identity-consistency``, ``adherence`` and ``background-leakage``.
+    Names that are already scores pass through."""
+    return tuple(name for m in metrics for name in (ORACLE_SCORES if m == ORACLE else (m,)))
 
 
 def score_story(
@@ -50,7 +69,9 @@ def score_story(
 
     Returns the per-frame rows (``FRAME_COLUMNS``) and the story's row (``STORY_COLUMNS``). Subject
     metrics are computed on ``remover.remove(frame)`` when ``remover`` is given, else on the frames
-    themselves; a story of one frame has no pair, so its subject metrics are NaN.
+    themselves; a story of one frame has no pair, so its subject metrics are NaN. ``oracle`` reads
+    the frames themselves (``oracle.score_oracle``); a prompt outside toyworld's grammar is a
+    ``StorySyncUserError`` naming the story and frame.
     """
     chosen = validate_metrics(metrics)
     if not frames:
@@ -64,6 +85,14 @@ def score_story(
 
     nan = float("nan")
     images = [f.image for f in frames]
+    # The oracle first: a prompt outside toyworld's grammar fails before any encoder runs.
+    oracle_frames: list[dict[str, Any]] = [dict.fromkeys(ORACLE_FRAME_COLUMNS) for _ in frames]
+    oracle_story: dict[str, float | None] = dict.fromkeys(ORACLE_STORY_COLUMNS)
+    if ORACLE in chosen:
+        oracle_frames, oracle_story = score_oracle(
+            frames[0].story_id, [f.frame_id for f in frames], [f.prompt for f in frames], images,
+            [f.is_anchor for f in frames])
+
     clip_t = [nan] * len(frames)
     if "clip-t" in chosen:
         per_frame = cosine_per_frame(
@@ -87,14 +116,15 @@ def score_story(
             scores["dreamsim"] = mean_pairwise_distance(embeddings, dreamsim_distance)
 
     rows = [
-        {"story_id": f.story_id, "frame_id": f.frame_id, "prompt": f.prompt, "clip_t": v}
-        for f, v in zip(frames, clip_t)
+        {"story_id": f.story_id, "frame_id": f.frame_id, "prompt": f.prompt, "clip_t": v, **o}
+        for f, v, o in zip(frames, clip_t, oracle_frames)
     ]
     story = {
         "story_id": frames[0].story_id,
         "num_frames": len(frames),
         "clip_t": math.fsum(clip_t) / len(clip_t) if "clip-t" in chosen else nan,
         **{column_name(m): scores[m] for m in SUBJECT_METRICS},
+        **oracle_story,
         "plumbing_check": bool(encoders.plumbing_check or (remover is not None and remover.plumbing_check)),
     }
     return rows, story

@@ -1,7 +1,9 @@
 """Where ``storysync eval`` keeps its scores: two Parquet tables and a CSV, next to each other.
 
-``<out>/per_frame.parquet`` holds a row per frame (CLIP-T), ``<out>/per_story.parquet`` a row per
-story (every metric, the mean over the story's frame pairs), ``<out>/per_story.csv`` the same rows
+``<out>/per_frame.parquet`` holds a row per frame (CLIP-T; the oracle's ``oracle_adherent``,
+``oracle_identity``, ``oracle_background``), ``<out>/per_story.parquet`` a row per story (every
+metric, the mean over the story's frame pairs; the oracle's ``identity_consistency``,
+``adherence``, ``background_leakage``), ``<out>/per_story.csv`` the same rows
 for a spreadsheet, and ``<out>/summary.json`` the mean over stories, the weights each metric used
 and whether the run was a plumbing check (random-tiny encoders). Every file is written whole and
 atomically (``io.storage.write_bytes``), so a crash leaves the previous set or none. Each table
@@ -45,6 +47,10 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
     return text.getvalue().encode("utf-8")
 
 
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 def write_scores(
     out: str,
     frame_rows: list[dict[str, Any]],
@@ -54,10 +60,12 @@ def write_scores(
 ) -> dict[str, str]:
     """Write the four files; return ``{"per_frame": url, "per_story": url, "csv": url, "summary": url}``.
 
-    ``summary`` (JSON-able) goes to summary.json and into both tables' schema metadata.
+    ``summary`` (JSON-able) goes to summary.json and into both tables' schema metadata. A table's
+    columns are every key of its rows, in first-seen order (rows kept from an older run may lack
+    a newer column: it is null there).
     """
-    frame_columns = list(frame_rows[0]) if frame_rows else ["story_id", "frame_id"]
-    story_columns = list(story_rows[0]) if story_rows else ["story_id"]
+    frame_columns = _columns(frame_rows) or ["story_id", "frame_id"]
+    story_columns = _columns(story_rows) or ["story_id"]
     return {
         "per_frame": write_bytes(out, FRAME_SCORES, _parquet(frame_rows, frame_columns, summary), storage_options),
         "per_story": write_bytes(out, STORY_SCORES, _parquet(story_rows, story_columns, summary), storage_options),

@@ -351,8 +351,15 @@ def _unet_info(tokenizer: Any, pipeline_class: str | type, unet: Mapping[str, An
         family=UNetFamily.name, tokenizer=tokenizer, size_factor=size_factor_from_configs(unet, vae),
         text_len=int(tokenizer.model_max_length), default_height=defaults.height, default_width=defaults.width,
         default_steps=defaults.steps, default_guidance_scale=defaults.guidance_scale,
-        share_layers=SHARE_LAYERS, mask_layers=MASK_LAYERS,
+        share_layers=SHARE_LAYERS, mask_layers=mask_layers_of(unet),
     )
+
+
+def mask_layers_of(unet_config: Mapping[str, Any]) -> tuple[str, ...]:
+    """``MASK_LAYERS`` less ``mid_block`` for a UNet whose mid block has no cross-attention (the
+    toyworld model's: a default that selects no layer would be refused by ``check_layers``)."""
+    mid = unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    return MASK_LAYERS if mid is not None and "CrossAttn" in mid else tuple(p for p in MASK_LAYERS if p != "mid_block")
 
 
 class UNetFamily(ModelFamily):
