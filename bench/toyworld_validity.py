@@ -41,25 +41,24 @@ THRESHOLDS = {"adherence": 0.9, "consistency_over_chance": 0.15, "mask_iou": 0.5
 MARKS = ("<!-- validity:start -->", "<!-- validity:end -->")
 
 
-def _oracle_scores(dataset: str, out: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``storysync eval --metrics oracle`` of one dataset: its summary and per-frame rows."""
+def render_and_score(stories: list[Any], model: str, out: pathlib.Path, name: str, method: str,
+                     overrides: dict[str, Any], steps: int | None, ablation: str | None = None) -> dict[str, Any]:
+    """Render ``stories`` into ``out/renders/<name>`` with one method and config (one process; a
+    rerun reuses the frames), then ``storysync eval --metrics oracle`` into ``out/scores/<name>``:
+    the eval summary, its per-frame and per-story rows, and the render's seconds."""
+    from storysync_dist.api import RenderOptions, render_stories
     from storysync_dist.evaluate import EvalOptions, evaluate_dataset
     from storysync_dist.io.scores import read_scores
 
-    result = evaluate_dataset(EvalOptions(dataset=dataset, out=out, metrics=["oracle"], progress=False))
-    frames, _ = read_scores(out)
-    return result.summary, frames
-
-
-def _render(stories: list[Any], model: str, out: str, method: str, overrides: dict[str, Any], steps: int | None,
-            seconds: list[float]) -> None:
-    from storysync_dist.api import RenderOptions, render_stories
-
+    dataset, scores = str(out / "renders" / name), str(out / "scores" / name)
     start = time.perf_counter()
-    for _ in render_stories(stories, RenderOptions(model=model, out=out, method=method, overrides=overrides,
-                                                   steps=steps, progress=False)):
+    for _ in render_stories(stories, RenderOptions(model=model, out=dataset, method=method, ablation=ablation,
+                                                   overrides=overrides, steps=steps, progress=False)):
         pass  # a generator: one story's result at a time
-    seconds.append(time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    result = evaluate_dataset(EvalOptions(dataset=dataset, out=scores, metrics=["oracle"], progress=False))
+    frames, story_rows = read_scores(scores)
+    return {"summary": result.summary, "frames": frames, "stories": story_rows, "render_seconds": seconds}
 
 
 def _chance(identities: Sequence[str | None]) -> float:
@@ -138,17 +137,15 @@ def measure(model: str, suite: str, out: pathlib.Path, limit: int | None, steps:
     from storysync_dist.spec import load_benchmark
 
     stories = load_benchmark(resolve_suite(suite), limit=limit)
-    seconds: list[float] = []
     report: dict[str, Any] = {"model": model, "suite": suite, "stories": len(stories),
                               "frames": sum(len(s.frames) for s in stories), "steps": steps}
     for name, method, overrides in (("vanilla", "vanilla", {}), ("naive", "storysync", NAIVE)):
-        dataset = str(out / "renders" / name)
-        _render(stories, model, dataset, method, overrides, steps, seconds)
-        summary, frames = _oracle_scores(dataset, str(out / "scores" / name))
+        scored = render_and_score(stories, model, out, name, method, overrides, steps)
+        summary, frames = scored["summary"], scored["frames"]
         report[name] = {"adherence": summary["mean"]["adherence"],
                         "identity_consistency": summary["mean"]["identity-consistency"],
                         "background_leakage": summary["mean"]["background-leakage"],
-                        "render_seconds": seconds[-1],
+                        "render_seconds": scored["render_seconds"],
                         "identities": collections.Counter(str(f["oracle_identity"]) for f in frames).most_common()}
         if name == "vanilla":
             report["chance"] = _chance([f["oracle_identity"] for f in frames])
