@@ -32,9 +32,13 @@ from .world import (
     SPOT_RADIUS,
     Identity,
     scene_of_prompt,
-    shape_mask,
+    shape_test,
     spot_centre,
 )
+
+# Half the side of the window _shape compares templates in: a template reaches RADIUS + 1 pixels
+# from its centre, shifted by at most 1.5 pixels; the rest is margin.
+WINDOW = 12
 
 __all__ = ["Found", "FrameScore", "Reading", "components", "read_image", "score_frame"]
 
@@ -104,12 +108,19 @@ def _shape(body: np.ndarray) -> str:
     overlaps the body best (intersection over union): the world's own shapes as templates."""
     rows, cols = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
     cy, cx = (rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2
+    # Every template lies within WINDOW pixels of (cx, cy): the intersection is counted in that
+    # window, the union is |template| + |body| - intersection, the same IoU as on the whole picture.
+    y0, x0 = max(0, int(cy) - WINDOW), max(0, int(cx) - WINDOW)
+    window = body[y0:int(cy) + WINDOW + 1, x0:int(cx) + WINDOW + 1]
+    y, x = np.mgrid[y0:y0 + window.shape[0], x0:x0 + window.shape[1]].astype(np.float32)
+    body_area = float(body.sum())
     best, best_iou = CLASSES[0], -1.0
     for cls in CLASSES:
         for dy in (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5):
             for dx in (-1.0, -0.5, 0.0, 0.5, 1.0):
-                template = shape_mask(cls, cx + dx, cy + dy, body.shape[0])
-                iou = float((template & body).sum()) / float((template | body).sum())
+                template = shape_test(cls, x - (cx + dx) + 0.5, y - (cy + dy) + 0.5)
+                inter = float((template & window).sum())
+                iou = inter / (float(template.sum()) + body_area - inter)
                 if iou > best_iou:
                     best, best_iou = cls, iou
     return best

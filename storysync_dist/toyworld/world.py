@@ -45,6 +45,7 @@ __all__ = [
     "render",
     "scene_of_prompt",
     "shape_mask",
+    "shape_test",
 ]
 
 SIZE = 64  # pixels, both sides
@@ -218,7 +219,12 @@ def object_mask(obj: Placed, size: int = SIZE) -> np.ndarray:
 def shape_mask(cls: str, cx: float, cy: float, size: int = SIZE) -> np.ndarray:
     """The body of a ``cls`` centred at pixel ``(cx, cy)``, ``(size, size)`` bool."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    u, v = x - cx + 0.5, y - cy + 0.5
+    return shape_test(cls, x - cx + 0.5, y - cy + 0.5)
+
+
+def shape_test(cls: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Which points lie in the body of a ``cls`` centred at the origin: ``u``, ``v`` are pixel
+    centres' offsets from it (any shape; the oracle passes a window around an object)."""
     r = RADIUS
     if cls == "ball":
         return u * u + v * v <= r * r
