@@ -98,7 +98,9 @@ def _check_against_model(stories: list[StorySpec], model: str) -> tuple[list[Sto
     good, problems = [], []
     for story in stories:
         try:
-            validate_for_model(story, info.tokenizer, info.size_factor)
+            # the text length the job will encode (FLUX.1-schnell: 256 tokens), as prepare_job checks it
+            validate_for_model(story, info.tokenizer, info.size_factor,
+                               max_tokens=story.defaults.max_sequence_length or info.text_len)
         except StorySpecError as exc:
             problems.append(str(exc))
         else:

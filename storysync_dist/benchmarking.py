@@ -153,7 +153,8 @@ def _sets_that_fit(stories: list[StorySpec], model: str) -> tuple[list[StorySpec
     for story in stories:
         size = (story.defaults.height or info.default_height, story.defaults.width or info.default_width)
         try:
-            validate_for_model(story, info.tokenizer, info.size_factor, size=size)
+            validate_for_model(story, info.tokenizer, info.size_factor, size=size,
+                               max_tokens=story.defaults.max_sequence_length or info.text_len)
         except StorySyncUserError as exc:
             skipped.append(str(exc))
         else:

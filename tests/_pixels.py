@@ -3,7 +3,8 @@
 **Ray against one process** (``assert_same_pixels``, ``like_a_ray_worker``). A frame is a pure
 function of its inputs (DESIGN.md, "Determinism"), but CPU float sums round differently with
 another number of torch threads, and on the tiny random-weight models that can move pixels far
-(tiny-kandinsky3's *stock* frames differ by 20 levels on average at 1 against 2 threads). So a
+(tiny-kandinsky3's *stock* frames of examples/story.yaml differ by about 18 levels on average, 229 at
+most, at 1 against 2 threads, with the hub's scheduler config; docs/testing.md). So a
 reference is rendered exactly as a Ray worker renders: with ``WORKER_THREADS`` torch threads (Ray
 sets OMP_NUM_THREADS to an actor's CPU count, 1 for a FrameWorker; ``assert_worker_threads``
 checks that the workers of a job ran so). With the same thread count both sides run the same

@@ -55,7 +55,8 @@ def make_meta(**changes: Any) -> dict[str, Any]:
         "width": 64,
         "guidance_scale": 5.0,
         "negative_prompt": None,  # examples/story.yaml has none (it renders on every family)
-        "config": StorySyncConfig().with_layers(SHARE_LAYERS, MASK_LAYERS).to_dict(),  # as tiny-sdxl resolves it
+        # as a float32 tiny-sdxl job resolves it (layers, float16 anchors)
+        "config": StorySyncConfig().with_layers(SHARE_LAYERS, MASK_LAYERS).with_anchor_dtype("float32").to_dict(),
         "num_anchors": 2,
         "anchor_ids": ["beach", "kitchen"],
         "anchor_prompts": ["a cat on a beach", "a cat in a kitchen"],

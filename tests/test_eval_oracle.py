@@ -20,7 +20,7 @@ from storysync_dist.cli import main
 from storysync_dist.errors import StorySyncUserError
 from storysync_dist.eval.encoders import METRICS, ORACLE_WEIGHTS, load_encoders
 from storysync_dist.eval.oracle import anchor_positions, background_leakage, score_oracle, subject_class
-from storysync_dist.eval.report import bench_rows, plot_adherence, table_markdown
+from storysync_dist.eval.report import SETTINGS_NOTE, bench_rows, plot_adherence, table_markdown
 from storysync_dist.eval.scores import FrameForEval, score_story
 from storysync_dist.evaluate import EvalOptions, check_eval_options, evaluate_dataset
 from storysync_dist.io import FrameRecord, ParquetFrameSink, png_bytes
@@ -293,6 +293,9 @@ def test_bench_report_has_the_oracle_columns_and_plot() -> None:
     table = table_markdown(rows, ["oracle"], plumbing_check=False)
     assert "| Method | Model | Identity ↑ | Adherence ↑ | BG leakage ↓ |" in table
     assert "| StorySync | toyworld | 0.7000 | 0.8500 | 0.1000 |" in table
+    # A table with a StorySync row says which of its settings are the paper's and which are ours.
+    assert table.rstrip().endswith(SETTINGS_NOTE) and "γ 0.3, λ 0.7" in SETTINGS_NOTE
+    assert SETTINGS_NOTE not in table_markdown(rows[:1], ["oracle"], plumbing_check=False)
     # print_bench_result passes the row keys back as names: the same table.
     names = [k.replace("_", "-") for k in rows[0] if k not in ("method", "model", "stories", "frames")]
     assert table_markdown(rows, names, plumbing_check=False) == table

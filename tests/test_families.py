@@ -62,10 +62,18 @@ def story_file(tmp_path: Path, negative: str | None = None) -> Path:
     return path
 
 
-def stock_image(pipe, prompt: str, negative: str | None, seed: int, guidance: float) -> np.ndarray:
-    """The stock ``pipe(...)`` call, with only the arguments its ``__call__`` takes."""
+# What a preset's model card adds to the stock call: FLUX.1-schnell's card calls it with
+# max_sequence_length=256 (tiny-flux is schnell-shaped: no guidance embedding).
+MODEL_CARD_KWARGS = {"tiny-flux": {"max_sequence_length": 256}}
+
+
+def stock_image(pipe, prompt: str, negative: str | None, seed: int, guidance: float,
+                preset: str | None = None) -> np.ndarray:
+    """The stock ``pipe(...)`` call as the model card makes it, with only the arguments its
+    ``__call__`` takes."""
     kwargs = {"prompt": [prompt], "num_inference_steps": STEPS, "height": SIZE, "width": SIZE,
-              "guidance_scale": guidance, "generator": [torch.Generator("cpu").manual_seed(seed)]}
+              "guidance_scale": guidance, "generator": [torch.Generator("cpu").manual_seed(seed)],
+              **MODEL_CARD_KWARGS.get(preset, {})}
     if negative is not None:
         kwargs["negative_prompt"] = [negative]
     accepted = inspect.signature(type(pipe).__call__).parameters
@@ -87,7 +95,7 @@ def test_mechanisms_off_equal_the_stock_pipeline(pipe, preset: str, tmp_path: Pa
     job = plan.jobs["snow"]
     ours = StoryRenderer(adapter, StorySyncConfig.vanilla(), plan.settings).render_frame(job, None).image
     assert ours.size == (SIZE, SIZE)
-    stock = stock_image(pipe, job.prompt, negative, job.seed, plan.settings.guidance_scale)
+    stock = stock_image(pipe, job.prompt, negative, job.seed, plan.settings.guidance_scale, preset)
     assert np.abs(np.asarray(ours).astype(np.int16) - stock).max() <= 1
 
 

@@ -1,12 +1,15 @@
-"""The FLUX family (models/flux.py) on the offline tiny-flux preset: stock equality, subject maps
-and RoPE'd shared keys against dense references, StorySync renders layer by layer against the
-plain references of test_mechanism_references, the CLI, random-flux's size."""
+"""The FLUX family (models/flux.py) on the offline tiny-flux preset: stock equality (schnell's
+model card call, 256 T5 tokens; dev's 512), the text length a story may ask for, anchor_dtype
+following the model's dtype, the transformer's attention backend, subject maps and RoPE'd shared
+keys against dense references, StorySync renders layer by layer against the plain references of
+test_mechanism_references, the CLI, random-flux's size."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +65,12 @@ def settings(guidance: float = 0.0, size: int = SIZE) -> RenderSettings:
     return RenderSettings("tiny-flux", STEPS, size, size, guidance)
 
 
-def stock(pipe, frame: FrameJob, guidance: float = 0.0, size: int = SIZE):
+def stock(pipe, frame: FrameJob, guidance: float = 0.0, size: int = SIZE, max_sequence_length: int = 256):
+    """The stock call as the model card makes it: FLUX.1-schnell's ``max_sequence_length=256``
+    (tiny-flux is schnell-shaped); FLUX.1-dev's is the pipeline's default, 512."""
     return pipe(
         prompt=[frame.prompt], num_inference_steps=STEPS, height=size, width=size, guidance_scale=guidance,
-        generator=[torch.Generator("cpu").manual_seed(frame.seed)], max_sequence_length=512,
+        generator=[torch.Generator("cpu").manual_seed(frame.seed)], max_sequence_length=max_sequence_length,
     ).images[0]
 
 
@@ -73,7 +78,8 @@ def stock(pipe, frame: FrameJob, guidance: float = 0.0, size: int = SIZE):
 def test_info_from_folder_matches_the_pipeline(adapter: FluxAdapter) -> None:
     folder, loaded = model_info("tiny-flux"), adapter.info
     for info in (folder, loaded):
-        assert info.family == "flux" and info.size_factor == 16 and info.text_len == 512
+        assert info.family == "flux" and info.size_factor == 16
+        assert (info.text_len, info.max_text_len) == (256, 512)  # schnell-shaped: schnell's 256 T5 tokens
         assert (info.default_height, info.default_width) == (1024, 1024)
         assert (info.default_steps, info.default_guidance_scale) == (4, 0.0)  # schnell-like
         assert info.negative_prompt is False
@@ -95,7 +101,7 @@ def test_defaults_follow_the_stock_call() -> None:
 
     params = inspect.signature(FluxPipeline.__call__).parameters
     assert DEV_DEFAULTS == (params["num_inference_steps"].default, params["guidance_scale"].default)
-    assert MAX_SEQUENCE_LENGTH == params["max_sequence_length"].default
+    assert MAX_SEQUENCE_LENGTH == params["max_sequence_length"].default  # dev's, and the pipeline's limit
     assert "true_cfg_scale" in params and params["true_cfg_scale"].default == 1.0  # no CFG batch by default
     pipe = load_pipeline("tiny-flux")
     assert DEFAULT_SAMPLE_SIZE == pipe.default_sample_size
@@ -121,14 +127,167 @@ def test_guidance_embedding_model_equals_stock_and_has_no_cfg_batch() -> None:
         if isinstance(part, torch.nn.Module):
             part.eval()  # as from_pretrained leaves them (T5's dropout)
     dev = FluxAdapter(pipe)
-    assert (dev.info.default_steps, dev.info.default_guidance_scale) == (28, 3.5)
+    assert (dev.info.default_steps, dev.info.default_guidance_scale, dev.info.text_len) == (28, 3.5, 512)
     frame = jobs(dev)[1]
     ours = StoryRenderer(dev, StorySyncConfig.vanilla(), settings(3.5)).render_frame(frame, None).image
-    assert np.array_equal(pixels(ours), pixels(stock(pipe, frame, 3.5)))
+    assert np.array_equal(pixels(ours), pixels(stock(pipe, frame, 3.5, max_sequence_length=512)))
     # BLI with lambda = 1 for every step follows the vanilla branch (within float rounding).
     config = StorySyncConfig(share_attention=False, harmonize=False, bli_fraction=1.0, bli_lambda=1.0)
     bli = StoryRenderer(dev, config, settings(3.5)).render_anchors([frame])[0][0].image
     assert np.abs(pixels(bli) - pixels(ours)).max() <= 1
+
+
+# ---- FLUX.1-schnell's text length: 256 T5 tokens, as its model card calls it -----------------------
+def _story_file(tmp_path: Path, **defaults) -> Path:
+    path = tmp_path / f"story{len(list(tmp_path.glob('story*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(fox_story(3, steps=STEPS, height=SIZE, width=SIZE, **defaults)))
+    return path
+
+
+def test_schnell_vanilla_frames_are_the_model_card_call(adapter: FluxAdapter, tmp_path: Path) -> None:
+    # --method vanilla through the Python API against FLUX.1-schnell's model card call,
+    # pipe(prompt, ..., max_sequence_length=256); a story may ask for 512, the pipeline's default.
+    from _pixels import frame_pixels
+
+    from storysync_dist.api import RenderOptions, render_story
+    from storysync_dist.engine.job import prepare_job
+
+    for asked, out in ((None, "card"), (512, "long")):
+        story = str(_story_file(tmp_path, **({} if asked is None else {"max_sequence_length": asked})))
+        options = RenderOptions(model="tiny-flux", out=str(tmp_path / out), method="vanilla", progress=False)
+        plan = prepare_job(story, options, pipe=adapter.pipe)
+        assert plan.settings.max_sequence_length == (asked or 256)
+        assert f'"max_sequence_length": {asked or 256}' in plan.config_json
+        render_story(story, options, pipe=adapter.pipe)
+        got = frame_pixels(tmp_path / out)
+        for frame_id, frame in plan.jobs.items():
+            assert np.array_equal(got[frame_id], pixels(stock(adapter.pipe, frame, max_sequence_length=asked or 256)))
+    # The two lengths give other pixels (T5 padding tokens take part in the joint attention), so
+    # the text length is part of the frame's identity.
+    assert not np.array_equal(frame_pixels(tmp_path / "card")["snow"], frame_pixels(tmp_path / "long")["snow"])
+    card = prepare_job(str(_story_file(tmp_path)), RenderOptions(model="tiny-flux", out=str(tmp_path / "x"),
+                                                                 method="vanilla", progress=False))
+    assert card.fingerprints["snow"] != plan.fingerprints["snow"]
+
+
+@pytest.mark.parametrize(("model", "asked", "message"), [
+    ("tiny-flux", 513, "takes at most 512 text tokens"),
+    ("tiny-sdxl", 128, "has a fixed text length (77 tokens"),
+    ("tiny-kandinsky3", 256, "has a fixed text length (128 tokens"),
+])
+def test_a_text_length_the_pipeline_does_not_take_is_refused(tmp_path: Path, model: str, asked: int,
+                                                             message: str) -> None:
+    from storysync_dist.api import RenderOptions
+    from storysync_dist.engine.job import prepare_job
+    from storysync_dist.errors import StorySyncUserError
+
+    story = str(_story_file(tmp_path, max_sequence_length=asked))
+    with pytest.raises(StorySyncUserError, match=re.escape(f"defaults.max_sequence_length={asked}: --model {model} "
+                                                           + message)):
+        prepare_job(story, RenderOptions(model=model, out=str(tmp_path / "o"), progress=False))
+
+
+# ---- anchor_dtype follows the model ------------------------------------------------------------------
+def test_anchor_dtype_follows_the_model_dtype(adapter: FluxAdapter, tmp_path: Path) -> None:
+    from storysync_dist.api import RenderOptions
+    from storysync_dist.engine.job import prepare_job
+
+    config = StorySyncConfig()
+    assert config.anchor_dtype is None  # the model's
+    assert [config.with_anchor_dtype(d).anchor_dtype for d in ("bfloat16", "float16", "float32")] == [
+        "bfloat16", "float16", "float16"]
+    assert StorySyncConfig(anchor_dtype="float32").with_anchor_dtype("bfloat16").anchor_dtype == "float32"
+    # Jobs resolve it before the config column and the fingerprints: a bfloat16 FLUX publishes
+    # bfloat16 anchors; a float32 one float16 anchors, as before.
+    story = str(_story_file(tmp_path))
+    for pipe, want in ((load_pipeline("tiny-flux", dtype=torch.bfloat16), torch.bfloat16), (adapter.pipe, torch.float16)):
+        plan = prepare_job(story, RenderOptions(model="tiny-flux", out=str(tmp_path / str(want)), progress=False),
+                           pipe=pipe)
+        name = str(want).removeprefix("torch.")
+        assert plan.config.anchor_dtype == name and f'"anchor_dtype": "{name}"' in plan.config_json
+        _, bundle = StoryRenderer(adapter_for(pipe), plan.config, plan.settings).render_anchors(plan.anchor_jobs)
+        layers = [layer for step in bundle.steps.values() for layer in step.layers.values()]
+        assert layers and all(layer.hidden.dtype == layer.features.dtype == want for layer in layers)
+        back = AnchorBundle.from_bytes(bundle.to_bytes())
+        assert next(iter(back.steps[0].layers.values())).hidden.dtype == want
+    # A state built outside a job, its config left to the model, stores by the same rule.
+    state = _state(StorySyncConfig(share_layers=("single",), mask_layers=("dual",)), [1, 2], [1])
+    hidden = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16)
+    state.record_anchor_layer("single.0", 4, hidden, hidden, torch.ones(2, 4, dtype=torch.bool))
+    assert state.published[0].layers["single.0"].hidden.dtype == torch.bfloat16
+
+
+def test_prompts_must_fit_the_text_length(tmp_path: Path) -> None:
+    # At schnell's 256 tokens a longer prompt is refused (not truncated, which would cut subject
+    # tokens out of the masks); a story that asks for 512 takes it.
+    from storysync_dist.api import RenderOptions
+    from storysync_dist.engine.job import prepare_job
+    from storysync_dist.errors import StorySyncUserError
+
+    story = fox_story(1, steps=STEPS, height=SIZE, width=SIZE)
+    story["frames"][0]["prompt"] = "{fox} " + "in the snow " * 90
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(story))
+    options = RenderOptions(model="tiny-flux", out=str(tmp_path / "o"), progress=False)
+    with pytest.raises(StorySyncUserError, match="takes at most 256"):
+        prepare_job(str(path), options)
+    story["defaults"]["max_sequence_length"] = 512
+    path.write_text(yaml.safe_dump(story))
+    assert prepare_job(str(path), options).settings.max_sequence_length == 512
+
+
+# ---- the transformer's attention backend ------------------------------------------------------------
+def test_the_default_backend_gives_the_pixels_of_plain_sdpa(adapter: FluxAdapter, monkeypatch) -> None:
+    # StorySync's joint attention goes through diffusers' dispatch with the layer's backend; with the
+    # stock default (native) the frames equal those of the torch SDPA call it replaced.
+    import storysync_dist.models.flux as flux
+
+    def render() -> list[np.ndarray]:
+        story = jobs(adapter)
+        renderer = StoryRenderer(adapter, StorySyncConfig(), settings())
+        anchors, bundle = renderer.render_anchors(story[:2])
+        return [pixels(a.image) for a in anchors] + [pixels(renderer.render_frame(story[2], bundle).image)]
+
+    dispatched = render()
+    monkeypatch.setattr(flux, "_attend", lambda q, k, v, backend=None: torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2))
+    assert all(np.array_equal(a, b) for a, b in zip(dispatched, render()))
+
+
+def test_an_attention_backend_set_on_the_transformer_reaches_every_processor(monkeypatch) -> None:
+    import diffusers.models.transformers.transformer_flux as stock_flux
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    import storysync_dist.models.flux as flux
+
+    seen: list[tuple[str, object]] = []
+
+    def spy(where: str, dispatch):
+        def call(*args, **kwargs):
+            seen.append((where, kwargs.get("backend")))
+            return dispatch(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(flux, "dispatch_attention_fn", spy("storysync", flux.dispatch_attention_fn))
+    monkeypatch.setattr(stock_flux, "dispatch_attention_fn", spy("stock", stock_flux.dispatch_attention_fn))
+    before = _AttentionBackendRegistry._active_backend
+    pipe = load_pipeline("tiny-flux")
+    try:
+        pipe.transformer.set_attention_backend("_native_math")  # also makes it the active backend
+        _AttentionBackendRegistry.set_active_backend(before)  # so only the processors' own attribute says it
+        ad = FluxAdapter(pipe)
+        story = jobs(ad)
+        renderer = StoryRenderer(ad, StorySyncConfig(), settings())
+        _, bundle = renderer.render_anchors(story[:2])
+        renderer.render_frame(story[2], bundle)
+        StoryRenderer(ad, StorySyncConfig.vanilla(), settings()).render_frame(story[2], None)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(before)
+    assert {where for where, _ in seen} == {"storysync", "stock"}  # StorySync's path and stock layers
+    assert all(backend == AttentionBackendName._NATIVE_MATH for _, backend in seen)
+    # uninstall put the stock processors back, with their backend
+    assert all(p._attention_backend == AttentionBackendName._NATIVE_MATH
+               for p in pipe.transformer.attn_processors.values())
 
 
 # ---- dense references on a real FluxAttention ----------------------------------------------------

@@ -111,6 +111,20 @@ def test_family_info_from_folder_and_pipeline_agree(pipe) -> None:
     assert pipe.text_encoder.config.d_model == pipe.unet.config.encoder_hid_dim
 
 
+def test_the_preset_scheduler_is_the_hubs(pipe) -> None:
+    # kandinsky-community/kandinsky-3 scheduler/scheduler_config.json, as the hub states it; the keys
+    # it does not name are DDPMScheduler's defaults (models/kandinsky3.py).
+    hub = {"beta_schedule": "squaredcos_cap_v2", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": True,
+           "steps_offset": 1, "timestep_spacing": "leading", "variance_type": "fixed_small"}
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+    assert {key: pipe.scheduler.config[key] for key in hub} == hub
+    defaults = {name: p.default for name, p in inspect.signature(type(pipe.scheduler).__init__).parameters.items()
+                if name != "self" and name not in hub}
+    assert {key: pipe.scheduler.config[key] for key in defaults} == defaults
+    pipe.scheduler.set_timesteps(20)
+    assert pipe.scheduler.timesteps.tolist() == list(range(951, 0, -50))  # "leading" with steps_offset 1
+
+
 # ---- mechanisms off == stock ---------------------------------------------------------------------
 @pytest.mark.parametrize("negatives", [None, ["blurry"]], ids=["no-negative-prompt", "negative-prompt"])
 def test_mechanisms_off_equal_stock_one_prompt(pipe, negatives) -> None:

@@ -18,8 +18,9 @@ from storysync_dist.models.unet import MASK_LAYERS, SHARE_LAYERS
 
 FAST = ["--model", "tiny-sdxl", "--workers", "0", "--steps", "2", "--height", "64", "--width", "64",
         "--no-progress"]
-# The defaults with the layers tiny-sdxl's family fills in (StorySyncConfig leaves them to the family).
-DEFAULTS = StorySyncConfig().with_layers(SHARE_LAYERS, MASK_LAYERS).to_dict()
+# The defaults as a float32 (CPU) tiny-sdxl job resolves them: the layers its family fills in and
+# float16 anchors (StorySyncConfig leaves both to the model).
+DEFAULTS = StorySyncConfig().with_layers(SHARE_LAYERS, MASK_LAYERS).with_anchor_dtype("float32").to_dict()
 
 STORY = {
     "id": "heron",

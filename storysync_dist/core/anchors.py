@@ -55,6 +55,7 @@ from .bundle_format import (
     _read_metadata,
     _show,
 )
+from .config import default_anchor_dtype
 
 __all__ = [
     "ANCHOR_DTYPES",
@@ -235,7 +236,8 @@ class AnchorBundle:
         config = _check_meta(meta)
         num_anchors = meta["num_anchors"]
         layout = _check_layout(_parse_json_object(metadata["layout"], "__metadata__ 'layout'"), meta["steps"])
-        _check_entries(entries, layout, num_anchors, config.anchor_dtype)
+        # A config that leaves anchor_dtype to the model (None): the model's rule for the meta's dtype.
+        _check_entries(entries, layout, num_anchors, config.anchor_dtype or default_anchor_dtype(meta["dtype"]))
         try:
             tensors = load_safetensors(data if isinstance(data, bytes) else bytes(data))
         except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as exc:

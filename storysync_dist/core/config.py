@@ -1,7 +1,8 @@
 """Every constant of the StorySync method in one dataclass, the paper's values as defaults.
 
 The config is written into every frame's metadata (``config`` column, JSON), so a frame records
-exactly how it was made. Values the paper leaves open are documented in ``docs/method.md``.
+exactly how it was made. Values the paper leaves open are documented in ``docs/method.md``, whose
+"The paper's settings and ours" lists which defaults are the paper's and which the project's.
 
 A config comes from three places, later ones winning (``resolve_config``): the story file's
 ``storysync:`` section, an ablation (``--ablation``, the rows of the paper's Table 3a) and
@@ -25,6 +26,7 @@ __all__ = [
     "TOKEN_SAMPLINGS",
     "ConfigError",
     "StorySyncConfig",
+    "default_anchor_dtype",
     "parse_set_options",
     "resolve_config",
 ]
@@ -33,6 +35,15 @@ MASK_SOURCES = ("current", "previous")
 TOKEN_SAMPLINGS = ("mask", "storydiffusion")
 BLI_TARGETS = ("query", "output")
 ANCHOR_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def default_anchor_dtype(model_dtype: str) -> str:
+    """``anchor_dtype`` when the config leaves it to the model (None): bfloat16 for a bfloat16
+    model (in float16 its states could overflow above 65,504 and lose their smallest values),
+    float16 for float16 models and for float32 ones. A float32 model (the CPU renders) keeps the
+    half-precision stream DESIGN.md sizes and the bundles have always had: float32 would double the
+    bytes every frame pulls, and anchors in float16 are what a GPU job of the same story sends."""
+    return "bfloat16" if str(model_dtype).removeprefix("torch.") == "bfloat16" else "float16"
 
 
 class ConfigError(ValueError):
@@ -78,9 +89,10 @@ class StorySyncConfig:
     rfh_dropout: float = 0.2
     mask_dropout: float = 0.1
 
-    # Which self-attention layers share and harmonize: prefixes of diffusers attention-processor
-    # names. None: the model family's default (``ModelInfo.share_layers``; UNet: the decoder,
-    # "up_blocks", as ConsiStory and the DESIGN sizing assume), filled in before a job is planned.
+    # Which self-attention layers share and harmonize (the paper names none; the project's choice):
+    # prefixes of diffusers attention-processor names. None: the model family's default
+    # (``ModelInfo.share_layers``; UNet: the decoder, "up_blocks", as ConsiStory and the DESIGN
+    # sizing assume), filled in before a job is planned.
     share_layers: tuple[str, ...] | None = None
     # Cross-attention layers whose maps may make the subject mask (Eq. 3): prefixes. Of those that
     # recorded a map for the mask (see mask_source), the ones at the lowest resolution are averaged.
@@ -101,12 +113,14 @@ class StorySyncConfig:
     rfh_start: float = 0.0
     rfh_end: float = 1.0
     # Apply sharing/RFH in the unconditional guidance branch too (masks always come from the
-    # conditional branch).
+    # conditional branch). The paper does not discuss guidance: the project's choice.
     share_uncond: bool = True
     # No sharing or RFH before this step.
     first_share_step: int = 0
-    # Precision of the anchor state that is stored and broadcast.
-    anchor_dtype: str = "float16"
+    # Precision of the anchor state that is stored and broadcast. None: the model's, filled in when a
+    # job is set up (``with_anchor_dtype``, before fingerprints): bfloat16 for a bfloat16 model,
+    # float16 for float16 and float32 models (``default_anchor_dtype``).
+    anchor_dtype: str | None = None
 
     def __post_init__(self) -> None:
         # Canonical values (1 -> 1.0, lists -> tuples), so equal configs have equal JSON and
@@ -156,6 +170,13 @@ class StorySyncConfig:
         if self.mask_layers is None:
             changes["mask_layers"] = tuple(mask_layers)
         return self.replace(**changes) if changes else self
+
+    def with_anchor_dtype(self, model_dtype: str) -> StorySyncConfig:
+        """This config with ``anchor_dtype`` filled in for a model rendering in ``model_dtype`` when
+        it is left to the model (None); a value the user set is kept."""
+        if self.anchor_dtype is not None:
+            return self
+        return self.replace(anchor_dtype=default_anchor_dtype(model_dtype))
 
     def to_dict(self) -> dict[str, Any]:
         # What dataclasses.asdict gives (containers copied), without its per-value deep copy: a
@@ -211,6 +232,8 @@ def _check_value(key: str, value: Any) -> Any:
             raise ConfigError(key, f"must be a whole number >= 0, got {value!r}")
         return value
     if key in _CHOICES:
+        if key == "anchor_dtype" and value is None:
+            return None  # the model's dtype (default_anchor_dtype)
         if value not in _CHOICES[key]:
             raise ConfigError(key, f"must be one of {', '.join(_CHOICES[key])}, got {value!r}")
         return value

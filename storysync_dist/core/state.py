@@ -19,7 +19,7 @@ import zlib
 import torch
 
 from .anchors import AnchorBundle, AnchorStep, SharedLayerState
-from .config import StorySyncConfig
+from .config import StorySyncConfig, default_anchor_dtype
 from .dropout import KIND_MASK, KIND_RFH, keep_mask
 from .harmonize import harmonize_regions
 from .masks import aggregate_subject_maps, subject_mask, subject_token_weights, token_grid
@@ -69,6 +69,7 @@ class StorySyncState:
         self.num_steps = num_steps
         self.bli_steps = config.bli_steps(num_steps)
         self.guidance = guidance
+        self.text_len = text_len  # the padded text length the attention layers see
         self.bundle = bundle
         self.device = torch.device(device)
         self.step = 0
@@ -222,7 +223,8 @@ class StorySyncState:
             features: (G, A, N, C_inner) RFH features before harmonization.
             masks: (A, N) the anchors' subject masks used at this step.
         """
-        dtype = getattr(torch, self.config.anchor_dtype)
+        # None (a state built outside a job or renderer): the model's rule, from the model's own dtype.
+        dtype = getattr(torch, self.config.anchor_dtype or default_anchor_dtype(str(hidden.dtype)))
         index = masks.reshape(-1).nonzero(as_tuple=True)[0]
         g = hidden.shape[0]
         layer = SharedLayerState(

@@ -58,6 +58,9 @@ class RenderIdentity:
     # --scheduler (None: the model's own) and the LoRAs as (sha256, scale), in order.
     scheduler: str | None = None
     loras: tuple[tuple[str, float], ...] = ()
+    # The text length where the family lets a story choose it (FLUX), None elsewhere (and then absent
+    # from the description, so those fingerprints are what they were).
+    max_sequence_length: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +72,7 @@ class RenderIdentity:
             "anchors": [a.to_dict() for a in self.anchors],
             **({"scheduler": self.scheduler} if self.scheduler is not None else {}),
             **({"loras": [{"sha256": sha, "scale": float(scale)} for sha, scale in self.loras]} if self.loras else {}),
+            **({"max_sequence_length": self.max_sequence_length} if self.max_sequence_length is not None else {}),
         }
 
 

@@ -29,6 +29,7 @@ same story at once: the second is refused with a one-line error.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -206,7 +207,7 @@ def prepare_job(
             spec.frame_by_id(frame_id)  # a one-line error for an unknown id
     config = job_config(spec, options)
 
-    info = _model_info(options, pipe)
+    info = _with_text_len(_model_info(options, pipe), spec, options)
     # The layers left to the model family (None) are named now, so the config column, the
     # fingerprints and the bundles hold the names that were used.
     config = config.with_layers(info.share_layers, info.mask_layers)
@@ -221,7 +222,7 @@ def prepare_job(
     # Checked before the model's values are filled in, so an error names where a bad size came from.
     check_size(size, info.max_size, cli=(options.height, options.width), story=(spec.defaults.height,
                spec.defaults.width), source=spec.source)  # before any weights load (engine.memory)
-    token_positions = validate_for_model(spec, info.tokenizer, info.size_factor, size=size)
+    token_positions = validate_for_model(spec, info.tokenizer, info.size_factor, size=size, max_tokens=info.text_len)
     spec = with_model_defaults(spec, info)
     setup = _model_setup(spec, options, pipe)  # --scheduler and --lora, checked before anything renders
 
@@ -232,7 +233,11 @@ def prepare_job(
         dtype=_dtype_name(options, pipe, device), model_revision=model_revision(options.model),
         negative_prompt=d.negative_prompt, scheduler=setup.scheduler,
         loras=tuple(lora.as_settings() for lora in setup.loras),
+        max_sequence_length=info.text_len if info.max_text_len is not None else None,
     )
+    # anchor_dtype left to the model (None) follows the dtype the frames render in, before the
+    # config reaches the fingerprints, the config column and the bundle checks.
+    config = config.with_anchor_dtype(settings.dtype)
     jobs = {job.frame_id: job for job in plan_jobs(spec, token_positions)}
 
     bundle = None
@@ -261,6 +266,7 @@ def prepare_job(
         config=config.to_dict(),
         subjects=tuple((s.description, tuple(s.tokens)) for s in spec.subjects),
         anchors=anchors, scheduler=setup.scheduler, loras=tuple((lora.sha256, lora.scale) for lora in setup.loras),
+        max_sequence_length=settings.max_sequence_length,
     )
     fingerprint = fingerprints_of(identity)  # the render part serialized once, not per frame
     fingerprints = {
@@ -311,6 +317,21 @@ def _model_info(options: RenderOptions, pipe: object | None) -> ModelInfo:
         return _folder_model_info(options.model, model_revision(options.model))
     except (ValueError, TypeError) as exc:  # UnknownModelError, unsupported pipeline
         raise StorySyncUserError(f"--model: {exc}") from None
+
+
+def _with_text_len(info: ModelInfo, spec: StorySpec, options: RenderOptions) -> ModelInfo:
+    """``info`` with the story's ``defaults.max_sequence_length`` as its text length, checked
+    against what the family's pipeline accepts (``ModelInfo.max_text_len``)."""
+    asked = spec.defaults.max_sequence_length
+    if asked is None or asked == info.text_len:
+        return info
+    where = f"{spec.source}: defaults.max_sequence_length={asked}"
+    if info.max_text_len is None:
+        raise StorySyncUserError(f"{where}: --model {options.model} has a fixed text length ({info.text_len} "
+                                 f"tokens, {info.family} pipelines); leave it out")
+    if asked > info.max_text_len:
+        raise StorySyncUserError(f"{where}: --model {options.model} takes at most {info.max_text_len} text tokens")
+    return dataclasses.replace(info, text_len=asked)
 
 
 def _check_layers(config: StorySyncConfig, info: ModelInfo, options: RenderOptions, pipe: object | None) -> None:

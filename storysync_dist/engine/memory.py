@@ -685,7 +685,8 @@ def check_memory(plans: list[Any], info: Any, *, pipe: Any | None = None, execut
         if not (plan.anchor_jobs or plan.frame_jobs):
             notes.append("peak memory per worker: nothing to render")
             continue
-        job = JobShape.of(plan, cfg_batch=bool(info.cfg_batch), text_len=int(info.text_len), device=where,
+        text_len = plan.settings.max_sequence_length or info.text_len  # a story's FLUX text length
+        job = JobShape.of(plan, cfg_batch=bool(info.cfg_batch), text_len=int(text_len), device=where,
                           free=free.bytes if free is not None else None, loaded=pipe is not None)
         if job not in known:
             est, fixes = estimate(shapes, job), alternatives(shapes, job)

@@ -137,12 +137,14 @@ def frame_config_json(options: RenderOptions, settings: RenderSettings, config: 
     and the resolved StorySync config (``storysync``). A ``--scheduler`` (``scheduler``: the class
     name) and ``--lora`` adapters (``loras``: SHA-256 and scale of each file, in order; their paths
     in ``lora_paths``, which is not a setting) appear only when the job has them, so the column of a
-    job without them is what it always was.
+    job without them is what it always was; so does ``max_sequence_length`` (FLUX's text length,
+    absent for families whose text length is fixed).
     """
     values = dataclasses.asdict(settings)
     loras = values.pop("loras")
-    if values["scheduler"] is None:
-        del values["scheduler"]
+    for key in ("scheduler", "max_sequence_length"):
+        if values[key] is None:
+            del values[key]
     if loras:
         values["loras"] = [{"sha256": sha, "scale": scale} for _, scale, sha in loras]
         values["lora_paths"] = [path for path, _, _ in loras]

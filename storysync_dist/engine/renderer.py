@@ -67,6 +67,9 @@ class RenderSettings:
     # sha256) each), applied to the pipeline by models.customize.apply_model_setup.
     scheduler: str | None = None
     loras: tuple[tuple[str, float, str], ...] = ()
+    # The text length (tokens) where the family lets a story choose it (FLUX's max_sequence_length:
+    # the model's own, or the story's defaults.max_sequence_length); None where it is fixed.
+    max_sequence_length: int | None = None
 
 
 @dataclass
@@ -118,7 +121,8 @@ def bundle_meta(config: StorySyncConfig, settings: RenderSettings, anchors: list
 
 
 # The settings an imported bundle must share with the job that uses it.
-BUNDLE_SETTINGS = ("model", "dtype", "steps", "height", "width", "guidance_scale", "negative_prompt", "config")
+BUNDLE_SETTINGS = ("model", "dtype", "steps", "height", "width", "guidance_scale", "negative_prompt", "config",
+                   "max_sequence_length")
 
 
 class StoryRenderer:
@@ -127,9 +131,9 @@ class StoryRenderer:
     def __init__(self, adapter: Adapter, config: StorySyncConfig, settings: RenderSettings) -> None:
         self.adapter = adapter
         info = adapter.info
-        # Layers the config leaves to the model family are filled in here (a job has done it
-        # already, so its config column and bundles hold the resolved names).
-        self.config = config.with_layers(info.share_layers, info.mask_layers)
+        # Layers and the anchor dtype the config leaves to the model are filled in here (a job has
+        # done it already, so its config column and bundles hold the resolved values).
+        self.config = config.with_layers(info.share_layers, info.mask_layers).with_anchor_dtype(str(adapter.dtype))
         self.settings = settings
 
     @property
@@ -176,7 +180,7 @@ class StoryRenderer:
             latent_hw=self.latent_hw,
             num_steps=self.settings.steps,
             guidance=self.guidance,
-            text_len=self.adapter.info.text_len,
+            text_len=self.settings.max_sequence_length or self.adapter.info.text_len,
             bundle=bundle,
             device=self.adapter.device,
         )

@@ -24,6 +24,13 @@ PLUMBING = ("PLUMBING CHECK: random weights (random-tiny encoders, or a tiny/ran
             "numbers test that the pipeline runs end to end and say nothing about quality.")
 # How the paper names the methods in Table 1.
 DISPLAY = {"vanilla": "Vanilla", "storysync": "StorySync", "consistory": "ConsiStory", "storydiffusion": "StoryDiffusion"}
+# Under a table with a StorySync row: which of its settings the paper states and which are ours
+# (docs/method.md, "The paper's settings and ours").
+SETTINGS_NOTE = ("StorySync defaults from the paper: γ 0.3, λ 0.7, masks from the current step. The project's own "
+                 "(the paper gives none): dropouts 0.3/0.2/0.1 (shared keys/RFH/masks), τ 0.1, BLI over the first "
+                 "30% of steps, sharing in the decoder only (FLUX: single-stream blocks), sharing in the "
+                 "unconditional branch too (share_uncond), which layers of the step make the masks. A run's own "
+                 "values: each frame's config column.")
 # Table 1's columns, DINO after them, then the oracle's scores (toyworld); the arrow says which way
 # is better.
 COLUMNS = (("clip-t", "CLIP-T ↑"), ("clip-i", "CLIP-I ↑"), ("lpips", "LPIPS ↓"), ("dreamsim", "DreamSim ↓"),
@@ -65,6 +72,8 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], *,
     for row in rows:
         cells = [_cell(row.get(m.replace("-", "_"))) for m, _ in columns]
         lines.append(f"| {DISPLAY.get(row['method'], row['method'])} | {row['model']} | " + " | ".join(cells) + " |")
+    if any(row["method"] == "storysync" for row in rows):
+        lines += ["", SETTINGS_NOTE]
     return "\n".join(lines) + "\n"
 
 

@@ -71,6 +71,10 @@ class ModelInfo:
     # The largest height or width a render may ask for (px); a larger one is refused before anything
     # loads (engine.memory.check_size). 4096 unless the family knows better.
     max_size: int = 4096
+    # The longest text a story may ask for with ``defaults.max_sequence_length`` (FLUX: what
+    # ``FluxPipeline`` accepts); None where the family's text length is fixed (CLIP's 77, Kandinsky
+    # 3's 128), and a story that sets it is refused.
+    max_text_len: int | None = None
 
     @property
     def defaults(self) -> SamplingDefaults:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
@@ -52,7 +52,14 @@ MASK_LAYERS = (DUAL,)
 # guidance has no effect.
 DEV_DEFAULTS = (28, 3.5)
 SCHNELL_DEFAULTS = (4, 0.0)
+# T5 tokens (``max_sequence_length``): 512 is FluxPipeline.__call__'s default, FLUX.1-dev's, and the
+# most the pipeline accepts (it raises above 512). FLUX.1-schnell runs at 256: black-forest-labs' CLI
+# (``max_length=256 if name == "flux-schnell" else 512``) and its model card call
+# ``pipe(prompt, ..., max_sequence_length=256)``. Schnell is told from dev as diffusers tells them
+# apart: no guidance embedding (``guidance_embeds: false`` in the transformer config). A story's
+# ``defaults.max_sequence_length`` may ask for another length up to MAX_SEQUENCE_LENGTH.
 MAX_SEQUENCE_LENGTH = 512
+SCHNELL_SEQUENCE_LENGTH = 256
 DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size (latent pixels)
 
 
@@ -61,9 +68,11 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, N, H, d) attention, as diffusers' native backend: (B, N, H, d) out."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Any = None) -> torch.Tensor:
+    """(B, N, H, d) joint attention, (B, N, H, d) out, through diffusers' attention dispatch with
+    the processor's backend, as ``FluxAttnProcessor`` calls it (``None``: the active backend, by
+    default torch's SDPA, the "native" backend)."""
+    return dispatch_attention_fn(q, k, v, backend=backend)
 
 
 def image_rope(rotary: tuple[torch.Tensor, torch.Tensor], text_len: int, positions: torch.Tensor):
@@ -82,9 +91,20 @@ class FluxStorySyncProcessor:
 
     ``shares``: sharing (Eq. 5-8, 13) and RFH (Eq. 9-11) here; ``maps``: this layer records subject
     maps (Eq. 2). BLI (Eq. 12) runs on every layer while the vanilla branch is in the batch.
+
+    ``_attention_backend`` is diffusers' attention backend of this layer, as on ``FluxAttnProcessor``
+    (``FluxTransformer2DModel.set_attention_backend`` sets it on every processor that has the
+    attribute; ``FluxAdapter.install`` copies the stock processor's). The joint attention of every
+    row goes through ``dispatch_attention_fn`` with it, and so does a layer with nothing to do (the
+    stock processor); the attention of the consistent rows over the shared tokens (with its padding
+    bias) and the subject maps (which need the probabilities) stay on torch's SDPA and matmuls
+    (docs/models.md). Context parallelism (``_parallel_config``) is not supported.
     """
 
-    def __init__(self, name: str, state: StorySyncState, shares: bool, maps: bool, text_len: int) -> None:
+    _parallel_config = None
+
+    def __init__(self, name: str, state: StorySyncState, shares: bool, maps: bool, text_len: int,
+                 backend: Any = None) -> None:
         self.name = name
         self.text_len = text_len  # T, the encoded text length (single-stream blocks: text first)
         self.state = state
@@ -92,6 +112,15 @@ class FluxStorySyncProcessor:
         self.maps = maps
         self.layer = layer_id(name)
         self.stock = FluxAttnProcessor()
+        self._attention_backend = backend
+
+    @property
+    def _attention_backend(self) -> Any:
+        return self.stock._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend: Any) -> None:
+        self.stock._attention_backend = backend  # one backend for both paths of the layer
 
     def _sharing(self) -> bool:
         st, cfg = self.state, self.state.config
@@ -148,7 +177,7 @@ class FluxStorySyncProcessor:
         sharing = self._sharing()
         masks = st.masks(num_img) if sharing else None
         shared_rows = [st.rows(g, CONSISTENT) for g in st.shared_guidance] if sharing else []
-        out = _sdpa(query, key, value)  # stock joint attention for every row
+        out = _attend(query, key, value, self._attention_backend)  # stock joint attention for every row
         if sharing and cfg.share_attention:
             for branch, rows in enumerate(shared_rows):
                 k_sh, v_sh, valid, lengths = self._shared_tokens(attn, hidden_states, key, value, rows, branch,
@@ -284,14 +313,18 @@ class FluxAdapter:
         if cfg.share_layers is None or cfg.mask_layers is None:
             raise ValueError("install a config whose layers are resolved (StorySyncConfig.with_layers)")
         processors: dict[str, Any] = {}
+        current = self.pipe.transformer.attn_processors
         for name in self._stock_processors:
             maps = cfg.needs_masks and name.startswith(cfg.mask_layers)
+            # The attention backend set on the transformer (set_attention_backend) is kept.
+            backend = getattr(current[name], "_attention_backend", None)
             if cfg.any_mechanism:
                 processors[name] = FluxStorySyncProcessor(
-                    name, state, name.startswith(cfg.share_layers), maps, self.info.text_len
+                    name, state, name.startswith(cfg.share_layers), maps, state.text_len, backend
                 )
             else:
                 processors[name] = FluxAttnProcessor()
+                processors[name]._attention_backend = backend
         self.pipe.transformer.set_attn_processor(processors)
 
     def uninstall(self) -> None:
@@ -325,7 +358,8 @@ class FluxAdapter:
         on_step: Callable[[int], None] | None = None,
     ) -> RenderResult:
         """Render ``prompts`` (one image each) as ``FluxPipeline.__call__`` with
-        ``max_sequence_length = info.text_len``, one CPU generator per seed; no negative prompt."""
+        ``max_sequence_length = state.text_len`` (the job's: the model's ``info.text_len`` unless the
+        story asks for another), one CPU generator per seed; no negative prompt."""
         if negative_prompts is not None:
             raise ValueError("FluxPipeline takes no negative prompt (true CFG is not supported)")
         if state.guidance:
@@ -336,7 +370,7 @@ class FluxAdapter:
         pipe._current_timestep, pipe._interrupt = None, False
         embeds, pooled, text_ids = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
-            max_sequence_length=self.info.text_len,
+            max_sequence_length=state.text_len,
         )
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         latents, image_ids = pipe.prepare_latents(
@@ -372,13 +406,16 @@ class FluxAdapter:
 # ---- the family ---------------------------------------------------------------------------------
 def _flux_info(tokenizer: Any, transformer: Mapping[str, Any], vae: Mapping[str, Any]) -> ModelInfo:
     vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    steps, guidance = DEV_DEFAULTS if transformer.get("guidance_embeds", False) else SCHNELL_DEFAULTS
+    dev = bool(transformer.get("guidance_embeds", False))  # schnell has no guidance embedding
+    steps, guidance = DEV_DEFAULTS if dev else SCHNELL_DEFAULTS
     size = DEFAULT_SAMPLE_SIZE * vae_scale
+    longest = min(MAX_SEQUENCE_LENGTH, int(tokenizer.model_max_length))
     return ModelInfo(
         family=FluxFamily.name, tokenizer=tokenizer, size_factor=vae_scale * 2,
-        text_len=min(MAX_SEQUENCE_LENGTH, int(tokenizer.model_max_length)), default_height=size,
+        text_len=min(MAX_SEQUENCE_LENGTH if dev else SCHNELL_SEQUENCE_LENGTH, longest), default_height=size,
         default_width=size, default_steps=steps, default_guidance_scale=guidance,
         share_layers=SHARE_LAYERS, mask_layers=MASK_LAYERS, negative_prompt=False, cfg_batch=False,
+        max_text_len=longest,
     )
 
 

@@ -375,12 +375,17 @@ _TINY_MOVQ: dict[str, Any] = {
     "latent_channels": LATENT_CHANNELS, "norm_num_groups": 32, "num_vq_embeddings": 64, "vq_embed_dim": 4,
     "norm_type": "spatial", "sample_size": 64,
 }
-# Kandinsky 3's scheduler: DDPM, linear betas 1e-4..0.02, epsilon prediction, clipped samples,
-# "leading" timesteps (keys DDPMScheduler takes).
-_K3_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+# The hub's scheduler config, kandinsky-community/kandinsky-3 scheduler/scheduler_config.json: a
+# DDPMScheduler with beta_schedule "squaredcos_cap_v2" (with it diffusers derives the betas from the
+# cosine alpha-bar and leaves beta_start/beta_end unused; they are kept as the hub states them),
+# beta_start 0.00085, beta_end 0.012, clip_sample true, steps_offset 1, timestep_spacing "leading",
+# variance_type "fixed_small". Those values are the hub file's as read there; the file could not be
+# fetched here, so every other key is DDPMScheduler's default (diffusers 0.42), written out.
+HUB_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "squaredcos_cap_v2",
     "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0,
-    "prediction_type": "epsilon", "thresholding": False, "timestep_spacing": "leading", "steps_offset": 0,
+    "prediction_type": "epsilon", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0, "timestep_spacing": "leading", "steps_offset": 1, "rescale_betas_zero_snr": False,
 }
 
 
@@ -428,7 +433,7 @@ def _presets() -> Mapping[str, Any]:
                 scheduler_class=DDPMScheduler,
                 components={
                     "unet": dict(_TINY_UNET), "movq": dict(_TINY_MOVQ), "text_encoder": _tiny_text_encoder_config(),
-                    "tokenizer": {"model_max_length": TEXT_LEN}, "scheduler": dict(_K3_SCHEDULER),
+                    "tokenizer": {"model_max_length": TEXT_LEN}, "scheduler": dict(HUB_SCHEDULER_CONFIG),
                 },
                 builders=_BUILDERS,
             ),

@@ -82,7 +82,8 @@ def _find_runs(haystack: Sequence[int], needle: Sequence[int]) -> list[int]:
 
 
 def validate_for_model(
-    spec: StorySpec, tokenizer: Any, size_factor: int, *, size: tuple[int, int] | None = None
+    spec: StorySpec, tokenizer: Any, size_factor: int, *, size: tuple[int, int] | None = None,
+    max_tokens: int | None = None,
 ) -> list[list[list[int]]]:
     """Check the story against a model and return the subject-token positions.
 
@@ -92,7 +93,9 @@ def validate_for_model(
     ``size`` is the resolved ``(height, width)`` the job will render at (the story's values, or the
     model's defaults where the story leaves them out); when given it is what is checked, otherwise
     only the height/width the story sets are (a ``None`` one is the model's default, which the
-    model is trusted to get right).
+    model is trusted to get right). ``max_tokens``, when given, is the text length the job encodes
+    (``ModelInfo.text_len``) where it is shorter than ``model_max_length`` (FLUX.1-schnell: 256 of
+    the T5 tokenizer's 512): prompts are checked against the shorter.
 
     Errors (``StorySpecError``): height/width not a multiple of ``size_factor``; a frame prompt or the
     negative prompt longer than ``model_max_length`` tokens (counted untruncated, start/end tokens
@@ -123,6 +126,8 @@ def validate_for_model(
             raise StorySpecError(f"{source}: {what} is not a multiple of {size_factor} required by the model")
 
     limit = int(tokenizer.model_max_length)
+    if max_tokens is not None:
+        limit = min(limit, int(max_tokens))
     # None (no negative prompt) and "" (the empty prompt) have nothing to count.
     if spec.defaults.negative_prompt:
         count = len(_token_ids(tokenizer, spec.defaults.negative_prompt, special=True))

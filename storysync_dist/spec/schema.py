@@ -114,12 +114,22 @@ class Defaults(_Model):
     guidance_scale: StrictFloat | None = None
     seed: StrictInt = 0
     negative_prompt: str | None = None
+    # FLUX's T5 text length (FluxPipeline's max_sequence_length); None: the model's (schnell 256, dev
+    # 512). Families with a fixed text length refuse it (checked against the model by the job).
+    max_sequence_length: StrictInt | None = None
 
     @field_validator("steps")
     @classmethod
     def _check_steps(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+    @field_validator("max_sequence_length")
+    @classmethod
+    def _check_text_len(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be >= 1 tokens, got {value}")
         return value
 
     @field_validator("height", "width")
