@@ -87,6 +87,15 @@ def test_two_workers_render_the_same_pixels_as_in_process(tmp_path: Path, in_pro
     assert sum(s["frames"] for s in result.stats["worker_stats"]) == 4  # the 4 non-anchor frames
 
 
+def test_consistory_two_passes_on_ray_workers_render_the_in_process_pixels(tmp_path: Path, pool) -> None:
+    """ConsiStory's pass-2 frames read only what the anchors published (both passes' steps, the
+    injection outputs and references), so they spread over workers like any frame."""
+    want = reference(EXAMPLE, tmp_path / "local", method="consistory")
+    result = on_pool(EXAMPLE, tmp_path / "ray", pool, method="consistory")
+    assert sorted(result.rendered) == sorted(want)
+    assert_same_pixels(frame_pixels(tmp_path / "ray"), want)
+
+
 def test_too_many_gpus_fails_fast_with_a_message(tmp_path: Path, capsys) -> None:
     out = tmp_path / "w3"
     # Fast: the executor refuses before it asks Ray for any actor (no pipeline loads anywhere).

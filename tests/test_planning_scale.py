@@ -312,11 +312,18 @@ def test_a_story_checked_again_reuses_its_positions_and_a_changed_one_does_not(m
 def test_a_config_as_a_dict_equals_dataclasses_asdict() -> None:
     import dataclasses
 
-    from storysync_dist.core.config import _PREFIXES, StorySyncConfig
+    from storysync_dist.core.config import _LATER_DEFAULTS, _PREFIXES, StorySyncConfig
 
-    config = StorySyncConfig().with_layers(("down_blocks.1", "up_blocks.0"), ("up_blocks.1",))
+    # Options added later are left out at their defaults (config.py, _LATER_DEFAULTS); set here so
+    # the dict holds every field.
+    config = StorySyncConfig(share_dropout_scope="resolution", bli_window="while_sharing", bli_lambda_end=0.5,
+                             bli_layers="shared", bli_latents="consistent", mask_window=5,
+                             feature_injection=True).with_layers(
+        ("down_blocks.1", "up_blocks.0"), ("up_blocks.1",))
     want = dataclasses.asdict(config)
     for key in _PREFIXES:
         want[key] = None if getattr(config, key) is None else list(getattr(config, key))
     assert config.to_dict() == want
     assert [type(v) for v in config.to_dict().values()] == [type(v) for v in want.values()]
+    stock = StorySyncConfig()
+    assert stock.to_dict() == {k: v for k, v in dataclasses.asdict(stock).items() if k not in _LATER_DEFAULTS}

@@ -55,6 +55,9 @@ from .bundle_format import (
     _read_metadata,
     _show,
 )
+from .bundle_injection import check_finite as _check_finite
+from .bundle_injection import check_injection_entries as _check_injection_entries
+from .bundle_injection import check_injection_layouts as _check_injection_layouts
 from .config import default_anchor_dtype
 
 __all__ = [
@@ -109,13 +112,43 @@ class SharedLayerState:
 
 @dataclass
 class AnchorStep:
-    """Everything the anchors publish after denoising step ``step``."""
+    """Everything the anchors publish after denoising step ``step``.
+
+    ``layers``: the shared self-attention layers (every method that shares). ``outputs`` and
+    ``references`` only for ConsiStory's two-pass form (``core/consistory.py``): ``outputs`` maps an
+    injection layer to the anchors' attention outputs there, (A, N, C) on the conditional branch,
+    at the steps of pass 2 that inject; ``references`` holds what frames match against, once per
+    bundle: ``dift`` (A, C, h, w), the anchors' pass-1 DIFT features (smoothed), and
+    ``subject_masks`` (A, N) boolean, their pass-1 final masks at the injection resolution.
+    """
 
     step: int
     layers: dict[str, SharedLayerState] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    references: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers.values())
+        extra = [*self.outputs.values(), *self.references.values()]
+        return sum(layer.nbytes() for layer in self.layers.values()) + sum(t.numel() * t.element_size() for t in extra)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the step."""
+        return [
+            *(t for layer in self.layers.values() for t in (layer.index, layer.hidden, layer.features)),
+            *self.outputs.values(), *self.references.values(),
+        ]
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AnchorStep:
+        """A new step with ``fn`` applied to every tensor (a copy to a device, pinning)."""
+        return AnchorStep(
+            step=self.step,
+            layers={
+                name: SharedLayerState(fn(layer.index), fn(layer.hidden), fn(layer.features), layer.num_tokens)
+                for name, layer in self.layers.items()
+            },
+            outputs={name: fn(t) for name, t in self.outputs.items()},
+            references={name: fn(t) for name, t in self.references.items()},
+        )
 
     def to_numpy(self) -> dict[str, Any]:
         """Plain numpy payload: readers on one node share it zero-copy through Ray's object store."""
@@ -129,7 +162,11 @@ class AnchorStep:
                 "dtype": str(layer.hidden.dtype).removeprefix("torch."),
                 "num_tokens": layer.num_tokens,
             }
-        return {"step": self.step, "layers": layers}
+        return {
+            "step": self.step, "layers": layers,
+            "outputs": {name: _tagged(t) for name, t in self.outputs.items()},
+            "references": {name: _tagged(t) for name, t in self.references.items()},
+        }
 
     @classmethod
     def from_numpy(cls, payload: dict[str, Any], device: torch.device | str = "cpu") -> AnchorStep:
@@ -143,7 +180,17 @@ class AnchorStep:
                 features=_from_numpy(layer["features"]).view(dtype).to(device),
                 num_tokens=int(layer["num_tokens"]),
             )
+        step.outputs = {name: _untagged(t, device) for name, t in payload.get("outputs", {}).items()}
+        step.references = {name: _untagged(t, device) for name, t in payload.get("references", {}).items()}
         return step
+
+
+def _tagged(tensor: torch.Tensor) -> dict[str, Any]:
+    return {"data": _to_numpy16(tensor), "dtype": str(tensor.dtype).removeprefix("torch.")}
+
+
+def _untagged(tagged: dict[str, Any], device: torch.device | str) -> torch.Tensor:
+    return _from_numpy(tagged["data"]).view(getattr(torch, tagged["dtype"])).to(device)
 
 
 def _to_numpy16(tensor: torch.Tensor) -> np.ndarray:
@@ -198,7 +245,21 @@ class AnchorBundle:
                 tensors[f"{key}|hidden"] = layer.hidden.contiguous().cpu()
                 tensors[f"{key}|features"] = layer.features.contiguous().cpu()
                 layout[str(t)][name] = layer.num_tokens
+        # ConsiStory's two-pass form only (AnchorStep.outputs/references): two more layouts, written
+        # only when a step holds them, so other bundles are as before.
+        outputs = {str(t): {name: int(out.shape[1]) for name, out in s.outputs.items()}
+                   for t, s in sorted(self.steps.items()) if s.outputs}
+        references = {str(t): sorted(s.references) for t, s in sorted(self.steps.items()) if s.references}
+        for t, anchor_step in self.steps.items():
+            for name, out in anchor_step.outputs.items():
+                tensors[f"{t}|{name}|output"] = out.contiguous().cpu()
+            for name, ref in anchor_step.references.items():
+                tensors[f"{t}|@{name}"] = ref.contiguous().cpu()
         metadata = {"format": BUNDLE_FORMAT, "meta": json.dumps(self.meta), "layout": json.dumps(layout)}
+        if outputs:
+            metadata["outputs"] = json.dumps(outputs)
+        if references:
+            metadata["references"] = json.dumps(references)
         return save_safetensors(tensors, metadata=metadata)
 
     @classmethod
@@ -235,9 +296,13 @@ class AnchorBundle:
         meta = _parse_json_object(metadata["meta"], "__metadata__ 'meta'")
         config = _check_meta(meta)
         num_anchors = meta["num_anchors"]
-        layout = _check_layout(_parse_json_object(metadata["layout"], "__metadata__ 'layout'"), meta["steps"])
+        steps = meta["steps"] * config.render_passes
+        layout = _check_layout(_parse_json_object(metadata["layout"], "__metadata__ 'layout'"), steps)
+        outputs, references = _check_injection_layouts(metadata, steps)
         # A config that leaves anchor_dtype to the model (None): the model's rule for the meta's dtype.
-        _check_entries(entries, layout, num_anchors, config.anchor_dtype or default_anchor_dtype(meta["dtype"]))
+        anchor_dtype = config.anchor_dtype or default_anchor_dtype(meta["dtype"])
+        injection = _check_injection_entries(entries, outputs, references, num_anchors, anchor_dtype)
+        _check_entries({k: v for k, v in entries.items() if k not in injection}, layout, num_anchors, anchor_dtype)
         try:
             tensors = load_safetensors(data if isinstance(data, bytes) else bytes(data))
         except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
@@ -256,6 +321,14 @@ class AnchorBundle:
                 _check_values(layer, f"step {t} layer {_show(name)}", num_anchors)
                 anchor_step.layers[name] = layer
             bundle.steps[t] = anchor_step
+        for t, names in outputs.items():
+            anchor_step = bundle.steps.setdefault(t, AnchorStep(step=t))
+            for name in names:
+                anchor_step.outputs[name] = _check_finite(tensors[f"{t}|{name}|output"], f"step {t} output {_show(name)}")
+        for t, names in references.items():
+            anchor_step = bundle.steps.setdefault(t, AnchorStep(step=t))
+            for name in names:
+                anchor_step.references[name] = _check_finite(tensors[f"{t}|@{name}"], f"step {t} reference {name}")
         return bundle
 
     def check_coverage(self, steps: Iterable[int]) -> None:
@@ -273,7 +346,11 @@ class AnchorBundle:
                 f"holds no anchor state for step(s) {_few(missing)}: {len(missing)} of the "
                 f"{len(expected)} steps this render shares"
             )
-        ordered = sorted(self.steps)
+        # Steps of ConsiStory's pass 2 may hold only injection outputs: the shared layers must be
+        # the same at every step that holds any.
+        ordered = sorted(t for t, s in self.steps.items() if s.layers or not (s.outputs or s.references))
+        if not ordered:
+            return
         first = ordered[0]
         names = set(self.steps[first].layers)
         if not names:

@@ -293,6 +293,10 @@ def _check_meta(meta: dict[str, Any]) -> StorySyncConfig:
                     and _is_finite_number(lora[1]) and isinstance(lora[2], str)
                     and re.fullmatch(r"[0-9a-f]{64}", lora[2])):
                 raise BundleError(f"meta loras[{i}] must be [path, finite scale, sha256 hex], got {_show(lora)}")
+    # FreeU's (s1, s2, b1, b2) of a method's own sampler (absent from bundles made before it: none).
+    freeu = meta.get("freeu")
+    if freeu is not None and not (isinstance(freeu, list) and len(freeu) == 4 and all(map(_is_finite_number, freeu))):
+        raise BundleError(f"meta freeu must be null or 4 finite numbers [s1, s2, b1, b2], got {_show(freeu)}")
     raw_config = _get(meta, "config")
     if not isinstance(raw_config, dict):
         raise BundleError(f"meta config must be an object, got a JSON {_kind(raw_config)}")

@@ -19,10 +19,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .layout import BLI_WINDOWS, bli_schedule
+
 __all__ = [
     "ABLATIONS",
+    "BLI_LATENTS",
+    "BLI_LAYERS",
     "BLI_TARGETS",
+    "BLI_WINDOWS",
     "MASK_SOURCES",
+    "SHARE_DROPOUT_SCOPES",
     "TOKEN_SAMPLINGS",
     "ConfigError",
     "StorySyncConfig",
@@ -31,8 +37,12 @@ __all__ = [
     "resolve_config",
 ]
 
-MASK_SOURCES = ("current", "previous")
-TOKEN_SAMPLINGS = ("mask", "storydiffusion")
+MASK_SOURCES = ("current", "previous", "window")
+SHARE_DROPOUT_SCOPES = ("layer", "resolution")
+BLI_LATENTS = ("own", "consistent")
+BLI_LAYERS = ("all", "shared")
+# "mask", then the StoryDiffusion releases of core/storydiffusion.py (its RELEASES).
+TOKEN_SAMPLINGS = ("mask", "storydiffusion-predict", "storydiffusion-lowvram")
 BLI_TARGETS = ("query", "output")
 ANCHOR_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -83,11 +93,32 @@ class StorySyncConfig:
     # vanilla branch's before attention (Figure 2 caches the base model's queries), so shared keys
     # keep their full weight; "output": the self-attention outputs after to_out (the old reading).
     bli_target: str = "query"
+    # ConsiStory's vanilla query blending as released (its QueryStore); the defaults keep StorySync's BLI.
+    # Which steps blend (core/layout.py ``bli_schedule``): "leading", the first round(bli_fraction x
+    # steps) steps; "while_sharing", the steps from first_shared_step() through floor(bli_fraction x
+    # steps), inclusive (the release: 1 .. steps // 10).
+    bli_window: str = "leading"
+    # None: lambda is bli_lambda at every BLI step; a number: lambda falls linearly from bli_lambda to
+    # this over the window (numpy.linspace(bli_lambda, bli_lambda_end, K)[step]; the release 0.9 -> 0.81836735).
+    bli_lambda_end: float | None = None
+    # Which self-attention layers blend: "all" of them, or only the "shared" ones (share_layers; the
+    # release blends where it shares, the decoder).
+    bli_layers: str = "all"
+    # The vanilla branch's latents: "own", its own trajectory from the same noise (StorySync); or
+    # "consistent", the consistent branch's latents of the step (the release runs the stock UNet on
+    # the current latents before each blending step): its rows run only at blending steps and their
+    # noise is dropped.
+    bli_latents: str = "own"
 
     # Section 3.3 dropouts (rates not given in the paper); seeded per frame, step and layer.
     share_dropout: float = 0.3
     rfh_dropout: float = 0.2
     mask_dropout: float = 0.1
+    # What one share-dropout draw covers: "layer", one per querying image, step and layer; "resolution",
+    # one per key image (anchor), step and resolution, used by every layer of that resolution and every
+    # querying image (ConsiStory's release: its AttentionStore's last_mask_dropout). Keyed by the
+    # anchor's seed, so frames redraw exactly what the anchors drew without it being shipped.
+    share_dropout_scope: str = "layer"
 
     # Which self-attention layers share and harmonize (the paper names none; the project's choice):
     # prefixes of diffusers attention-processor names. None: the model family's default
@@ -101,12 +132,16 @@ class StorySyncConfig:
     # Eq. 2-4, "only from the current generation timestep": "current" builds the masks of step t
     # from the maps of step t's cross-attentions that run before the first shared self-attention
     # (UNet: the encoder and the mid block), so sharing can start at step 0; "previous" builds
-    # them from the whole of step t-1 (no sharing at step 0).
+    # them from the whole of step t-1 (no sharing at step 0); "window" (ConsiStory's release) from
+    # the maps of the last mask_window steps up to t-1, averaged over layers and steps, each subject
+    # thresholded on its own at each resolution and the masks united (no sharing at step 0).
     mask_source: str = "current"
+    mask_window: int = 20
     # Which anchor tokens are shared. "mask": the subject tokens (Eq. 5, with share_dropout), as
-    # StorySync and ConsiStory do; "storydiffusion": StoryDiffusion's RandSample (its Eq. 1) over
-    # every token of the anchors at its per-resolution rates, one draw per story, step and
-    # resolution, and no mask (core/storydiffusion.py; the --method storydiffusion baseline).
+    # StorySync and ConsiStory do; "storydiffusion-predict" (the --method storydiffusion baseline)
+    # or "storydiffusion-lowvram": StoryDiffusion's RandSample (its Eq. 1) over every token of the
+    # anchors at its per-resolution rates, no mask, with the early-step and skip rules of that
+    # release of its code (core/storydiffusion.py; docs/evaluation.md, "storydiffusion").
     token_sampling: str = "mask"
     # RFH (Eq. 9-11) runs at the steps in [rfh_start, rfh_end) of the run, as fractions of the
     # steps (StorySync: every step; ConsiStory's feature injection: the 10%..33% window).
@@ -121,15 +156,19 @@ class StorySyncConfig:
     # job is set up (``with_anchor_dtype``, before fingerprints): bfloat16 for a bfloat16 model,
     # float16 for float16 and float32 models (``default_anchor_dtype``).
     anchor_dtype: str | None = None
+    # ConsiStory's feature injection as released (its Sec. 3.3, core/consistory.py): not a StorySync
+    # mechanism. Every image renders twice; pass 2 moves subject patches of the finest
+    # self-attention layers towards their nearest anchor patch on pass 1's DIFT features.
+    feature_injection: bool = False
 
     def __post_init__(self) -> None:
         # Canonical values (1 -> 1.0, lists -> tuples), so equal configs have equal JSON and
         # equal frame fingerprints however they were written.
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _check_value(f.name, getattr(self, f.name)))
-        if self.token_sampling == "storydiffusion" and self.use_masks:
-            raise ConfigError("token_sampling", "storydiffusion samples every token, without a subject mask: "
-                              "set use_masks: false with it")
+        if self.token_sampling != "mask" and self.use_masks:
+            raise ConfigError("token_sampling", f"{self.token_sampling} samples every token, without a subject "
+                              "mask: set use_masks: false with it")
 
     @classmethod
     def vanilla(cls) -> StorySyncConfig:
@@ -138,17 +177,33 @@ class StorySyncConfig:
 
     @property
     def any_mechanism(self) -> bool:
-        return self.share_attention or self.harmonize or self.layout_interpolation
+        return self.share_attention or self.harmonize or self.layout_interpolation or self.feature_injection
+
+    @property
+    def render_passes(self) -> int:
+        """How many times every image is denoised: 2 with feature injection (ConsiStory's pass 1
+        makes the DIFT features and masks pass 2 injects by), else 1."""
+        return 2 if self.feature_injection else 1
 
     @property
     def needs_masks(self) -> bool:
         return self.use_masks and (self.share_attention or self.harmonize)
 
     def bli_steps(self, num_steps: int) -> int:
-        """T of Eq. 12 for a run of ``num_steps`` denoising steps."""
+        """T of Eq. 12 for a run of ``num_steps`` denoising steps: BLI's window is steps 0 .. T-1
+        (``bli_window``; the steps that blend are :meth:`bli_schedule`'s)."""
         if not self.layout_interpolation:
             return 0
-        return min(num_steps, round(self.bli_fraction * num_steps))
+        schedule = self.bli_schedule(num_steps)
+        return max(schedule) + 1 if schedule else 0
+
+    def bli_schedule(self, num_steps: int) -> dict[int, float]:
+        """{step: lambda} of the steps at which BLI blends (``core.layout.bli_schedule``)."""
+        if not self.layout_interpolation:
+            return {}
+
+        return bli_schedule(num_steps, self.bli_fraction, self.bli_lambda, self.bli_lambda_end, self.bli_window,
+                            self.first_shared_step())
 
     def harmonizes_at(self, step: int, num_steps: int) -> bool:
         """Whether RFH runs at ``step`` of a ``num_steps`` run (the [rfh_start, rfh_end) window)."""
@@ -156,7 +211,7 @@ class StorySyncConfig:
 
     def first_shared_step(self) -> int:
         """The first step at which sharing and RFH can run (masks from step t-1 need t >= 1)."""
-        needs_previous = self.needs_masks and self.mask_source == "previous"
+        needs_previous = self.needs_masks and self.mask_source in ("previous", "window")
         return max(self.first_share_step, 1 if needs_previous else 0)
 
     def replace(self, **changes: Any) -> StorySyncConfig:
@@ -170,6 +225,11 @@ class StorySyncConfig:
         if self.mask_layers is None:
             changes["mask_layers"] = tuple(mask_layers)
         return self.replace(**changes) if changes else self
+
+    def for_model(self, feature_injection: bool) -> StorySyncConfig:
+        """This config for a model family that can (or cannot) record DIFT features: without them
+        ``feature_injection`` is off (ConsiStory's one-pass form; its release is SDXL only)."""
+        return self if feature_injection or not self.feature_injection else self.replace(feature_injection=False)
 
     def with_anchor_dtype(self, model_dtype: str) -> StorySyncConfig:
         """This config with ``anchor_dtype`` filled in for a model rendering in ``model_dtype`` when
@@ -185,6 +245,9 @@ class StorySyncConfig:
         for key in _PREFIXES:
             value = getattr(self, key)
             data[key] = None if value is None else list(value)
+        for key, default in _LATER_DEFAULTS.items():
+            if data[key] == default:
+                del data[key]  # options added after datasets existed: absent at their defaults
         return data
 
     def to_json(self) -> str:
@@ -208,9 +271,18 @@ class StorySyncConfig:
 _UNIT_INTERVAL = ("rfh_gamma", "bli_lambda", "bli_fraction", "share_dropout", "rfh_dropout", "mask_dropout",
                   "rfh_start", "rfh_end")
 _CHOICES = {"anchor_dtype": ANCHOR_DTYPES, "mask_source": MASK_SOURCES, "bli_target": BLI_TARGETS,
-            "token_sampling": TOKEN_SAMPLINGS}
-_BOOLS = ("share_attention", "harmonize", "layout_interpolation", "use_masks", "share_uncond")
+            "token_sampling": TOKEN_SAMPLINGS, "share_dropout_scope": SHARE_DROPOUT_SCOPES,
+            "bli_latents": BLI_LATENTS, "bli_layers": BLI_LAYERS, "bli_window": BLI_WINDOWS}
+_BOOLS = ("share_attention", "harmonize", "layout_interpolation", "use_masks", "share_uncond", "feature_injection")
 _PREFIXES = ("share_layers", "mask_layers")
+# Options added after datasets and bundles existed, with the value that behaves as before they did:
+# ``to_dict`` (the ``config`` column, frame fingerprints, bundle metadata) leaves them out at that
+# value, so configs that do not use them keep the dict, and the fingerprints, they always had;
+# ``from_dict`` fills them back in.
+_LATER_DEFAULTS: dict[str, Any] = {
+    "share_dropout_scope": "layer", "bli_window": "leading", "bli_lambda_end": None, "bli_layers": "all",
+    "bli_latents": "own", "mask_window": 20, "feature_injection": False,
+}
 
 
 def _check_value(key: str, value: Any) -> Any:
@@ -219,7 +291,9 @@ def _check_value(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(key, f"must be true or false, got {value!r}")
         return value
-    if key in _UNIT_INTERVAL or key == "rfh_tau":
+    if key == "bli_lambda_end" and value is None:
+        return None  # a constant lambda
+    if key in _UNIT_INTERVAL or key in ("rfh_tau", "bli_lambda_end"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(key, f"must be a number, got {value!r}")
         if key == "rfh_tau" and not value > 0:
@@ -230,6 +304,10 @@ def _check_value(key: str, value: Any) -> Any:
     if key == "first_share_step":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(key, f"must be a whole number >= 0, got {value!r}")
+        return value
+    if key == "mask_window":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(key, f"must be a whole number >= 1, got {value!r}")
         return value
     if key in _CHOICES:
         if key == "anchor_dtype" and value is None:

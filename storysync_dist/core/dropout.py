@@ -14,6 +14,7 @@ import torch
 KIND_SHARE = 1
 KIND_RFH = 2
 KIND_MASK = 3
+KIND_SHARE_RESOLUTION = 5  # 4 is core/storydiffusion.py's
 
 
 def dropout_seed(*parts: int) -> int:
@@ -39,3 +40,25 @@ def keep_mask(
         return torch.ones(shape, dtype=torch.bool, device=device)
     generator = torch.Generator(device="cpu").manual_seed(dropout_seed(*seed_parts))
     return (torch.rand(shape, generator=generator) >= rate).to(device)
+
+
+def resolution_keep(anchor_seeds: list[int], step: int, num_tokens: int, rate: float) -> torch.Tensor:
+    """Share dropout drawn once per step and resolution (``share_dropout_scope: resolution``, as
+    ConsiStory's release draws ``last_mask_dropout``): which of each anchor's N tokens every layer of
+    that resolution and every querying image may attend to.
+
+    Row j is keyed by (anchor j's seed, step, N) only, so anchors and the frames that read their
+    bundle (on any process) draw the same bits without shipping them.
+
+    Args:
+        anchor_seeds: the A anchors' seeds, in bundle order.
+        step: the denoising step.
+        num_tokens: N, the layer's patch count (its resolution).
+        rate: dropout probability in [0, 1].
+    Returns:
+        (A, N) boolean keep-mask on the CPU.
+    """
+    if not anchor_seeds:
+        return torch.ones(0, num_tokens, dtype=torch.bool)
+    return torch.stack([keep_mask(num_tokens, rate, seed, step, num_tokens, KIND_SHARE_RESOLUTION)
+                        for seed in anchor_seeds])

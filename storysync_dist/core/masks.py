@@ -86,13 +86,39 @@ def subject_mask(aggregated: torch.Tensor, src_hw: tuple[int, int], dst_hw: tupl
     """Resize an aggregated map to a self-attention resolution and threshold it with Otsu.
 
     Args:
-        aggregated: (B, h_src*w_src) map from :func:`aggregate_subject_maps`.
+        aggregated: (B, h_src*w_src) map from :func:`aggregate_subject_maps`; or (B, h_src*w_src,
+            S) per-subject maps (``mask_source: window``), which :func:`subject_mask_union`
+            thresholds subject by subject.
         src_hw: its grid (h_src, w_src).
         dst_hw: the target grid (h, w).
     Returns:
         (B, h*w) boolean subject mask M_i.
     """
+    if aggregated.ndim == 3:
+        return subject_mask_union(aggregated, src_hw, dst_hw)
     maps = aggregated.float().reshape(-1, 1, *src_hw)
     if tuple(src_hw) != tuple(dst_hw):
         maps = F.interpolate(maps, size=dst_hw, mode="bilinear", align_corners=False)
     return otsu_foreground(maps.flatten(1))
+
+
+def subject_mask_union(maps: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
+    """Each subject's map resized to a self-attention resolution and thresholded with Otsu on its
+    own, then the subjects' masks united (ConsiStory's release, ``mask_source: window``).
+
+    Args:
+        maps: (B, h_src*w_src, S) per-subject maps (averaged over layers and steps, not summed).
+        src_hw: their grid (h_src, w_src).
+        dst_hw: the target grid (h, w).
+    Returns:
+        (B, h*w) boolean: a patch is in the mask when it is in any subject's Otsu foreground. A
+        subject column of zeros (an image with fewer subjects) is a constant map: no foreground.
+    """
+    batch, _, subjects = maps.shape
+    if subjects == 0:
+        return torch.zeros(batch, dst_hw[0] * dst_hw[1], dtype=torch.bool, device=maps.device)
+    grid = maps.float().permute(0, 2, 1).reshape(batch * subjects, 1, *src_hw)
+    if tuple(src_hw) != tuple(dst_hw):
+        grid = F.interpolate(grid, size=dst_hw, mode="bilinear", align_corners=False)
+    foreground = otsu_foreground(grid.flatten(1))  # (B*S, h*w)
+    return foreground.reshape(batch, subjects, -1).any(dim=1)

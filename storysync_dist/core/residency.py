@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .anchors import AnchorBundle, AnchorStep, SharedLayerState
+from .anchors import AnchorBundle, AnchorStep
 
 PLACEMENTS = ("device", "host", "auto")
 # ``auto`` keeps the bundle on the device while it takes at most this share of the free memory:
@@ -32,30 +32,16 @@ AUTO_DEVICE_SHARE = 0.25
 
 def _copy_step(step: AnchorStep, device: torch.device, *, non_blocking: bool = False) -> AnchorStep:
     """``step`` with every tensor on ``device`` (a copy even when the device is the CPU)."""
-    copied = AnchorStep(step=step.step)
-    for name, layer in step.layers.items():
-        copied.layers[name] = SharedLayerState(
-            index=layer.index.to(device, non_blocking=non_blocking, copy=True),
-            hidden=layer.hidden.to(device, non_blocking=non_blocking, copy=True),
-            features=layer.features.to(device, non_blocking=non_blocking, copy=True),
-            num_tokens=layer.num_tokens,
-        )
-    return copied
+    return step.map_tensors(lambda t: t.to(device, non_blocking=non_blocking, copy=True))
 
 
 def _pinned(step: AnchorStep) -> AnchorStep:
     """``step`` in page-locked host memory, so its copies to a GPU run asynchronously."""
-    pinned = AnchorStep(step=step.step)
-    for name, layer in step.layers.items():
-        pinned.layers[name] = SharedLayerState(
-            index=layer.index.cpu().pin_memory(), hidden=layer.hidden.cpu().pin_memory(),
-            features=layer.features.cpu().pin_memory(), num_tokens=layer.num_tokens,
-        )
-    return pinned
+    return step.map_tensors(lambda t: t.cpu().pin_memory())
 
 
 def _tensors(step: AnchorStep) -> list[torch.Tensor]:
-    return [t for layer in step.layers.values() for t in (layer.index, layer.hidden, layer.features)]
+    return step.tensors()
 
 
 def resolve_placement(placement: str, device: torch.device, step_bytes: int, num_steps: int) -> str:
@@ -114,6 +100,11 @@ class PlacedBundle:
     @property
     def resident_bytes(self) -> int:
         return sum(s.nbytes() for s in self._on_device.values() if s is not None)
+
+    def host_step(self, t: int) -> AnchorStep | None:
+        """Anchor step t as the bundle holds it, in host memory: what the host reads without
+        waiting for the device (the published positions a share-dropout draw is read at)."""
+        return self.bundle.step(t)
 
     def step(self, t: int) -> AnchorStep | None:
         """Anchor step t on the device (None for a step that publishes nothing)."""

@@ -9,21 +9,29 @@ Subject masks (Eq. 2-4) are made from the subject maps that cross-attention laye
 a step. With ``mask_source="current"`` (the paper: "only from the current generation timestep")
 the masks of step t are fixed when the first shared self-attention of step t runs, from the maps
 recorded so far in step t (in a UNet: the encoder and the mid block), at the lowest resolution
-among them. With ``mask_source="previous"`` they are made from every map of step t-1.
+among them. With ``mask_source="previous"`` they are made from every map of step t-1; with
+``mask_source="window"`` (ConsiStory's release) from the per-subject maps of the last
+``mask_window`` steps up to t-1, averaged, each subject thresholded on its own and the masks united.
+
+With ``bli_latents="consistent"`` the vanilla branch is in the batch only at the steps that blend
+(``bli_schedule``), on the consistent branch's latents. The share dropout is drawn per querying
+image and layer, or (``share_dropout_scope="resolution"``) once per anchor, step and resolution.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections import deque
 
 import torch
 
 from .anchors import AnchorBundle, AnchorStep, SharedLayerState
 from .config import StorySyncConfig, default_anchor_dtype
-from .dropout import KIND_MASK, KIND_RFH, keep_mask
+from .consistory import FeatureInjection
+from .dropout import KIND_MASK, KIND_RFH, KIND_SHARE, keep_mask, resolution_keep
 from .harmonize import harmonize_regions
 from .masks import aggregate_subject_maps, subject_mask, subject_token_weights, token_grid
-from .storydiffusion import story_sample
+from .storydiffusion import anchor_sample, frame_sample
 
 ROLE_ANCHORS = "anchors"
 ROLE_FRAMES = "frames"
@@ -68,11 +76,17 @@ class StorySyncState:
         self.latent_hw = latent_hw
         self.num_steps = num_steps
         self.bli_steps = config.bli_steps(num_steps)
+        self.bli_schedule = config.bli_schedule(num_steps)  # {step: lambda} of the steps that blend
         self.guidance = guidance
         self.text_len = text_len  # the padded text length the attention layers see
         self.bundle = bundle
         self.device = torch.device(device)
-        self.step = 0
+        self.step = 0  # the step within the current pass
+        # ConsiStory's two-pass form (feature_injection): pass 1 then pass 2 of the same latents;
+        # the anchors publish pass p's step t as bundle step p * num_steps + t (``bundle_step``).
+        self.passes = config.render_passes
+        self.pass_index = 0
+        self.injection = FeatureInjection(self.num_images, num_steps) if config.feature_injection else None
         self.published: dict[int, AnchorStep] = {}
         self.collect_maps = config.needs_masks
         self.token_weights = (
@@ -90,12 +104,53 @@ class StorySyncState:
         self._last_map: tuple[torch.Tensor, tuple[int, int]] | None = None  # for final_masks
         self._mask_cache: dict[int, torch.Tensor] = {}
         self._anchor_cache: dict[str, SharedLayerState | None] = {}
+        self._keep_cache: dict[int, torch.Tensor] = {}  # share_dropout_scope "resolution": N -> (A, N)
+        # mask_source "window": the per-subject maps (F, n, S), averaged over layers, of the last
+        # mask_window steps.
+        self._window: deque[torch.Tensor] = deque(maxlen=config.mask_window)
+        self.shared_layer: str | None = None  # the shared layer running now (StoryDiffusion's skip draw)
+
+    @property
+    def bundle_step(self) -> int:
+        """The bundle's key of the current step: ``pass_index * num_steps + step``."""
+        return self.pass_index * self.num_steps + self.step
+
+    def begin_second_pass(self) -> None:
+        """Start ConsiStory's pass 2: keep pass 1's DIFT features and final masks (at the
+        injection resolution) and start the step count and the masks again."""
+        if self.injection is None or self.pass_index != 0:
+            raise RuntimeError("a second pass needs feature_injection and a finished first pass")
+        tokens = self.injection.tokens
+        final = None
+        if self._last_map is not None and tokens:
+            aggregated, hw = self._last_map
+            final = subject_mask(aggregated, hw, token_grid(tokens, self.latent_hw))
+        self.injection.end_first_pass(final)
+        self.pass_index = 1
+        self.step = 0
+        self._maps, self._mask_cache, self._anchor_cache = {}, {}, {}
+        self._window.clear()  # mask_source "window": pass 2 records its maps afresh, as the release
+        self._mask_map = self._mask_hw = self._last_map = None
+        self._mask_fixed = False
 
     # ---- batch layout -------------------------------------------------------------------
     @property
     def has_vanilla(self) -> bool:
-        """BLI runs the vanilla branch in the same batch for the first T steps."""
+        """BLI runs the vanilla branch in the same batch for the first T steps; with
+        ``bli_latents: consistent`` only at the steps that blend (its rows then run on the
+        consistent latents, ``models.denoise.BranchLatents``)."""
+        if self.config.bli_latents == "consistent":
+            return self.step in self.bli_schedule
         return self.step < self.bli_steps
+
+    def bli_weight(self, shares: bool) -> float | None:
+        """BLI's lambda (Eq. 12) for a self-attention layer at this step, or None where it does
+        not blend: outside ``bli_schedule``, or a layer that does not share with ``bli_layers:
+        shared``."""
+        lam = self.bli_schedule.get(self.step)
+        if lam is None or (self.config.bli_layers == "shared" and not shares):
+            return None
+        return lam
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -138,8 +193,9 @@ class StorySyncState:
         self._mask_fixed = True
         self._mask_cache = {}
 
-    def _aggregate(self) -> tuple[torch.Tensor, tuple[int, int]] | None:
-        """Eq. 3-4 over the maps recorded so far this step, at their lowest resolution."""
+    def _aggregate(self, per_subject: bool = False) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """Eq. 3-4 over the maps recorded so far this step, at their lowest resolution: (F, n), or
+        with ``per_subject`` the (F, n, S) layer average before the sum over subjects."""
         if not self._maps:
             return None
         if self.mask_tokens is None:
@@ -151,11 +207,15 @@ class StorySyncState:
         if not recorded:
             return None
         self.mask_sources = [layer for layer, _ in recorded]
-        return aggregate_subject_maps([maps for _, maps in recorded]), token_grid(self.mask_tokens, self.latent_hw)
+        hw = token_grid(self.mask_tokens, self.latent_hw)
+        if per_subject:
+            return torch.stack([maps for _, maps in recorded]).mean(dim=0), hw
+        return aggregate_subject_maps([maps for _, maps in recorded]), hw
 
     def enter_shared_layer(self, name: str) -> None:
         """Called by every shared self-attention layer before it runs: with current masks, the
         first one of a step fixes the step's masks from the maps recorded before it."""
+        self.shared_layer = name
         if not (self.current_masks and self.collect_maps) or self._mask_fixed:
             return
         self._mask_fixed = True
@@ -179,16 +239,22 @@ class StorySyncState:
             return False
         return not self.config.use_masks or self._mask_map is not None
 
-    def masks(self, num_tokens: int) -> torch.Tensor:
-        """(F, N) boolean subject masks at a self-attention resolution, after mask dropout."""
+    def masks(self, num_tokens: int, layer: str | None = None) -> torch.Tensor:
+        """(F, N) boolean subject masks at a self-attention resolution, after mask dropout.
+
+        With StoryDiffusion's sampling (anchor role) they are what the anchors attend to of each
+        other at this layer call, ``layer`` (default: the shared layer entered last), so not cached.
+        """
+        if self.config.token_sampling != "mask" and self.role == ROLE_ANCHORS:
+            name = layer if layer is not None else self.shared_layer
+            if name is None:
+                raise ValueError("StoryDiffusion draws per layer call: name the layer (or enter_shared_layer first)")
+            return anchor_sample(self.seeds, self.step, num_tokens, layer_id(name),
+                                 self.config.token_sampling).to(self.device)
         cached = self._mask_cache.get(num_tokens)
         if cached is not None:
             return cached
-        if self.config.token_sampling == "storydiffusion" and self.role == ROLE_ANCHORS:
-            # StoryDiffusion's RandSample (core/storydiffusion.py): the anchors share one sample of
-            # each other's tokens and record only it, so every frame attends to the same sample.
-            mask = story_sample(self.seeds, self.step, num_tokens).to(self.device)
-        elif not self.config.use_masks:
+        if not self.config.use_masks:
             mask = torch.ones(self.num_images, num_tokens, dtype=torch.bool, device=self.device)
         else:
             assert self._mask_map is not None and self._mask_hw is not None
@@ -225,6 +291,11 @@ class StorySyncState:
         """
         # None (a state built outside a job or renderer): the model's rule, from the model's own dtype.
         dtype = getattr(torch, self.config.anchor_dtype or default_anchor_dtype(str(hidden.dtype)))
+        if self.config.token_sampling != "mask":
+            # StoryDiffusion: publish what its frames attend to at this layer call, which at its
+            # early steps can be more than the anchors attend to (core/storydiffusion.py).
+            masks = frame_sample(self.seeds, self.step, num_tokens, layer_id(name),
+                                 self.config.token_sampling).to(masks.device)
         index = masks.reshape(-1).nonzero(as_tuple=True)[0]
         g = hidden.shape[0]
         layer = SharedLayerState(
@@ -233,15 +304,61 @@ class StorySyncState:
             features=features.reshape(g, -1, features.shape[-1])[:, index].to("cpu", dtype),
             num_tokens=num_tokens,
         )
-        self.published.setdefault(self.step, AnchorStep(step=self.step)).layers[name] = layer
+        self._published_step().layers[name] = layer
+
+    def _published_step(self) -> AnchorStep:
+        t = self.bundle_step
+        return self.published.setdefault(t, AnchorStep(step=t))
 
     def anchor_layer(self, name: str) -> SharedLayerState | None:
         """The anchors' state of one shared layer at the current step (frame role), on device."""
         if name not in self._anchor_cache:
-            anchor_step = self.bundle.step(self.step) if self.bundle is not None else None
+            anchor_step = self.bundle.step(self.bundle_step) if self.bundle is not None else None
             layer = anchor_step.layers.get(name) if anchor_step is not None else None
             self._anchor_cache[name] = layer.to(self.device) if layer is not None else None
         return self._anchor_cache[name]
+
+    # ---- share dropout (section 3.3) -------------------------------------------------------
+    def anchor_share_keeps(self, layer: int, num_tokens: int) -> list[torch.Tensor]:
+        """The anchors' share-dropout keep masks at one shared layer (anchor role): one (A, N)
+        CPU mask over every anchor's tokens per querying anchor.
+
+        ``share_dropout_scope: layer``: drawn per querying image's seed, step and ``layer``;
+        ``resolution``: one draw per anchor, step and N (``core.dropout.resolution_keep``), the
+        same for every querying image and every layer of that resolution.
+        """
+        cfg = self.config
+        if cfg.share_dropout_scope == "resolution":
+            return [self._resolution_keep(num_tokens)] * self.num_images
+        return [keep_mask((self.num_images, num_tokens), cfg.share_dropout, seed, self.step, layer, KIND_SHARE)
+                for seed in self.seeds]
+
+    def frame_share_keeps(self, name: str, layer: int, anchor: SharedLayerState) -> list[torch.Tensor]:
+        """The frames' share-dropout keep masks over the anchors' published tokens of one shared
+        layer (frame role): one (M,) CPU mask per frame. With ``share_dropout_scope: resolution``
+        it is the anchors' own draw, read at the published positions (host copies, so no wait for
+        the device)."""
+        cfg = self.config
+        if cfg.share_dropout_scope == "resolution":
+            assert self.bundle is not None
+            host = getattr(self.bundle, "host_step", self.bundle.step)(self.bundle_step)
+            index = host.layers[name].index.cpu() if host is not None else anchor.index.cpu()
+            keep = self._resolution_keep(anchor.num_tokens).reshape(-1)[index]
+            return [keep] * self.num_images
+        return [keep_mask(anchor.index.shape[0], cfg.share_dropout, seed, self.step, layer, KIND_SHARE)
+                for seed in self.seeds]
+
+    def _resolution_keep(self, num_tokens: int) -> torch.Tensor:
+        keep = self._keep_cache.get(num_tokens)
+        if keep is None:
+            if self.role == ROLE_ANCHORS:
+                seeds = self.seeds
+            else:
+                assert self.bundle is not None
+                seeds = [int(s) for s in self.bundle.meta["anchor_seeds"]]
+            keep = self._keep_cache[num_tokens] = resolution_keep(seeds, self.step, num_tokens,
+                                                                  self.config.share_dropout)
+        return keep
 
     # ---- Regional Feature Harmonization (Eq. 9-11) ----------------------------------------
     def harmonize(
@@ -280,6 +397,37 @@ class StorySyncState:
                 )
         return harmonized
 
+    # ---- ConsiStory's feature injection (core/consistory.py) -----------------------------
+    def injects(self, num_tokens: int) -> bool:
+        """Whether a self-attention layer of ``num_tokens`` patches injects at this step."""
+        inj = self.injection
+        return inj is not None and self.pass_index == 1 and inj.injects_at(self.step, num_tokens)
+
+    def inject(self, name: str, outputs: torch.Tensor) -> torch.Tensor:
+        """Pass 2's injection into one layer's (B, N, C) attention outputs, on the consistent
+        images of the conditional branch; the anchors publish their result for the frames.
+
+        The anchors' first injection step also publishes the references frames match against."""
+        assert self.injection is not None
+        rows = self.rows(COND, CONSISTENT)
+        if self.role == ROLE_ANCHORS:
+            injected = self.injection.inject(outputs[rows], None, None)
+            published = self._published_step()
+            dtype = getattr(torch, self.config.anchor_dtype or default_anchor_dtype(str(outputs.dtype)))
+            published.outputs[name] = injected.to("cpu", dtype)
+            if self.step == min(self.injection.steps) and not published.references:
+                published.references = self.injection.references(dtype)
+        else:
+            anchor_step = self.bundle.step(self.bundle_step) if self.bundle is not None else None
+            first = self.bundle.step(self.num_steps + min(self.injection.steps)) if self.bundle is not None else None
+            if anchor_step is None or name not in anchor_step.outputs or first is None or not first.references:
+                return outputs  # the anchors published nothing to inject here
+            references = {k: v.to(outputs.device) for k, v in first.references.items()}
+            injected = self.injection.inject(outputs[rows], anchor_step.outputs[name].to(outputs.device), references)
+        result = outputs.clone()
+        result[rows] = injected.to(outputs.dtype)
+        return result
+
     # ---- step bookkeeping ---------------------------------------------------------------
     def end_step(self) -> None:
         """Close the step: keep its mask map (and, with previous masks, make the next step's
@@ -295,7 +443,13 @@ class StorySyncState:
                 self._last_map = (self._mask_map, self._mask_hw)
             self._mask_map = self._mask_hw = None
         else:
-            aggregated = self._aggregate()
+            window = self.config.mask_source == "window"
+            aggregated = self._aggregate(per_subject=window)
+            if aggregated is not None and window:
+                # ConsiStory's release: the mean over layers and the last mask_window steps, per
+                # subject (subject_mask thresholds each subject on its own and unites them).
+                self._window.append(aggregated[0])
+                aggregated = (torch.stack(list(self._window)).mean(dim=0), aggregated[1])
             if aggregated is not None:
                 self._mask_map, self._mask_hw = aggregated  # the next step's masks
                 self._last_map = aggregated
@@ -303,4 +457,5 @@ class StorySyncState:
         self._maps = {}
         self._mask_cache = {}
         self._anchor_cache = {}
+        self._keep_cache = {}
         self.step += 1

@@ -1,28 +1,38 @@
 """StoryDiffusion's consistent self-attention, re-implemented from its paper (Zhou et al. 2024,
 "StoryDiffusion: Consistent Self-Attention for Long-Range Image and Video Generation", Sec. 3.1,
-Eq. 1-2) and the attention mask of its public code; a baseline of issue 11, not StorySync.
+Eq. 1-2) and pinned to one release of its code; a baseline of issue 11, not StorySync.
 
 Eq. 1: for image i of a batch, S_i = RandSample(I_1, ..., I_{i-1}, I_{i+1}, ..., I_B) takes a
 random subset of the other images' tokens, and P_i = [S_i, I_i]. Eq. 2: O_i = Attention(Q_i,
 K_{P_i}, V_{P_i}) with the query of I_i only. There is no subject mask: the sample is drawn from
-every token. Its code draws one keep vector per attention call over the identity images' tokens
-(a token is kept with probability ``rate``: ``sa32`` / ``sa64`` per resolution, 0.5 by default),
-shared by every querying image; an image always sees all of its own tokens, and never the tokens
-of a non-identity image. Here the identity images are the story's anchors, so a non-anchor frame
-attends to its own tokens and to the sampled anchor tokens only, and frames stay independent.
+every token. Its code draws one keep vector per step over the identity images' tokens (a token is
+kept with probability ``rate``: ``sa32`` / ``sa64`` per resolution, 0.5), shared by every querying
+image; an image always sees all of its own tokens, and never the tokens of a non-identity image.
+Here the identity images are the story's anchors, so a non-anchor frame attends to its own tokens
+and to the anchors' tokens only, and frames stay independent.
 
-In the engine (``token_sampling: storydiffusion``, ``--method storydiffusion``) the draw is
-:func:`story_sample`: one per story, step and resolution, keyed by the anchors' seeds, as its code
-draws one mask per step for the whole batch. The anchors share it among themselves and record only
-the kept tokens, so every frame attends to exactly that sample, whatever other frames exist. Its
-code also runs a layer as plain self-attention at step 0 and, after that, with probability 0.3
-before step 20 and 0.1 from then on (:func:`vanilla_probability`); here that draw too is per story,
-step and resolution, so anchors and frames skip the same layers.
+Which release (:data:`RELEASES`, chosen by ``token_sampling``): ``storydiffusion-predict`` (the
+default, ``--method storydiffusion``) follows HVision-NKU/StoryDiffusion ``predict.py`` at commit
+d1244ce4543259a21f7b91be8d3f139a334e5de7: for steps 0-4 the identity images run plain
+self-attention while every other image attends to all identity tokens, unsampled; from step 5 on
+each layer call runs plain self-attention with probability 0.3 before step 20 and 0.1 after
+(:func:`skip_probability`), else attends to the step's sample. ``storydiffusion-lowvram``
+follows ``gradio_app_sdxl_specific_id_low_vram.py`` at commit
+9ad2e39571545b5ee3563d815c03a28b36a52fba: step 0 plain for every image, the same skip rule
+from step 1 on.
+
+In the engine the draws are keyed by the anchors' seeds, so a frame's pixels depend only on its own
+inputs and its anchors: the sample per story, step and resolution (:func:`story_sample`, as the
+code draws one per step), the skip per story, step and layer (:func:`layer_skips`, as the code
+draws one per layer call). The anchors attend to :func:`anchor_sample` among themselves and
+publish :func:`frame_sample`, what every frame attends to, so anchors and frames skip the same
+layer calls and every frame sees exactly the sample its anchors drew.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +40,35 @@ import torch.nn.functional as F
 from .dropout import dropout_seed
 
 KIND_STORYDIFFUSION = 4
-# StoryDiffusion's per-resolution sampling rates (its sa32 and sa64, both 0.5 in the released
-# demo), by the layer's token count at 1024 px: 32x32 and 64x64 latent patches.
+# StoryDiffusion's per-resolution sampling rates (its sa32 and sa64: 0.5 in both pinned releases),
+# by the layer's token count at 1024 px: 32x32 and 64x64 latent patches.
 DEFAULT_RATES = {1024: 0.5, 4096: 0.5}
+
+
+@dataclass(frozen=True)
+class Release:
+    """The rule of one released StoryDiffusion script (file at commit, HVision-NKU/StoryDiffusion).
+
+    Attributes:
+        file, commit: where the rule is read.
+        first_sampled_step: steps before it follow the early rule, with no skip draw.
+        early_frames_see_all: the early rule for the non-identity images: attend to every identity
+            token (True), or plain self-attention as the identity images (False).
+    """
+
+    file: str
+    commit: str
+    first_sampled_step: int
+    early_frames_see_all: bool
+
+
+# The ``token_sampling`` values that select a release (core/config.py lists the same names).
+RELEASES = {
+    "storydiffusion-predict": Release("predict.py", "d1244ce4543259a21f7b91be8d3f139a334e5de7", 5, True),
+    "storydiffusion-lowvram": Release(
+        "gradio_app_sdxl_specific_id_low_vram.py", "9ad2e39571545b5ee3563d815c03a28b36a52fba", 1, False),
+}
+DEFAULT_RELEASE = "storydiffusion-predict"
 
 
 def sampling_rate(num_tokens: int, rates: dict[int, float] | None = None) -> float:
@@ -61,16 +97,30 @@ def identity_sample(num_identity: int, num_tokens: int, rate: float, *seed_parts
     return torch.rand(num_identity, num_tokens, generator=generator) < rate
 
 
-def vanilla_probability(step: int) -> float:
-    """The probability that StoryDiffusion's code runs a consistent layer as plain self-attention
-    at ``step``: always at step 0, 0.3 before step 20, 0.1 after (its ``SpatialAttnProcessor2_0``)."""
-    if step < 1:
-        return 1.0
+def skip_probability(step: int) -> float:
+    """The probability that a layer call from the release's first sampled step on runs plain
+    self-attention: 0.3 before step 20, 0.1 after (its ``SpatialAttnProcessor2_0``, one
+    ``random.random()`` per call)."""
     return 0.3 if step < 20 else 0.1
 
 
+def layer_skips(anchor_seeds: list[int], step: int, layer: int) -> bool:
+    """Whether one layer call runs plain self-attention (:func:`skip_probability`), drawn per
+    story, step and layer, so the anchors and every frame draw the same.
+
+    Args:
+        anchor_seeds: the story's anchors' seeds, the key of the draw.
+        step: the denoising step.
+        layer: the layer's id (``core.state.layer_id`` of its processor name).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(
+        dropout_seed(len(anchor_seeds), *anchor_seeds, step, layer, KIND_STORYDIFFUSION, 1))
+    return float(torch.rand((), generator=generator)) < skip_probability(step)
+
+
 def story_sample(anchor_seeds: list[int], step: int, num_tokens: int, rates: dict[int, float] | None = None) -> torch.Tensor:
-    """The identity tokens every image of a story shares at one step and resolution.
+    """The identity tokens every image of a story shares at one step and resolution (its code's
+    ``cal_attn_mask_xl``: one draw per step, shared by every query and every layer of a resolution).
 
     Args:
         anchor_seeds: the story's anchors' seeds (the identity images, in order), the key of the draw.
@@ -78,14 +128,47 @@ def story_sample(anchor_seeds: list[int], step: int, num_tokens: int, rates: dic
         num_tokens: N, the layer's tokens per image.
         rates: token count at the native size -> keep rate (:data:`DEFAULT_RATES`).
     Returns:
-        (I, N) boolean on the CPU: :func:`identity_sample` at this resolution's rate, or all False
-        when the step runs plain self-attention (:func:`vanilla_probability`).
+        (I, N) boolean on the CPU: :func:`identity_sample` at this resolution's rate.
     """
-    generator = torch.Generator(device="cpu").manual_seed(
-        dropout_seed(len(anchor_seeds), *anchor_seeds, step, num_tokens, KIND_STORYDIFFUSION, 0))
-    if float(torch.rand((), generator=generator)) < vanilla_probability(step):
-        return torch.zeros(len(anchor_seeds), num_tokens, dtype=torch.bool)
     return identity_sample(len(anchor_seeds), num_tokens, sampling_rate(num_tokens, rates), *anchor_seeds, step, num_tokens)
+
+
+def _sampled(anchor_seeds: list[int], step: int, layer: int, release: str) -> bool:
+    """Whether a layer call attends to the step's sample: past the early steps and not skipped."""
+    return step >= RELEASES[release].first_sampled_step and not layer_skips(anchor_seeds, step, layer)
+
+
+def anchor_sample(anchor_seeds: list[int], step: int, num_tokens: int, layer: int, release: str = DEFAULT_RELEASE,
+                  rates: dict[int, float] | None = None) -> torch.Tensor:
+    """The tokens of the other identity images that each identity image (anchor) attends to at one
+    layer call: the step's sample, or none at an early step and at a skipped call.
+
+    Args:
+        anchor_seeds, step, num_tokens, rates: as :func:`story_sample`.
+        layer: the layer's id, as :func:`layer_skips`.
+        release: a key of :data:`RELEASES`.
+    Returns:
+        (I, N) boolean on the CPU.
+    """
+    if _sampled(anchor_seeds, step, layer, release):
+        return story_sample(anchor_seeds, step, num_tokens, rates)
+    return torch.zeros(len(anchor_seeds), num_tokens, dtype=torch.bool)
+
+
+def frame_sample(anchor_seeds: list[int], step: int, num_tokens: int, layer: int, release: str = DEFAULT_RELEASE,
+                 rates: dict[int, float] | None = None) -> torch.Tensor:
+    """The identity tokens a non-identity image (a frame) attends to at one layer call, which the
+    anchors publish: at an early step all of them (``predict.py``) or none (low-VRAM); none at a
+    skipped call; else the step's sample, the one the anchors attend to.
+
+    Args:
+        as :func:`anchor_sample`.
+    Returns:
+        (I, N) boolean on the CPU.
+    """
+    if step < RELEASES[release].first_sampled_step:
+        return torch.full((len(anchor_seeds), num_tokens), RELEASES[release].early_frames_see_all)
+    return anchor_sample(anchor_seeds, step, num_tokens, layer, release, rates)
 
 
 def consistent_self_attention(

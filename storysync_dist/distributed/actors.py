@@ -153,7 +153,7 @@ class _PipelineHolder:
             story = RenderSettings(**settings)
             # The story's --scheduler and --lora: the LoRA files are read here, by the path the driver
             # resolved, and must hash to what it planned with (models.customize).
-            apply_model_setup(self.pipe, story.scheduler, story.loras)
+            apply_model_setup(self.pipe, story.scheduler, story.loras, story.freeu)
             self._renderer = StoryRenderer(adapter, StorySyncConfig.from_dict(config), story)
             self._renderer_key = key
         return self._renderer

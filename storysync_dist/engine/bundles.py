@@ -27,11 +27,12 @@ __all__ = ["MAX_BUNDLE_BYTES", "check_bundle_for_job", "check_bundle_model_setup
 MAX_BUNDLE_BYTES = DEFAULT_MAX_BUNDLE_BYTES
 
 
-def publish_steps(config: StorySyncConfig, steps: int) -> range:
-    """The denoising steps at which anchors publish state (and frames share): from
-    ``config.first_shared_step()`` (step 0 with current-step masks, 1 with previous-step ones)."""
-    first = config.first_shared_step()
-    return range(min(first, steps), steps)
+def publish_steps(config: StorySyncConfig, steps: int) -> list[int]:
+    """The bundle steps at which anchors publish state (and frames share): from
+    ``config.first_shared_step()`` (step 0 with current-step masks, 1 with previous-step ones); with
+    ConsiStory's two passes, pass 2's steps follow as ``steps + t``."""
+    first = min(config.first_shared_step(), steps)
+    return [p * steps + t for p in range(config.render_passes) for t in range(first, steps)]
 
 
 def read_bundle(url: str, storage_options: dict | None, max_bytes: int = MAX_BUNDLE_BYTES) -> AnchorBundle:

@@ -61,6 +61,9 @@ class RenderIdentity:
     # The text length where the family lets a story choose it (FLUX), None elsewhere (and then absent
     # from the description, so those fingerprints are what they were).
     max_sequence_length: int | None = None
+    # FreeU's factors where the method brings its own sampler (``--method consistory`` on a UNet);
+    # absent from the description when None, so other fingerprints are what they were.
+    freeu: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,7 @@ class RenderIdentity:
             **({"scheduler": self.scheduler} if self.scheduler is not None else {}),
             **({"loras": [{"sha256": sha, "scale": float(scale)} for sha, scale in self.loras]} if self.loras else {}),
             **({"max_sequence_length": self.max_sequence_length} if self.max_sequence_length is not None else {}),
+            **({"freeu": [float(x) for x in self.freeu]} if self.freeu is not None else {}),
         }
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ..core.config import ABLATIONS, ConfigError, StorySyncConfig, resolve_config
-from ..core.methods import METHODS, method_config, uses_anchors
+from ..core.methods import METHODS, SamplingOverride, method_config, method_sampling, uses_anchors
 from ..core.residency import PLACEMENTS
 from ..errors import StorySyncUserError
 from ..io.sink import ParquetFrameSink
@@ -210,7 +210,7 @@ def prepare_job(
     info = _with_text_len(_model_info(options, pipe), spec, options)
     # The layers left to the model family (None) are named now, so the config column, the
     # fingerprints and the bundles hold the names that were used.
-    config = config.with_layers(info.share_layers, info.mask_layers)
+    config = config.with_layers(info.share_layers, info.mask_layers).for_model(info.feature_injection)
     if uses_anchors(options.method):
         _check_layers(config, info, options, pipe)  # a typo in a layer name must not switch the method off
     if spec.defaults.negative_prompt is not None and not info.negative_prompt:
@@ -224,7 +224,9 @@ def prepare_job(
                spec.defaults.width), source=spec.source)  # before any weights load (engine.memory)
     token_positions = validate_for_model(spec, info.tokenizer, info.size_factor, size=size, max_tokens=info.text_len)
     spec = with_model_defaults(spec, info)
-    setup = _model_setup(spec, options, pipe)  # --scheduler and --lora, checked before anything renders
+    # The method's own sampler (ConsiStory's DDIM + FreeU), on the families with FreeU only.
+    sampling = method_sampling(options.method) if info.freeu else None
+    setup = _model_setup(spec, options, pipe, sampling)  # --scheduler and --lora, checked before anything renders
 
     storysync = uses_anchors(options.method)
     d = spec.defaults
@@ -234,6 +236,7 @@ def prepare_job(
         negative_prompt=d.negative_prompt, scheduler=setup.scheduler,
         loras=tuple(lora.as_settings() for lora in setup.loras),
         max_sequence_length=info.text_len if info.max_text_len is not None else None,
+        freeu=sampling.freeu if sampling is not None else None,
     )
     # anchor_dtype left to the model (None) follows the dtype the frames render in, before the
     # config reaches the fingerprints, the config column and the bundle checks.
@@ -266,7 +269,7 @@ def prepare_job(
         config=config.to_dict(),
         subjects=tuple((s.description, tuple(s.tokens)) for s in spec.subjects),
         anchors=anchors, scheduler=setup.scheduler, loras=tuple((lora.sha256, lora.scale) for lora in setup.loras),
-        max_sequence_length=settings.max_sequence_length,
+        max_sequence_length=settings.max_sequence_length, freeu=settings.freeu,
     )
     fingerprint = fingerprints_of(identity)  # the render part serialized once, not per frame
     fingerprints = {
@@ -347,15 +350,19 @@ def _check_layers(config: StorySyncConfig, info: ModelInfo, options: RenderOptio
     check_layers(config, processors, shares_at=family.shares_at, maps_at=family.maps_at, model=options.model)
 
 
-def _model_setup(spec: StorySpec, options: RenderOptions, pipe: object | None) -> ModelSetup:
+def _model_setup(spec: StorySpec, options: RenderOptions, pipe: object | None,
+                 sampling: SamplingOverride | None = None) -> ModelSetup:
     """The job's scheduler and LoRAs, checked against the model (``models.customize``): ``--scheduler``
     and ``--lora`` (``RenderOptions.scheduler``/``loras``), else the story's ``model:`` section; any
-    ``--lora`` replaces the story's whole list."""
+    ``--lora`` replaces the story's whole list. A scheduler neither names comes from the method's own
+    sampler (``sampling``: ConsiStory's DDIM, built from the model's scheduler config), else the model's."""
     scheduler = None
     if options.scheduler is not None:
         scheduler = (options.scheduler, "--scheduler")
     elif spec.model.scheduler is not None:
         scheduler = (spec.model.scheduler, f"{spec.source}: model.scheduler")
+    elif sampling is not None:
+        scheduler = (sampling.scheduler, f"--method {options.method}")
     loras: list[tuple[str, Any, str]] = []
     for item in options.loras or []:
         if isinstance(item, str):

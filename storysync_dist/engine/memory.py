@@ -408,7 +408,8 @@ class JobShape:
             frame_batch=max(1, plan.frame_batch), anchors_here=len(plan.anchor_jobs),
             frames_here=bool(plan.frame_jobs), anchors=len(plan.anchor_ids), guidance_branches=guidance,
             vanilla=cfg.bli_steps(st.steps) > 0, shares=shares, shared_branches=guidance if cfg.share_uncond else 1,
-            published_steps=max(0, st.steps - cfg.first_shared_step()),
+            # ConsiStory's two passes publish twice the steps (its injection outputs are not counted).
+            published_steps=cfg.render_passes * max(0, st.steps - cfg.first_shared_step()),
             anchor_dtype_bytes=_DTYPE_BYTES.get(cfg.anchor_dtype, 2),
             bundle_exact=plan.bundle.nbytes() if plan.bundle is not None else None,
             bundle_on=options.bundle_on, offload=options.offload, text_len=text_len,

@@ -138,11 +138,12 @@ def frame_config_json(options: RenderOptions, settings: RenderSettings, config: 
     name) and ``--lora`` adapters (``loras``: SHA-256 and scale of each file, in order; their paths
     in ``lora_paths``, which is not a setting) appear only when the job has them, so the column of a
     job without them is what it always was; so does ``max_sequence_length`` (FLUX's text length,
-    absent for families whose text length is fixed).
+    absent for families whose text length is fixed), and ``freeu`` (FreeU's factors, with the
+    method's own sampler: ``--method consistory`` on a UNet).
     """
     values = dataclasses.asdict(settings)
     loras = values.pop("loras")
-    for key in ("scheduler", "max_sequence_length"):
+    for key in ("scheduler", "max_sequence_length", "freeu"):
         if values[key] is None:
             del values[key]
     if loras:

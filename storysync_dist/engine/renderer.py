@@ -70,6 +70,10 @@ class RenderSettings:
     # The text length (tokens) where the family lets a story choose it (FLUX's max_sequence_length:
     # the model's own, or the story's defaults.max_sequence_length); None where it is fixed.
     max_sequence_length: int | None = None
+    # FreeU's (s1, s2, b1, b2) where the method brings its own sampler (``core.methods.METHOD_SAMPLING``:
+    # ``--method consistory`` on a family with FreeU, whose ``scheduler`` is then DDIM too); None: off.
+    # Applied with the scheduler by models.customize.apply_model_setup, and undone for the next story.
+    freeu: tuple[float, float, float, float] | None = None
 
 
 @dataclass
@@ -133,7 +137,8 @@ class StoryRenderer:
         info = adapter.info
         # Layers and the anchor dtype the config leaves to the model are filled in here (a job has
         # done it already, so its config column and bundles hold the resolved values).
-        self.config = config.with_layers(info.share_layers, info.mask_layers).with_anchor_dtype(str(adapter.dtype))
+        self.config = (config.with_layers(info.share_layers, info.mask_layers).for_model(info.feature_injection)
+                       .with_anchor_dtype(str(adapter.dtype)))
         self.settings = settings
 
     @property
@@ -164,6 +169,9 @@ class StoryRenderer:
                 raise BundleMismatchError(
                     f"anchor bundle was made with {key}={bundle.meta.get(key)!r}, this job uses {expected[key]!r}"
                 )
+        made_freeu, our_freeu = _freeu(bundle.meta.get("freeu")), _freeu(settings.freeu)
+        if made_freeu != our_freeu:  # JSON holds the tuple as a list
+            raise BundleMismatchError(f"anchor bundle was made with FreeU {made_freeu}, this job uses {our_freeu}")
         made, ours = bundle.meta.get("model_revision"), settings.model_revision
         if made is not None and ours is not None and made != ours:
             raise BundleMismatchError(f"anchor bundle was made with model revision {made!r}, this job uses {ours!r}")
@@ -194,17 +202,26 @@ class StoryRenderer:
             raise ValueError("frames rendered together must all have a negative prompt, or none")
         self.adapter.install(state)
         try:
-            result = self.adapter.generate(
-                state,
-                [j.prompt for j in jobs],
-                None if negatives[0] is None else negatives,
-                [j.seed for j in jobs],
-                num_steps=s.steps,
-                height=s.height,
-                width=s.width,
-                guidance_scale=s.guidance_scale,
-                on_step=on_step,
-            )
+            for pass_index in range(state.passes):
+                if pass_index:
+                    state.begin_second_pass()  # ConsiStory: the same seeds, so the same latents, again
+                offset = pass_index * s.steps
+
+                def step_done(i: int, offset: int = offset) -> None:
+                    if on_step is not None:
+                        on_step(offset + i)  # the bundle's step numbering: pass 2 follows pass 1
+
+                result = self.adapter.generate(
+                    state,
+                    [j.prompt for j in jobs],
+                    None if negatives[0] is None else negatives,
+                    [j.seed for j in jobs],
+                    num_steps=s.steps,
+                    height=s.height,
+                    width=s.width,
+                    guidance_scale=s.guidance_scale,
+                    on_step=step_done,
+                )
         except MaskSourceError as exc:  # a config that cannot give current-step masks
             raise StorySyncUserError(f"config: {exc}") from None
         finally:
@@ -281,6 +298,11 @@ class StoryRenderer:
         mask = masks[i].float()[None, None]
         mask = torch.nn.functional.interpolate(mask, size=(s.height, s.width), mode="nearest")
         return mask[0, 0].bool().cpu().numpy()
+
+
+def _freeu(value: list[float] | tuple[float, ...] | None) -> tuple[float, ...] | None:
+    """FreeU's factors as ``RenderSettings.freeu`` holds them (a bundle's JSON meta: a list)."""
+    return None if value is None else tuple(float(x) for x in value)
 
 
 def frame_batches(jobs: list[FrameJob], batch: int) -> list[list[FrameJob]]:

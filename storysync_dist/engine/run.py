@@ -80,7 +80,8 @@ class JobContext:
     def step(self, label: str, i: int) -> None:
         """Denoising step ``i`` of ``label`` (the anchors, a frame or a batch) is done. Progress counts
         frames, so no bar or line shows it (it is logged at DEBUG level)."""
-        log.debug("%s: %s step %d/%d", self.plan.spec.id, label, i + 1, self.plan.settings.steps)
+        total = self.plan.settings.steps * self.plan.config.render_passes  # ConsiStory renders twice
+        log.debug("%s: %s step %d/%d", self.plan.spec.id, label, i + 1, total)
 
     def save_bundle(self, bundle: AnchorBundle) -> None:
         """Save the anchor bundle next to the dataset when the job asked for it."""
@@ -128,7 +129,7 @@ def local_executor(pipe: object | None = None) -> Executor:
             device, dtype = device_and_dtype(options.device, options.dtype)
             pipe = load_pipeline(options.model, device=device, dtype=dtype, offload=options.offload)
         # The story's --scheduler and --lora (one pipeline serves stories with different ones).
-        apply_model_setup(pipe, plan.settings.scheduler, plan.settings.loras)
+        apply_model_setup(pipe, plan.settings.scheduler, plan.settings.loras, plan.settings.freeu)
         renderer = StoryRenderer(adapter_for(pipe), plan.config, plan.settings)
         device = str(renderer.adapter.device)
         log.info("rendering in this process on %s (%s)", device, plan.settings.dtype)

@@ -1,8 +1,9 @@
 """StorySync attention processors for diffusers ``Attention`` modules (UNet-style self- and
 cross-attention), installed with ``set_attn_processor``; no model class is copied.
 
-- :class:`StorySyncSelfAttnProcessor` on self-attentions: BLI (Eq. 12) on all of them, masked
-  cross-image sharing (Eq. 5-8, 13) and RFH (Eq. 9-11) on the shared layers;
+- :class:`StorySyncSelfAttnProcessor` on self-attentions: BLI (Eq. 12) on all of them (or on the
+  shared ones, ``bli_layers: shared``) at the steps of ``bli_schedule``, masked cross-image sharing
+  (Eq. 5-8, 13) and RFH (Eq. 9-11) on the shared layers;
 - :class:`SubjectMapProcessor` on the cross-attentions of the mask layers: the stock output plus
   the subject-token attention maps (Eq. 2).
 A layer with nothing to do at a step runs diffusers' own ``AttnProcessor2_0``, so with every
@@ -15,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from ..core.dropout import KIND_SHARE, keep_mask
 from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
 from ..core.sharing import cross_image_tokens, gather_shared_tokens, pad_token_sets, shared_attention
@@ -45,9 +45,9 @@ class StorySyncSelfAttnProcessor:
         self.layer = layer_id(name)
         self.stock = AttnProcessor2_0()
 
-    def _active(self) -> bool:
+    def _active(self, num_tokens: int) -> bool:
         st, cfg = self.state, self.state.config
-        if st.has_vanilla:
+        if st.bli_weight(self.shares) is not None or st.injects(num_tokens):
             return True
         return self.shares and st.sharing_ready and (cfg.share_attention or cfg.harmonize)
 
@@ -70,7 +70,9 @@ class StorySyncSelfAttnProcessor:
             and attn.group_norm is None
             and hidden_states.ndim == 3
         )
-        if not plain or not self._active():
+        if plain and self.state.injection is not None and self.state.pass_index == 0:
+            self.state.injection.note_self_attention(hidden_states.shape[1])  # finds the finest resolution
+        if not plain or not self._active(hidden_states.shape[1]):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         st, cfg = self.state, self.state.config
         if hidden_states.shape[0] != st.batch_size:
@@ -85,12 +87,13 @@ class StorySyncSelfAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if st.has_vanilla and cfg.layout_interpolation and cfg.bli_target == "query":
+        lam = st.bli_weight(self.shares)  # None: no BLI in this layer at this step
+        if lam is not None and cfg.bli_target == "query":
             # Eq. 12 on the queries (Figure 2): the consistent branch attends, to its own and the
             # shared keys at full weight, with queries moved towards the vanilla branch's.
             for g in st.guidance_branches:
                 c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
-                query[c] = interpolate_layout(query[c], query[v], cfg.bli_lambda)
+                query[c] = interpolate_layout(query[c], query[v], lam)
 
         sharing = self.shares and st.sharing_ready and (cfg.share_attention or cfg.harmonize)
         masks = st.masks(num_tokens) if sharing else None
@@ -117,10 +120,12 @@ class StorySyncSelfAttnProcessor:
             features = self._harmonize(features, shared_rows, masks)
 
         out = attn.to_out[1](attn.to_out[0](features))
-        if st.has_vanilla and cfg.layout_interpolation and cfg.bli_target == "output":
+        if lam is not None and cfg.bli_target == "output":
             for g in st.guidance_branches:
                 c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
-                out[c] = interpolate_layout(out[c], out[v], cfg.bli_lambda)  # Eq. 12, on the output
+                out[c] = interpolate_layout(out[c], out[v], lam)  # Eq. 12, on the output
+        if st.injects(num_tokens):
+            out = st.inject(self.name, out)  # ConsiStory's pass 2 (core/consistory.py)
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
@@ -143,7 +148,7 @@ class StorySyncSelfAttnProcessor:
         key. An image whose own set is empty while others' are not gets only padding, which
         ``shared_attention`` masks out, so it attends to its own tokens alone.
         """
-        st, cfg = self.state, self.state.config
+        st = self.state
         heads = attn.heads
         sets_k: list[torch.Tensor] = []
         sets_v: list[torch.Tensor] = []
@@ -151,8 +156,7 @@ class StorySyncSelfAttnProcessor:
             if st.num_images < 2:
                 return None, None, None, []
             k_img, v_img = _merge_heads(key[rows]), _merge_heads(value[rows])  # (A, N, C)
-            for i, seed in enumerate(st.seeds):
-                keep = keep_mask(masks.shape, cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
+            for i, keep in enumerate(st.anchor_share_keeps(self.layer, masks.shape[1])):
                 keep = keep.to(masks.device)
                 sets_k.append(cross_image_tokens(k_img, masks, i, keep))
                 sets_v.append(cross_image_tokens(v_img, masks, i, keep))
@@ -165,8 +169,7 @@ class StorySyncSelfAttnProcessor:
             v_all = attn.to_v(shared_hidden[None])
             if attn.norm_k is not None:
                 k_all = _merge_heads(attn.norm_k(_split_heads(k_all, heads)))
-            keeps = [keep_mask(anchor.index.shape[0], cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
-                     for seed in st.seeds]
+            keeps = st.frame_share_keeps(self.name, self.layer, anchor)
             k_pad, v_pad, valid, lengths = gather_shared_tokens(k_all[0], v_all[0], keeps)
             if k_pad is None or v_pad is None:
                 return None, None, None, lengths

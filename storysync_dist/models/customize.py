@@ -383,6 +383,7 @@ class _Applied:
     base_scheduler: Any
     scheduler: str | None = None
     adapters: tuple[tuple[str, str, float], ...] = ()
+    freeu: tuple[float, ...] | None = None
 
 
 _APPLIED: weakref.WeakKeyDictionary[Any, _Applied] = weakref.WeakKeyDictionary()
@@ -402,10 +403,15 @@ def _loaded_names(pipe: Any) -> set[str]:
     return {name for names in pipe.get_list_adapters().values() for name in names}
 
 
-def apply_model_setup(pipe: Any, scheduler: str | None, loras: Sequence[Sequence[Any]]) -> None:
-    """Give ``pipe`` the scheduler (None: the one it was loaded with) and exactly these LoRAs
-    (``(path, scale, sha256)`` each, as ``RenderSettings.loras``), undoing what an earlier call
-    set: one pipeline serves stories with different settings. Cheap when nothing changes.
+def apply_model_setup(
+    pipe: Any, scheduler: str | None, loras: Sequence[Sequence[Any]], freeu: Sequence[float] | None = None,
+) -> None:
+    """Give ``pipe`` the scheduler (None: the one it was loaded with), exactly these LoRAs
+    (``(path, scale, sha256)`` each, as ``RenderSettings.loras``) and FreeU with ``freeu = (s1, s2,
+    b1, b2)`` (None: off; ``RenderSettings.freeu``, a method's own sampler), undoing what an
+    earlier call set: one pipeline serves stories with different settings, so a story rendered
+    after a ``--method consistory`` one on the same pipeline is stock again. Cheap when nothing
+    changes.
 
     A LoRA file whose SHA-256 is not the expected one (a Ray worker that sees another file at the
     path), a load that fails, or an adapter that diffusers injected into no module is a one-line
@@ -413,9 +419,13 @@ def apply_model_setup(pipe: Any, scheduler: str | None, loras: Sequence[Sequence
     """
     applied = _APPLIED.get(pipe)
     if applied is None:
-        if scheduler is None and not loras:
+        if scheduler is None and not loras and freeu is None:
             return
         applied = _APPLIED[pipe] = _Applied(pipe.scheduler)
+    wanted_freeu = None if freeu is None else tuple(float(x) for x in freeu)
+    if wanted_freeu != applied.freeu:
+        _set_freeu(pipe, wanted_freeu)
+        applied.freeu = wanted_freeu
     if scheduler != applied.scheduler:
         if scheduler is None:
             pipe.scheduler = applied.base_scheduler
@@ -443,6 +453,19 @@ def apply_model_setup(pipe: Any, scheduler: str | None, loras: Sequence[Sequence
     if wanted:
         pipe.set_adapters(names, adapter_weights=[scale for _, _, scale, _ in wanted])
     applied.adapters = target
+
+
+def _set_freeu(pipe: Any, freeu: tuple[float, ...] | None) -> None:
+    """FreeU on (``pipe.enable_freeu(s1, s2, b1, b2)``, as ConsiStory's release calls it) or off."""
+    if freeu is None:
+        disable = getattr(pipe, "disable_freeu", None)
+        if disable is not None:
+            disable()
+        return
+    if getattr(pipe, "enable_freeu", None) is None:
+        raise StorySyncUserError(f"FreeU: {type(pipe).__name__} has no enable_freeu; its family keeps its own sampler")
+    s1, s2, b1, b2 = freeu
+    pipe.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
 
 
 def _load_lora(pipe: Any, name: str, path: str, sha256: str) -> None:

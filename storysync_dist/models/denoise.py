@@ -16,15 +16,23 @@ __all__ = ["BranchLatents", "check_finite"]
 
 class BranchLatents:
     """The latents of each branch with its own scheduler copy: multistep schedulers keep
-    per-sample history, and the vanilla branch leaves the batch after T steps (BLI, Eq. 12)."""
+    per-sample history, and the vanilla branch leaves the batch after T steps (BLI, Eq. 12).
+
+    With ``mirror_vanilla`` (``bli_latents: consistent``, ConsiStory's release) the vanilla branch
+    has no latents of its own: its rows get the consistent branch's model input of the step, and
+    its noise prediction is dropped (only its attention queries serve, as the release's stock UNet
+    pass on the current latents), so it may join the batch at any step."""
 
     def __init__(
         self, scheduler: object, latents: torch.Tensor, with_vanilla: bool, step_kwargs: dict,
-        scale_input: bool = True,
+        scale_input: bool = True, mirror_vanilla: bool = False,
     ) -> None:
         # scale_input=False: pipelines whose loop feeds the latents as they are (flow matching,
         # Kandinsky 3's DDPM loop) rather than through scheduler.scale_model_input.
         self.scale_input = scale_input
+        self.mirror_vanilla = mirror_vanilla
+        if mirror_vanilla:
+            with_vanilla = False
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         self.schedulers = {CONSISTENT: copy.deepcopy(scheduler)}
@@ -43,12 +51,21 @@ class BranchLatents:
             }
 
     def model_input(self, branches: tuple[str, ...], t: torch.Tensor) -> torch.Tensor:
+        if self.mirror_vanilla:
+            own = [CONSISTENT if b == VANILLA else b for b in branches]
+            inputs = {b: self._input(b, t) for b in dict.fromkeys(own)}  # each scaled once
+            return torch.cat([inputs[b] for b in own])
+        return torch.cat([self._input(b, t) for b in branches])
+
+    def _input(self, branch: str, t: torch.Tensor) -> torch.Tensor:
         if not self.scale_input:
-            return torch.cat([self.latents[b] for b in branches])
-        return torch.cat([self.schedulers[b].scale_model_input(self.latents[b], t) for b in branches])
+            return self.latents[branch]
+        return self.schedulers[branch].scale_model_input(self.latents[branch], t)
 
     def step(self, branches: tuple[str, ...], noise: tuple[torch.Tensor, ...], t: torch.Tensor) -> None:
         for b, chunk in zip(branches, noise):
+            if b not in self.schedulers:
+                continue  # a mirrored vanilla branch: its prediction served its queries only
             self.latents[b] = self.schedulers[b].step(chunk, t, self.latents[b], **self.step_kwargs[b],
                                                       return_dict=False)[0]
 

@@ -75,6 +75,14 @@ class ModelInfo:
     # ``FluxPipeline`` accepts); None where the family's text length is fixed (CLIP's 77, Kandinsky
     # 3's 128), and a story that sets it is refused.
     max_text_len: int | None = None
+    # Whether the family can render ConsiStory's feature injection (``feature_injection``): its
+    # adapter records DIFT features (a UNet's first decoder block). Where it cannot, a config that
+    # asks for it renders ConsiStory's one-pass form (``resolve_config``), and the config column says so.
+    feature_injection: bool = False
+    # Whether the denoiser has FreeU (diffusers' ``enable_freeu``: a UNet). A method's own sampler
+    # (``core.methods.METHOD_SAMPLING``: ConsiStory's DDIM + FreeU) applies only where it does; the
+    # other families keep their sampler.
+    freeu: bool = False
 
     @property
     def defaults(self) -> SamplingDefaults:
@@ -172,4 +180,4 @@ class ModelFamily(ABC):
 
     def resolve_config(self, config: StorySyncConfig, info: ModelInfo) -> StorySyncConfig:
         """Fill the config's family-dependent defaults (layers left as None) from ``info``."""
-        return config.with_layers(info.share_layers, info.mask_layers)
+        return config.with_layers(info.share_layers, info.mask_layers).for_model(info.feature_injection)

@@ -32,7 +32,6 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from ..core.dropout import KIND_SHARE, keep_mask
 from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
 from ..core.sharing import cross_image_tokens, gather_shared_tokens, pad_token_sets, shared_attention
@@ -141,7 +140,8 @@ class FluxStorySyncProcessor:
         text_len = encoder_hidden_states.shape[1] if dual else self.text_len
         num_img = hidden_states.shape[1] - (0 if dual else text_len)
         wants = self.maps and st.wants_maps(num_img)
-        if attention_mask is not None or image_rotary_emb is None or not (st.has_vanilla or wants or self._sharing()):
+        blends = st.bli_weight(self.shares) is not None
+        if attention_mask is not None or image_rotary_emb is None or not (blends or wants or self._sharing()):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if hidden_states.shape[0] != st.batch_size:
             raise RuntimeError(f"{self.name}: batch {hidden_states.shape[0]} != planned {st.batch_size}")
@@ -162,10 +162,11 @@ class FluxStorySyncProcessor:
         st, cfg = self.state, self.state.config
         dual = encoder_hidden_states is not None
         query, key, value = self._project(attn, hidden_states, encoder_hidden_states)
-        if st.has_vanilla and cfg.layout_interpolation and cfg.bli_target == "query":
+        lam = st.bli_weight(self.shares)  # None: no BLI in this layer at this step
+        if lam is not None and cfg.bli_target == "query":
             for g in st.guidance_branches:  # Eq. 12 on the image queries
                 c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
-                query[c, text_len:] = interpolate_layout(query[c, text_len:], query[v, text_len:], cfg.bli_lambda)
+                query[c, text_len:] = interpolate_layout(query[c, text_len:], query[v, text_len:], lam)
         query, key = apply_rotary_emb(query, rotary, sequence_dim=1), apply_rotary_emb(key, rotary, sequence_dim=1)
         num_img = query.shape[1] - text_len
         if wants:
@@ -204,11 +205,11 @@ class FluxStorySyncProcessor:
             text_out = attn.to_add_out(text_out.contiguous())
         else:
             text_out, img_out = None, out[:, text_len:]
-        if st.has_vanilla and cfg.layout_interpolation and cfg.bli_target == "output":
+        if lam is not None and cfg.bli_target == "output":
             img_out = img_out.clone()
             for g in st.guidance_branches:  # Eq. 12 on the image outputs
                 c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
-                img_out[c] = interpolate_layout(img_out[c], img_out[v], cfg.bli_lambda)
+                img_out[c] = interpolate_layout(img_out[c], img_out[v], lam)
         if dual:
             return img_out, text_out
         return torch.cat([out[:, :text_len], img_out], dim=1)
@@ -223,7 +224,7 @@ class FluxStorySyncProcessor:
         the anchors' keys from the published pre-RoPE image hidden states with their own ``to_k``,
         ``norm_k`` and the RoPE of the anchor token's grid position (same size: same grid).
         """
-        st, cfg = self.state, self.state.config
+        st = self.state
         sets_k: list[torch.Tensor] = []
         sets_v: list[torch.Tensor] = []
         if st.role == ROLE_ANCHORS:
@@ -231,8 +232,7 @@ class FluxStorySyncProcessor:
                 return None, None, None, []
             k_img = key[rows, text_len:].flatten(2)  # (A, N, H*d), post-RoPE
             v_img = value[rows, text_len:].flatten(2)
-            for i, seed in enumerate(st.seeds):
-                keep = keep_mask(masks.shape, cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
+            for i, keep in enumerate(st.anchor_share_keeps(self.layer, masks.shape[1])):
                 keep = keep.to(masks.device)
                 sets_k.append(cross_image_tokens(k_img, masks, i, keep))
                 sets_v.append(cross_image_tokens(v_img, masks, i, keep))
@@ -247,8 +247,7 @@ class FluxStorySyncProcessor:
                 return None, None, None, []
             k_all, v_all = self.anchor_keys(attn, anchor.hidden[branch].to(hidden_states.dtype),
                                             anchor.index % anchor.num_tokens, rotary, text_len)
-            keeps = [keep_mask(anchor.index.shape[0], cfg.share_dropout, seed, st.step, self.layer, KIND_SHARE)
-                     for seed in st.seeds]
+            keeps = st.frame_share_keeps(self.name, self.layer, anchor)
             k_pad, v_pad, valid, lengths = gather_shared_tokens(k_all, v_all, keeps)
         if k_pad is None or v_pad is None:
             return None, None, None, lengths
@@ -377,7 +376,8 @@ class FluxAdapter:
             len(seeds), pipe.transformer.config.in_channels // 4, height, width, embeds.dtype, device, generators
         )
         timesteps = self._timesteps(num_steps, latents.shape[1], device)
-        branch_latents = BranchLatents(pipe.scheduler, latents, state.bli_steps > 0, {}, scale_input=False)
+        branch_latents = BranchLatents(pipe.scheduler, latents, state.bli_steps > 0, {}, scale_input=False,
+                                       mirror_vanilla=state.config.bli_latents == "consistent")
         for i, t in enumerate(timesteps):
             branches = state.branches
             reps = len(branches)

@@ -249,7 +249,7 @@ class Kandinsky3Adapter:
         )
         # Each branch draws DDPM's variance noise from its own copy of the per-image generators.
         branch_latents = BranchLatents(pipe.scheduler, latents, state.bli_steps > 0, {"generator": generators},
-                                       scale_input=False)
+                                       scale_input=False, mirror_vanilla=state.config.bli_latents == "consistent")
         pooling_module = pipe.unet.add_time_condition.attention
         previous = pooling_module.processor
         pooling_module.set_processor(self._pooling)

@@ -28,7 +28,8 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
-from ..core.state import CONSISTENT, VANILLA, StorySyncState
+from ..core.consistory import dift_step
+from ..core.state import COND, CONSISTENT, VANILLA, StorySyncState
 from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
 from .denoise import BranchLatents, check_finite
 from .family import ModelFamily, ModelInfo, RenderResult, SamplingDefaults
@@ -187,6 +188,20 @@ class UNetAdapter:
     def uninstall(self) -> None:
         self.pipe.unet.set_attn_processor(dict(self._stock_processors))
 
+    def _record_dift(self, state: StorySyncState, timesteps: torch.Tensor) -> Any:
+        """ConsiStory's pass 1: a hook that hands the first decoder block's output (DIFT features,
+        ``up_blocks[0]``) of the conditional images at the DIFT step to ``state.injection``; None
+        when there is nothing to record."""
+        if state.injection is None or state.pass_index != 0:
+            return None
+        at = dift_step([int(t) for t in timesteps])
+
+        def record(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+            if state.step == at:
+                state.injection.record_dift(output[state.rows(COND, CONSISTENT)].detach())
+
+        return self.pipe.unet.up_blocks[0].register_forward_hook(record)
+
     # ---- the denoising loop, step by step as the stock pipelines' __call__ ---------------
     def _begin_call(self, guidance_scale: float) -> bool:
         """The pipeline's per-call attributes, as ``__call__`` sets them; returns whether
@@ -260,17 +275,23 @@ class UNetAdapter:
         timesteps = pipe.scheduler.timesteps
         latents, generators = self._prepare_latents(seeds, height, width, embeds.cond.dtype, device)
         branch_latents = BranchLatents(
-            pipe.scheduler, latents, state.bli_steps > 0, pipe.prepare_extra_step_kwargs(generators, 0.0)
+            pipe.scheduler, latents, state.bli_steps > 0, pipe.prepare_extra_step_kwargs(generators, 0.0),
+            mirror_vanilla=state.config.bli_latents == "consistent",
         )
-        for i, t in enumerate(timesteps):
-            branches = state.branches
-            noise = self._predict_noise(branches, branch_latents, embeds, t, guidance_scale)
-            branch_latents.step(branches, noise, t)
-            state.end_step()
-            if not state.has_vanilla:
-                branch_latents.drop(VANILLA)
-            if on_step is not None:
-                on_step(i)
+        hook = self._record_dift(state, timesteps)
+        try:
+            for i, t in enumerate(timesteps):
+                branches = state.branches
+                noise = self._predict_noise(branches, branch_latents, embeds, t, guidance_scale)
+                branch_latents.step(branches, noise, t)
+                state.end_step()
+                if not state.has_vanilla:
+                    branch_latents.drop(VANILLA)
+                if on_step is not None:
+                    on_step(i)
+        finally:
+            if hook is not None:
+                hook.remove()
         final = branch_latents.latents[CONSISTENT]
         check_finite(final)
         images = self.conditioning.decode(pipe, final, generators)
@@ -351,7 +372,8 @@ def _unet_info(tokenizer: Any, pipeline_class: str | type, unet: Mapping[str, An
         family=UNetFamily.name, tokenizer=tokenizer, size_factor=size_factor_from_configs(unet, vae),
         text_len=int(tokenizer.model_max_length), default_height=defaults.height, default_width=defaults.width,
         default_steps=defaults.steps, default_guidance_scale=defaults.guidance_scale,
-        share_layers=SHARE_LAYERS, mask_layers=mask_layers_of(unet),
+        share_layers=SHARE_LAYERS, mask_layers=mask_layers_of(unet), feature_injection=True,
+        freeu=True,
     )
 
 
