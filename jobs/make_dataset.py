@@ -169,7 +169,7 @@ def _main(args: argparse.Namespace) -> int:
         from storysync_dist.engine.job import device_and_dtype
         from storysync_dist.models.presets import load_pipeline
 
-        device, dtype = device_and_dtype(args.device, args.dtype)
+        device, dtype = device_and_dtype(args.device, args.dtype, args.model)
         pipe = load_pipeline(args.model, device=device, dtype=dtype, offload=options.offload)
 
     start = time.perf_counter()

@@ -96,7 +96,8 @@ def add_suite_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--dtype``."""
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on cuda")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                        help="default on cuda: the model family's (float16; bfloat16 for FLUX.1), float32 elsewhere")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,8 +124,8 @@ def add_efficiency_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where a frame worker keeps the anchor bundle: device, host (pinned host memory, "
                         "two steps at a time on the device) or auto (from free device memory; default)")
     parser.add_argument("--offload", default="none", metavar="{none,model}",
-                        help="model: diffusers' enable_model_cpu_offload, for small GPUs (the text encoders "
-                        "and VAE leave the device while the denoiser runs); default none")
+                        help="model: for small GPUs, the denoiser stays on the device and the text encoders "
+                        "and VAE visit it (diffusers' enable_model_cpu_offload); default none")
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:

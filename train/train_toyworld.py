@@ -14,7 +14,7 @@ The data mix (``MIX``) is what the world needs the model to learn: single object
 of distinct classes bound to places (so a noun's cross-attention finds its object), and groups of
 identical instances with an unnamed identity (so self-attention learns to copy appearance).
 
-    python train/train_toyworld.py --out out/toyworld-train --stage vae --steps 3000
+    python train/train_toyworld.py --out out/toyworld-train --stage vae --steps 1000
     python train/train_toyworld.py --out out/toyworld-train --stage unet --steps 40000
     python train/train_toyworld.py --out out/toyworld-train --export models/toyworld
 

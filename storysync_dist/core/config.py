@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .layout import BLI_WINDOWS, bli_schedule
+from .bli_schedule import BLI_WINDOWS, bli_schedule
 
 __all__ = [
     "ABLATIONS",

@@ -190,6 +190,7 @@ def actor_resources(
     device: str | None = None,
     resources_per_worker: dict[str, float] | None = None,
     dtype: str | None = None,
+    model: str | None = None,
 ) -> ActorResources:
     """Resources and device of one actor (one pipeline), following ``--device``:
 
@@ -199,6 +200,9 @@ def actor_resources(
     - no ``--device``: one GPU (and one CPU) when the cluster has GPUs, else one CPU. The actors
       render on CUDA when Ray detected the GPUs, and on the CPU when the GPUs are only declared;
     - ``resources_per_worker`` (``{"GPU": 1, "CPU": 2}``, custom resources) replaces the request.
+
+    ``dtype`` is ``--dtype``; without it the engine's default for the device and ``model``
+    (``engine.devices.default_dtype``), the one ``prepare_job`` plans the frames with.
 
     Raises StorySyncUserError at once when the cluster, idle, could not hold ``workers`` actors.
     """
@@ -236,7 +240,7 @@ def actor_resources(
                 log.warning("the Ray cluster's GPUs are declared, not detected (no node reports an accelerator "
                             "type): each actor holds a GPU and renders on the CPU; pass --device cuda to insist")
     _check_totals(workers, amounts, total, device, explicit=resources_per_worker is not None)
-    return ActorResources(amounts=amounts, device=device, dtype=dtype or default_dtype(device))
+    return ActorResources(amounts=amounts, device=device, dtype=dtype or default_dtype(device, model))
 
 
 def _check_device(device: str | None) -> str | None:

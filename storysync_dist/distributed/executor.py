@@ -49,7 +49,8 @@ class RayExecutor:
 
     ``device`` is the device kind the workers render on, decided here from ``--device`` and the
     cluster (``"cuda"`` when the cluster's GPUs were detected by Ray, ``"cpu"``, or the explicit
-    ``--device``); the engine derives the default dtype, part of every frame's identity, from it.
+    ``--device``); the engine derives the default dtype, part of every frame's identity, from it
+    and the model's family (``engine.devices.default_dtype``).
     ``worker_names`` are the workers' Ray actor names (namespace ``storysync``). ``on_event(kind,
     info)`` is called on the driver as the job goes, with the story id and the worker's actor name
     in ``info``: ``"anchors_dispatched"`` (attempt), ``"anchor_step"`` (step, attempt) as each
@@ -63,7 +64,7 @@ class RayExecutor:
         connect(options.address, options.workers)
         # Fails fast when the cluster is too small, or --device does not fit it.
         self.resources = actor_resources(options.workers, options.device, options.resources_per_worker,
-                                         options.dtype)
+                                         options.dtype, options.model)
         self.device: str = self.resources.device
         self.on_event = on_event
         args = (options.model, self.resources.device, options.device, self.resources.dtype, options.offload,

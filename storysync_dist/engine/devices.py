@@ -12,9 +12,21 @@ __all__ = ["DEFAULT_FRAME_BATCH", "DTYPES", "check_local_device", "default_dtype
 DTYPES = ("float16", "bfloat16", "float32")
 
 
-def default_dtype(device: str) -> str:
-    """float16 on CUDA (what diffusers users run SDXL in), float32 elsewhere."""
-    return "float16" if device.startswith("cuda") else "float32"
+def default_dtype(device: str, model: str | None = None) -> str:
+    """The dtype a render on ``device`` uses when ``--dtype`` is not given: on CUDA the model's
+    family's (``ModelFamily.cuda_dtype``: float16, or bfloat16 where a family needs its range;
+    float16 when no model is named), float32 elsewhere. ``model`` is a preset, a local pipeline
+    folder or a cached hub id; its family is read from its ``model_index.json``, nothing loads."""
+    if not device.startswith("cuda"):
+        return "float32"
+    if model is None:
+        return "float16"
+    from ..models.registry import family_for_model
+
+    try:
+        return family_for_model(model).cuda_dtype
+    except (ValueError, TypeError) as exc:  # UnknownModelError, an unsupported pipeline
+        raise StorySyncUserError(f"--model: {exc}") from None
 
 
 # Non-anchor frames per denoiser batch when --frame-batch is not given, per device type; chosen
@@ -54,12 +66,12 @@ def check_local_device(device: str) -> None:
             raise StorySyncUserError(f"--device {device}: cannot use it here ({first})") from None
 
 
-def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
+def device_and_dtype(device: str | None, dtype: str | None, model: str | None = None) -> tuple[str, torch.dtype]:
     """The device and dtype of an in-process render: ``--device`` (default cuda when available)
-    checked against this machine, ``--dtype`` (default per device)."""
+    checked against this machine, ``--dtype`` (default per device and ``model``: :func:`default_dtype`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_local_device(device)
-    name = dtype or default_dtype(device)
+    name = dtype or default_dtype(device, model)
     if name not in DTYPES:
         raise StorySyncUserError(f"--dtype {name!r}: choose float16, bfloat16 or float32")
     return device, getattr(torch, name)

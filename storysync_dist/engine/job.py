@@ -121,7 +121,7 @@ class RenderOptions:
     # Where a frame worker keeps the anchor bundle: device, host (pinned, two steps at a time on
     # the device) or auto (from free device memory); see core/residency.py and docs/memory.md.
     bundle_on: str = "auto"
-    # none, or model: diffusers' enable_model_cpu_offload (components visit the device in turn).
+    # none, or model: the denoiser stays on the device, the text encoders and VAE visit it (models.offload).
     offload: str = "none"
     # A diffusers scheduler class name (--scheduler), built from the pipeline's own scheduler
     # config; None keeps the model's. Part of every frame's fingerprint.
@@ -170,9 +170,9 @@ def _dtype_name(options: RenderOptions, pipe: object | None, device: str | None)
                 return options.dtype
             raise ValueError("prepare_job(device=...) is needed with workers >= 1 and no --dtype: "
                              "pass the executor's device (RayExecutor.device)")
-        device, dtype = device_and_dtype(options.device, options.dtype)  # refuses a missing device
+        device, dtype = device_and_dtype(options.device, options.dtype, options.model)  # refuses a missing device
         return str(dtype).removeprefix("torch.")
-    return options.dtype or default_dtype(device)
+    return options.dtype or default_dtype(device, options.model)
 
 
 def prepare_job(

@@ -51,6 +51,7 @@ from typing import Any
 
 from ..core.residency import AUTO_DEVICE_SHARE
 from ..errors import StorySyncUserError
+from ..models.offload import resident_roles
 
 __all__ = [
     "MEMORY_LIMIT_ENV", "FreeMemory", "JobShape", "MemoryEstimate", "ModelShapes", "alternatives", "check_fits",
@@ -439,10 +440,9 @@ def estimate(shapes: ModelShapes, job: JobShape) -> MemoryEstimate:
     if job.bundle_exact is not None:
         whole = job.bundle_exact
         step = whole // max(1, job.published_steps)
-    if job.offload == "model" and kind == "cuda":
-        weights = max(weight_bytes(shapes, job.dtype_bytes, roles=(r,)) for r in shapes.params)
-    else:
-        weights = weight_bytes(shapes, job.dtype_bytes)
+    offloaded = job.offload == "model" and kind == "cuda"  # the denoiser stays, the others visit it
+    resident = resident_roles(shapes.params, shapes.denoiser, shapes.decoder) if offloaded else None
+    weights = weight_bytes(shapes, job.dtype_bytes, roles=resident)
 
     def activations(images: int) -> int:
         rows = images * job.guidance_branches * (2 if job.vanilla else 1)

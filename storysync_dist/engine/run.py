@@ -126,7 +126,7 @@ def local_executor(pipe: object | None = None) -> Executor:
         options = plan.options
         nonlocal pipe
         if pipe is None:
-            device, dtype = device_and_dtype(options.device, options.dtype)
+            device, dtype = device_and_dtype(options.device, options.dtype, options.model)
             pipe = load_pipeline(options.model, device=device, dtype=dtype, offload=options.offload)
         # The story's --scheduler and --lora (one pipeline serves stories with different ones).
         apply_model_setup(pipe, plan.settings.scheduler, plan.settings.loras, plan.settings.freeu)

@@ -142,6 +142,10 @@ class ModelFamily(ABC):
     pipeline_classes: tuple[str, ...]
     #: Files a driver reads to answer :meth:`info_from_folder` (for a hub id's cached snapshot).
     info_files: tuple[str, ...] = ("model_index.json",)
+    #: The dtype a render on CUDA uses when ``--dtype`` is not given (``engine.devices.default_dtype``;
+    #: float32 on every other device): float16, the dtype diffusers' examples load SDXL, SD and
+    #: Kandinsky 3 in, unless the family's activations need bfloat16's range (FLUX).
+    cuda_dtype: str = "float16"
 
     def handles(self, class_name: str) -> bool:
         """Whether this family renders the pipeline class named ``class_name`` (or a subclass)."""

@@ -38,6 +38,7 @@ from ..core.sharing import cross_image_tokens, gather_shared_tokens, pad_token_s
 from ..core.state import COND, CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
 from .denoise import BranchLatents, check_finite
 from .family import ModelFamily, ModelInfo, RenderResult
+from .offload import offload_idle
 
 DUAL, SINGLE = "transformer_blocks", "single_transformer_blocks"
 # Masks from the dual-stream blocks' joint attention (text and image still separate streams, text
@@ -371,6 +372,7 @@ class FluxAdapter:
             prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
             max_sequence_length=state.text_len,
         )
+        offload_idle(pipe)  # --offload model: the text encoders leave the device, the transformer stays
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         latents, image_ids = pipe.prepare_latents(
             len(seeds), pipe.transformer.config.in_channels // 4, height, width, embeds.dtype, device, generators
@@ -400,7 +402,9 @@ class FluxAdapter:
                 on_step(i)
         final = branch_latents.latents[CONSISTENT]
         check_finite(final)
-        return RenderResult(images=self._decode(final, height, width), masks=state.final_masks())
+        images = self._decode(final, height, width)
+        offload_idle(pipe)  # and the VAE
+        return RenderResult(images=images, masks=state.final_masks())
 
 
 # ---- the family ---------------------------------------------------------------------------------
@@ -425,6 +429,9 @@ class FluxFamily(ModelFamily):
 
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
+    # FLUX.1 is released and run in bfloat16: in float16 its activations leave the float16 range, and
+    # FluxTransformer2DModel clips them to +-65504 in every block (saturated pictures).
+    cuda_dtype = "bfloat16"
 
     def shares_at(self, processor: str) -> bool:
         return True  # every FLUX attention is joint text+image self-attention (FluxStorySyncProcessor)

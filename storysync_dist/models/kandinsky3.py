@@ -47,6 +47,7 @@ from ..core.state import CONSISTENT, VANILLA, StorySyncState
 from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
 from .denoise import BranchLatents, check_finite
 from .family import ModelFamily, ModelInfo, RenderResult
+from .offload import offload_idle
 
 __all__ = [
     "Kandinsky3Adapter", "Kandinsky3Family", "Kandinsky3SelfAttnProcessor",
@@ -240,6 +241,7 @@ class Kandinsky3Adapter:
         if guidance != state.guidance:
             raise ValueError("state.guidance does not match guidance_scale")
         cond, cond_mask, uncond, uncond_mask, lengths = self._encode(prompts, negative_prompts, guidance, device)
+        offload_idle(pipe)  # --offload model: the text encoder leaves the device, the UNet stays
         pipe.scheduler.set_timesteps(num_steps, device=device)
         timesteps = pipe.scheduler.timesteps
         lat_h, lat_w = self.latent_hw(height, width)
@@ -281,6 +283,7 @@ class Kandinsky3Adapter:
         final = branch_latents.latents[CONSISTENT]
         check_finite(final)
         image = pipe.movq.decode(final, force_not_quantize=True)["sample"]
+        offload_idle(pipe)  # and the MoVQ decoder
         image = (image * 0.5 + 0.5).clamp(0, 1)
         array = image.cpu().permute(0, 2, 3, 1).float().numpy()
         return RenderResult(images=pipe.numpy_to_pil(array), masks=state.final_masks())

@@ -25,6 +25,7 @@ import torch
 import transformers
 from diffusers import DiffusionPipeline
 
+from storysync_dist.models.offload import enable_offload
 from storysync_dist.models.presets import (
     _BUILD_LOCK,
     PRESETS,
@@ -199,12 +200,13 @@ def load_pipeline(
     code of its own), and only safetensors weights are read. Anything else raises
     `UnknownModelError`: an unknown name, a hub id not in the cache (the message says how to fetch
     it), a folder that is not a plain diffusers pipeline. An ``in_memory`` preset
-    (``random-sdxl``) is built here, on ``device`` in ``dtype``, without touching the disk.
+    (``random-sdxl``) is built here, in ``dtype``, without touching the disk: on ``device``, or in
+    host memory with ``offload="model"`` (the offloaded components must not pass through the device).
 
-    ``offload="model"`` (``--offload model``) calls diffusers' ``enable_model_cpu_offload`` instead
-    of moving the pipeline to ``device``: each component (text encoders, denoiser, VAE) is moved
-    to the device for its forward pass and back to host memory after it (accelerate hooks), so the
-    device holds one component at a time.
+    ``offload="model"`` (``--offload model``) installs diffusers' model offload instead of moving
+    the pipeline to ``device`` (``models.offload``): the denoiser moves to ``device`` once and stays
+    there; the text encoders and the VAE rest in host memory and visit the device for their forward
+    passes (accelerate hooks), leaving it once the prompts are encoded and once the images are decoded.
     """
     if offload not in OFFLOADS:
         raise ValueError(f"offload must be one of {', '.join(OFFLOADS)}, not {offload!r}")
@@ -212,7 +214,7 @@ def load_pipeline(
     if model in PRESETS and PRESETS[model].in_memory:
         # One build at a time: accelerate's empty-weights switch is process-global.
         with _BUILD_LOCK, _quiet_progress_bars():
-            pipe = PRESETS[model].build_in_memory(device, dtype)
+            pipe = PRESETS[model].build_in_memory("cpu" if offload == "model" else device, dtype)
     elif model in PRESETS:
         preset = PRESETS[model]
         path = preset_path(model)
@@ -237,7 +239,7 @@ def load_pipeline(
                 raise _not_cached(model, f"not completely: {_first_line(exc)}") from None
             raise UnknownModelError(f"{folder}: cannot load the pipeline: {_first_line(exc)}") from None
     if offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
+        enable_offload(pipe, device)
     else:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

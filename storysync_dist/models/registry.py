@@ -20,6 +20,7 @@ __all__ = [
     "adapter_for",
     "families",
     "family_for_class",
+    "family_for_model",
     "family_for_pipeline",
     "family_named",
     "info_for_pipeline",
@@ -85,17 +86,36 @@ def info_for_pipeline(pipe: Any) -> ModelInfo:
     return family_for_pipeline(pipe).info_from_pipeline(pipe)
 
 
-def model_info(model: str) -> ModelInfo:
-    """:class:`ModelInfo` of a preset, a local pipeline folder or a cached hub id, read from its
-    ``model_index.json`` and configs without loading weights; ``UnknownModelError`` (one line)."""
+def _folder_and_index(model: str) -> tuple[pathlib.Path, dict[str, Any]]:
     from .info import model_folder
     from .presets import UnknownModelError
 
-    folder = model_folder(model)
+    folder = pathlib.Path(model_folder(model))
     try:
-        index = json.loads((pathlib.Path(folder) / "model_index.json").read_text())
+        index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError) as exc:
         raise UnknownModelError(f"{model!r} is not a diffusers pipeline folder: {exc}") from None
+    return folder, index
+
+
+def family_for_model(model: str) -> ModelFamily:
+    """The family of a preset, a local pipeline folder or a cached hub id, from the ``_class_name``
+    of its ``model_index.json`` (a built-in preset's from its pipeline class: nothing is built);
+    ``UnknownModelError`` (one line)."""
+    from .presets import PRESETS
+
+    if model in PRESETS and PRESETS[model].folder is None:
+        return family_for_class(PRESETS[model].pipeline_class.__name__)
+    _, index = _folder_and_index(model)
+    return family_for_class(str(index.get("_class_name")))
+
+
+def model_info(model: str) -> ModelInfo:
+    """:class:`ModelInfo` of a preset, a local pipeline folder or a cached hub id, read from its
+    ``model_index.json`` and configs without loading weights; ``UnknownModelError`` (one line)."""
+    from .presets import UnknownModelError
+
+    folder, index = _folder_and_index(model)
     family = family_for_class(str(index.get("_class_name")))
     try:
         return family.info_from_folder(pathlib.Path(folder), index)

@@ -33,6 +33,7 @@ from ..core.state import COND, CONSISTENT, VANILLA, StorySyncState
 from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
 from .denoise import BranchLatents, check_finite
 from .family import ModelFamily, ModelInfo, RenderResult, SamplingDefaults
+from .offload import offload_idle
 
 SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
 
@@ -271,6 +272,7 @@ class UNetAdapter:
         if guidance != state.guidance:
             raise ValueError("state.guidance does not match guidance_scale")
         embeds = self.conditioning.encode_prompt(pipe, prompts, negative_prompts, guidance, device, height, width)
+        offload_idle(pipe)  # --offload model: the text encoders leave the device, the denoiser stays
         pipe.scheduler.set_timesteps(num_steps, device=device)
         timesteps = pipe.scheduler.timesteps
         latents, generators = self._prepare_latents(seeds, height, width, embeds.cond.dtype, device)
@@ -295,6 +297,7 @@ class UNetAdapter:
         final = branch_latents.latents[CONSISTENT]
         check_finite(final)
         images = self.conditioning.decode(pipe, final, generators)
+        offload_idle(pipe)  # and the VAE
         return RenderResult(images=images, masks=state.final_masks())
 
 
