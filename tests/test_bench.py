@@ -131,3 +131,28 @@ def test_the_methods_benchmark_measures_every_method_against_vanilla() -> None:
     # Vanilla has no anchors; each other method published a bundle of its own.
     assert set(result["anchors"]) == {"storysync", "consistory", "storydiffusion"}
     assert all(a["bundle_bytes"] > 0 for a in result["anchors"].values())
+
+
+def test_the_hotpath_benchmark_counts_a_frames_ops(tmp_path: pathlib.Path) -> None:
+    from bench import hotpath_benchmark
+
+    raw = tmp_path / "hotpath.json"
+    assert hotpath_benchmark.main(["--quick", "--json", str(raw)]) == 0
+    data = json.loads(raw.read_text(encoding="utf-8"))
+    models = set(hotpath_benchmark.QUICK.models)
+    assert set(data["aten_ops_per_frame"]) == set(data["vanilla_aten_ops_per_frame"]) == models
+    assert set(data["sync_ops_per_frame"]) == models
+    for model in models:
+        ops, vanilla = data["aten_ops_per_frame"][model], data["vanilla_aten_ops_per_frame"][model]
+        assert isinstance(ops, int) and isinstance(vanilla, int) and 0 < vanilla < ops, model
+        census = data["models"][model]["storysync"]
+        assert sum(census["aten_ops_by_phase"].values()) == ops  # every op falls in one phase
+        sync = data["sync_ops_per_frame"][model]
+        assert sync and all(isinstance(n, int) and n > 0 for n in sync.values()), sync
+        assert all(isinstance(n, int) and n > 0 for site in census["sync_sites"].values() for n in site.values())
+        frames = data["models"][model]["frames"]
+        assert set(frames) == {"vanilla", "storysync_device", "storysync_host"}
+        assert all(f["seconds"] > 0 for f in frames.values())
+    book = data["bookkeeping_seconds_per_frame"]
+    assert set(book) == {"device", "host"} and all(isinstance(s, float) and s > 0 for s in book.values())
+    assert set(data["bookkeeping_budget"]) >= {"device", "host"}

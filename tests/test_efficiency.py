@@ -183,6 +183,78 @@ def test_a_host_bundle_never_waits_for_a_step_the_anchors_have_not_published() -
     assert placed.step(2).step == 2 and fetched == [0, 1, 2]
 
 
+def two_pass_bundle(steps: int) -> AnchorBundle:
+    """Steps of every size, as ConsiStory's two-pass bundles hold them: shared layers in pass 1;
+    in pass 2 injected ``outputs`` only, and the ``references`` once, at its first step."""
+    gen = torch.Generator().manual_seed(1)
+    bundle = AnchorBundle(meta={"num_anchors": 2, "steps": steps})
+    for t in range(steps):
+        m = 3 + t  # a different size at every step, so a step counted twice or not dropped shows
+        if t < steps // 2:
+            layers = {name: SharedLayerState(index=torch.arange(m), hidden=torch.randn(2, m, 4, generator=gen),
+                                             features=torch.randn(2, m, 6, generator=gen), num_tokens=8)
+                      for name in ("a", "b")}
+            bundle.steps[t] = AnchorStep(t, layers)
+        else:
+            bundle.steps[t] = AnchorStep(t, outputs={"x": torch.randn(2, m, 4, generator=gen).half()})
+    bundle.steps[steps // 2].references = {"dift": torch.randn(2, 4, 2, 2, generator=gen),
+                                           "subject_masks": torch.ones(2, 8, dtype=torch.bool)}
+    return bundle
+
+
+@pytest.mark.parametrize("placement", ["device", "host", "auto"])
+def test_the_running_totals_of_resident_steps_equal_a_recount(placement: str) -> None:
+    bundle = two_pass_bundle(8)
+    del bundle.steps[2]  # a step that publishes nothing
+    placed = PlacedBundle(bundle, "cpu", placement)
+
+    def recount() -> tuple[int, int]:
+        return len(placed._on_device), sum(s.nbytes() for s in placed._on_device.values())
+
+    most = (0, 0)
+    # Two frames in turn, then reads out of order: steps arrive, leave (host) and come back.
+    for t in [*range(8), *range(8), 5, 0, 7, 3]:
+        for _layer in range(3):  # one read per shared layer
+            step = placed.step(t)
+            assert (step is None) == (t == 2), t
+            assert step is None or step.nbytes() == bundle.steps[t].nbytes()
+            assert (placed.resident_steps, placed.resident_bytes) == recount(), (placement, t)
+            most = (max(most[0], placed.resident_steps), max(most[1], placed.resident_bytes))
+    assert (placed.peak_resident_steps, placed.peak_resident_bytes) == most
+    if placed.placement == "host":
+        assert sorted(placed._on_device) == [3, 4] and placed.peak_resident_steps == 2
+    else:  # device (auto on a CPU): every published step stays
+        assert placed.resident_steps == 7 and placed.resident_bytes == bundle.nbytes()
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_reading_a_resident_step_counts_nothing(placement: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = fake_bundle(50)
+    placed = PlacedBundle(bundle, "cpu", placement)
+    for t in range(50):  # the story's first frame
+        placed.step(t)
+    counted: list[int] = []
+    original = AnchorStep.nbytes
+    monkeypatch.setattr(AnchorStep, "nbytes", lambda self: counted.append(self.step) or original(self))
+    for t in range(50):  # a later frame: 36 reads per step, as 36 shared layers make them
+        for _layer in range(36):
+            assert placed.step(t) is not None
+    # device: nothing to count; host: each step once, when its copy arrives (not once per read).
+    assert counted == ([] if placement == "device" else list(range(50)))
+
+
+def test_a_later_read_of_a_host_step_queues_the_next_once_it_is_published() -> None:
+    bundle = fake_bundle(3)
+    published = {0}
+    placed = PlacedBundle(StreamedBundle(bundle.meta, lambda t: bundle.steps[t].to_numpy(), published.__contains__),
+                          "cpu", "host")
+    placed.step(0)
+    assert sorted(placed._on_device) == [0]  # step 1 does not exist yet
+    published.add(1)
+    placed.step(0)  # the next shared layer of step 0
+    assert sorted(placed._on_device) == [0, 1] and placed.resident_bytes == 2 * bundle.steps[0].nbytes()
+
+
 def test_placements_and_offload_give_identical_pixels(tmp_path: Path) -> None:
     story = str(write_story(tmp_path, frames=4))
     outs = {}

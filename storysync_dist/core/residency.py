@@ -74,7 +74,13 @@ class PlacedBundle:
             self.device = torch.device("cuda", torch.cuda.current_device())  # how tensors name it
         self.requested = placement
         self.placement: str | None = None if placement == "auto" else placement
-        self._on_device: dict[int, AnchorStep | None] = {}
+        self._on_device: dict[int, AnchorStep] = {}
+        # Running totals of the resident steps, updated where a step arrives or leaves (``_keep``,
+        # ``_drop``): a frame reads step t once per shared layer, and counting the bytes of every
+        # resident step at each read cost more than the frame's budget for all of this.
+        self._step_bytes: dict[int, int] = {}
+        self._resident_bytes = 0
+        self._window: int | None = None  # ``host``: the step whose window (t and t + 1) is in place
         self._host: dict[int, AnchorStep] = {}  # host steps (pinned on a GPU), for ``host``
         self._events: dict[int, Any] = {}  # step -> CUDA event of its side-stream copy
         self._stream: Any = None
@@ -95,11 +101,11 @@ class PlacedBundle:
 
     @property
     def resident_steps(self) -> int:
-        return sum(1 for s in self._on_device.values() if s is not None)
+        return len(self._on_device)
 
     @property
     def resident_bytes(self) -> int:
-        return sum(s.nbytes() for s in self._on_device.values() if s is not None)
+        return self._resident_bytes
 
     def host_step(self, t: int) -> AnchorStep | None:
         """Anchor step t as the bundle holds it, in host memory: what the host reads without
@@ -107,27 +113,49 @@ class PlacedBundle:
         return self.bundle.step(t)
 
     def step(self, t: int) -> AnchorStep | None:
-        """Anchor step t on the device (None for a step that publishes nothing)."""
-        if t not in self._on_device:
+        """Anchor step t on the device (None for a step that publishes nothing).
+
+        Returns at once when step t is resident with no copy to wait for (and, with ``host``,
+        its window already in place with step t + 1 queued): the frame's later layers at step t.
+        """
+        resident = self._on_device.get(t)
+        if resident is not None and t not in self._events and (
+            self.placement != "host" or (self._window == t and t + 1 in self._on_device)
+        ):
+            return resident
+        if resident is None:
             host = self.bundle.step(t)
             if host is None:
                 return None
             if self.placement is None:
                 total = max(1, int(self.bundle.meta.get("steps", 1)))
                 self.placement = resolve_placement(self.requested, self.device, host.nbytes(), total)
-            self._on_device[t] = self._to_device(t, host)
+            self._keep(t, self._to_device(t, host))
         elif t in self._events:
             # The side-stream copy of this step was queued while step t - 1 rendered: the compute
             # stream waits for it on the device, the host does not.
             torch.cuda.current_stream(self.device).wait_event(self._events.pop(t))
         if self.placement == "host":
             for old in [s for s in self._on_device if s not in (t, t + 1)]:
-                del self._on_device[old]  # the device holds step t and (below) step t + 1
-                self._events.pop(old, None)
-            self._prefetch(t + 1)
-        self.peak_resident_steps = max(self.peak_resident_steps, self.resident_steps)
-        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+                self._drop(old)  # the device holds step t and (below) step t + 1
+            self._prefetch(t + 1)  # retried by each read of step t until step t + 1 exists
+            self._window = t
+        self.peak_resident_steps = max(self.peak_resident_steps, len(self._on_device))
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self._resident_bytes)
         return self._on_device[t]
+
+    def _keep(self, t: int, step: AnchorStep) -> None:
+        """Make ``step`` the resident step t, counting its bytes once."""
+        self._drop(t)
+        self._on_device[t] = step
+        self._step_bytes[t] = step.nbytes()
+        self._resident_bytes += self._step_bytes[t]
+
+    def _drop(self, t: int) -> None:
+        """Let the device copy of step t go (and its pending copy event)."""
+        if self._on_device.pop(t, None) is not None:
+            self._resident_bytes -= self._step_bytes.pop(t)
+        self._events.pop(t, None)
 
     def _host_step(self, t: int, host: AnchorStep | None = None) -> AnchorStep | None:
         if t not in self._host:
@@ -155,7 +183,7 @@ class PlacedBundle:
         if host is None:
             return
         if self.device.type != "cuda":
-            self._on_device[t] = _copy_step(host, self.device)
+            self._keep(t, _copy_step(host, self.device))
             return
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
@@ -168,7 +196,7 @@ class PlacedBundle:
             event.record(self._stream)
         for tensor in _tensors(copied):
             tensor.record_stream(compute)  # used on the compute stream: freed only after that use
-        self._on_device[t] = copied
+        self._keep(t, copied)
         self._events[t] = event
 
     def _available(self, t: int) -> bool:
