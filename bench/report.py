@@ -5,11 +5,12 @@ Each benchmark script only measures, and says what to print with these."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pathlib
 import platform
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 MiB = 2**20
@@ -97,3 +98,15 @@ def write_report(path: pathlib.Path, section: str, marks: tuple[str, str]) -> No
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+def emit_report(report: dict[str, Any], json_path: pathlib.Path | None, markdown_path: pathlib.Path | None,
+                section: Callable[[dict[str, Any]], str], marks: tuple[str, str]) -> None:
+    """Print ``report`` as JSON, and write it to ``json_path`` and (as ``section(report)``) between
+    ``marks`` of ``markdown_path`` when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    if markdown_path is not None:
+        write_report(markdown_path, section(report), marks)

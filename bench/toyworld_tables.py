@@ -147,15 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--markdown: the instrument is not shown valid (--validity names no valid report of this "
                          "model); no method number is published from an invalid instrument")
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from bench.report import machine_info, write_report
+    from bench.report import emit_report, machine_info
 
     report = {"machine": machine_info(), **measure(args.model, args.suite, args.out, rows, args.limit, args.steps)}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
-    if args.markdown is not None:
-        write_report(args.markdown, markdown(report), MARKS)
+    emit_report(report, args.json, args.markdown, markdown, MARKS)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import pathlib
 import sys
 import time
@@ -202,16 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", type=pathlib.Path, help="write the validity table into this file")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from bench.report import machine_info, write_report
+    from bench.report import emit_report, machine_info
 
     report = {"machine": machine_info(), **measure(args.model, args.suite, args.out, args.limit, args.steps,
                                                    args.skip_masks)}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
-    if args.markdown is not None:
-        write_report(args.markdown, markdown(report), MARKS)
+    emit_report(report, args.json, args.markdown, markdown, MARKS)
     return 0
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 
 import torch
 
-from ..core.state import CONSISTENT, VANILLA
+from ..core.state import CONSISTENT, VANILLA, StorySyncState
 from ..errors import NonFiniteOutputError
 
-__all__ = ["BranchLatents", "check_finite"]
+__all__ = ["BranchLatents", "check_finite", "end_step"]
 
 
 class BranchLatents:
@@ -88,3 +89,13 @@ def check_finite(latents: torch.Tensor) -> None:
             f"the denoiser produced NaN/inf latents for image(s) {bad} of the batch "
             f"({latents.dtype}; float16 overflows on some models: try --dtype bfloat16 or float32)"
         )
+
+
+def end_step(state: StorySyncState, branch_latents: BranchLatents, i: int, on_step: Callable[[int], None] | None) -> None:
+    """What every family's loop does after step ``i``: close the step in the state, let the
+    vanilla branch leave the batch once BLI is over, and report the step."""
+    state.end_step()
+    if not state.has_vanilla:
+        branch_latents.drop(VANILLA)
+    if on_step is not None:
+        on_step(i)

@@ -36,7 +36,7 @@ from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
 from ..core.sharing import cross_image_tokens, gather_shared_tokens, pad_token_sets, shared_attention
 from ..core.state import COND, CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
-from .denoise import BranchLatents, check_finite
+from .denoise import BranchLatents, check_finite, end_step
 from .family import ModelFamily, ModelInfo, RenderResult
 from .offload import offload_idle
 
@@ -395,11 +395,7 @@ class FluxAdapter:
                 txt_ids=text_ids, img_ids=image_ids, joint_attention_kwargs={}, return_dict=False,
             )[0]
             branch_latents.step(branches, noise.chunk(reps), t)
-            state.end_step()
-            if not state.has_vanilla:
-                branch_latents.drop(VANILLA)
-            if on_step is not None:
-                on_step(i)
+            end_step(state, branch_latents, i, on_step)
         final = branch_latents.latents[CONSISTENT]
         check_finite(final)
         images = self._decode(final, height, width)

@@ -43,9 +43,9 @@ from diffusers import DDPMScheduler, Kandinsky3Pipeline, Kandinsky3UNet, VQModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.pipelines.kandinsky3.pipeline_kandinsky3 import downscale_height_and_width
 
-from ..core.state import CONSISTENT, VANILLA, StorySyncState
+from ..core.state import CONSISTENT, StorySyncState
 from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
-from .denoise import BranchLatents, check_finite
+from .denoise import BranchLatents, check_finite, end_step
 from .family import ModelFamily, ModelInfo, RenderResult
 from .offload import offload_idle
 
@@ -272,11 +272,7 @@ class Kandinsky3Adapter:
                     noise_uncond, noise_text = noise.chunk(2)
                     noise = (guidance_scale + 1.0) * noise_text - guidance_scale * noise_uncond
                 branch_latents.step(branches, noise.chunk(reps), t)
-                state.end_step()
-                if not state.has_vanilla:
-                    branch_latents.drop(VANILLA)
-                if on_step is not None:
-                    on_step(i)
+                end_step(state, branch_latents, i, on_step)
         finally:
             self._pooling.lengths = None
             pooling_module.set_processor(previous)

@@ -29,9 +29,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from ..core.consistory import dift_step
-from ..core.state import COND, CONSISTENT, VANILLA, StorySyncState
+from ..core.state import COND, CONSISTENT, StorySyncState
 from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
-from .denoise import BranchLatents, check_finite
+from .denoise import BranchLatents, check_finite, end_step
 from .family import ModelFamily, ModelInfo, RenderResult, SamplingDefaults
 from .offload import offload_idle
 
@@ -286,11 +286,7 @@ class UNetAdapter:
                 branches = state.branches
                 noise = self._predict_noise(branches, branch_latents, embeds, t, guidance_scale)
                 branch_latents.step(branches, noise, t)
-                state.end_step()
-                if not state.has_vanilla:
-                    branch_latents.drop(VANILLA)
-                if on_step is not None:
-                    on_step(i)
+                end_step(state, branch_latents, i, on_step)
         finally:
             if hook is not None:
                 hook.remove()
