@@ -7,7 +7,9 @@ and writes it with ``--json``).
 1. **Op census** (``bench/op_census.py``): the aten ops of one StorySync frame and of one vanilla
    frame (same model, size, steps, prompt and seed), by phase (before the first denoising step,
    each step, after the last), and the ops that would make the host wait for a CUDA device, per
-   kind, per attention layer call and per call site. The frame reads its bundle through a
+   kind, per attention layer call and per call site; the same census of the anchors' render (whose
+   publish may wait once per step), and the most waits in any one step of each (``sync_ops_per_step``).
+   The frame reads its bundle through a
    ``PlacedBundle`` (``--bundle-on auto``, which is ``device`` on a CPU), as the engine does.
    ``random-flux`` (FLUX.1-dev, 11.9B transformer parameters: about 48 GB in float32, 24 GB in
    bfloat16) does not fit this machine's memory, so the full run counts ``random-flux-narrow``:
@@ -128,12 +130,19 @@ def _summary(census: Census, steps: int) -> dict[str, Any]:
         "top_aten_ops": dict(census.ops.most_common(12)),
         "sync_ops": dict(sorted(census.sync.items())),
         "sync_ops_all_tensors": dict(sorted(census.sync_all.items())),
+        "queued_copies": dict(census.queued_copies),
         "sync_ops_by_phase": {p: dict(k) for p, k in census.sync_by_phase.items()},
         "sync_ops_per_layer_call": sorted(profiles.values(), key=lambda g: -g["layers"]),
         "sync_sites": {site: dict(k) for site, k in sorted(census.sync_sites.items(), key=lambda s: -sum(s[1].values()))},
         "attention_layer_calls": sum(census.layer_calls.values()),
         "steps": steps,
     }
+
+
+def _most_per_step(summary: dict[str, Any]) -> int:
+    """The most ops that would wait for the device in any one denoising step."""
+    return max((sum(kinds.values()) for phase, kinds in summary["sync_ops_by_phase"].items()
+                if phase.startswith("step ")), default=0)
 
 
 def _timed_frame(renderer: Any, job: Any, bundle: Any) -> dict[str, Any]:
@@ -184,7 +193,10 @@ def measure_model(model: str, size: int, steps: int) -> dict[str, Any]:
             renderer = StoryRenderer(adapter, plan.config, plan.settings)
             bundle = None
             if plan.anchor_jobs:
-                _, bundle = renderer.render_anchors(plan.anchor_jobs)
+                anchors = Census(modules, layers, denoiser)
+                with anchors.counting():
+                    _, bundle = renderer.render_anchors(plan.anchor_jobs, on_step=anchors.on_step)
+                out["anchors"] = _summary(anchors, steps)
                 out["bundle_bytes"] = int(bundle.nbytes())
             jobs = [j for j in plan.frame_jobs if j.frame_id not in ANCHORS]
             census = Census(modules, layers, denoiser)
@@ -339,6 +351,9 @@ def _run(plan: Plan, quick: bool, baseline: pathlib.Path | None) -> dict[str, An
     report["vanilla_aten_ops_per_frame"] = {m: r["vanilla"]["aten_ops"] for m, r in models.items()}
     report["sync_ops_per_frame"] = {m: r["storysync"]["sync_ops"] for m, r in models.items()}
     report["vanilla_sync_ops_per_frame"] = {m: r["vanilla"]["sync_ops"] for m, r in models.items()}
+    # The budgets: none per layer per step, at most 1 per step for a frame and for the anchors.
+    report["sync_ops_per_step"] = {m: {who: _most_per_step(r[who]) for who in ("storysync", "anchors")}
+                                   for m, r in models.items()}
     micro = {name: {p: micro_run(shapes, p) for p in ("device", "host")} for name, shapes in plan.micro.items()}
     first = next(iter(micro))
     report["bookkeeping_seconds_per_frame"] = {p: r["bookkeeping_seconds_per_frame"] for p, r in micro[first].items()}

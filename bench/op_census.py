@@ -10,7 +10,9 @@ Which ops would synchronise on CUDA (``SYNC_OPS`` and :func:`sync_kind`): ``nonz
 (``_local_scalar_dense``, so also ``int()``/``float()``/``bool()`` of a tensor), indexing with a
 boolean mask (``index``/``index_put_``, which call nonzero), ``masked_select``, ``equal``,
 ``unique``, ``repeat_interleave`` without ``output_size``, ``bincount``, ``histc`` with
-``min == max`` (it asks for the range), and device-to-host copies (``d2h_copy``, ``tolist``).
+``min == max`` (it asks for the range), and device-to-host copies (``d2h_copy``, ``tolist``);
+a ``copy_`` into a host tensor with ``non_blocking=True`` is counted apart (``queued_copies``):
+on CUDA it is queued, not waited for, when the host tensor is pinned, as the project's are.
 
 On a CPU every tensor is a host tensor, so the census tells "device" tensors by where they come
 from (the proxy, measured honestly as such): a tensor is on the device when it is a parameter or
@@ -106,6 +108,7 @@ class Census:
         self.sync_by_phase: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self.sync_sites: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self.layer_calls: collections.Counter[str] = collections.Counter()
+        self.queued_copies: collections.Counter[str] = collections.Counter()  # non_blocking D2H copies
         self.steps_done = 0
         self._started = False
         self._in_steps = False
@@ -207,7 +210,13 @@ class _Dispatch(TorchDispatchMode):
         kind = sync_kind(name, args, kwargs)
         if name in _COPY_INTO and len(args) > 1:
             if c.on_device(args[1]) and not c.on_device(args[0]):
-                c._count_sync("d2h_copy", True)  # into a host tensor: the destination stays on the host
+                # Into a host tensor (the destination stays on the host). A non_blocking one is
+                # queued, not waited for: the project's code makes those only into pinned memory.
+                queued = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+                if queued:
+                    c.queued_copies["d2h_queued"] += 1
+                else:
+                    c._count_sync("d2h_copy", True)
             return out
         if kind:
             c._count_sync(kind, device)

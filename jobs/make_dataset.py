@@ -40,6 +40,7 @@ from storysync_dist.arguments import (
     add_efficiency_arguments,
     add_model_arguments,
     add_progress_arguments,
+    add_ray_start_arguments,
     add_suite_sampling_arguments,
     options_from_args,
 )
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_arguments(parser)
     add_progress_arguments(parser)
     add_cluster_arguments(parser)
+    add_ray_start_arguments(parser)
     add_logging_arguments(parser)
     return parser
 

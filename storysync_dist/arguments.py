@@ -21,6 +21,7 @@ from .core.config import ABLATIONS
 from .core.methods import METHODS
 from .errors import RenderError, StorySyncUserError
 from .interrupts import print_interrupted, signals_interrupt
+from .sizes import parse_size
 
 if TYPE_CHECKING:
     from .benchmarking import BenchOptions
@@ -140,6 +141,25 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --workers: how long to wait for the cluster's resources (default 600)")
 
 
+def byte_size(text: str) -> int:
+    """argparse type: a size in bytes (``8589934592``, ``8G``, ``512MiB``)."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_ray_start_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--object-store-memory`` and ``--spill-dir``: for the Ray a job starts itself."""
+    parser.add_argument("--object-store-memory", type=byte_size, metavar="SIZE",
+                        help="with --workers and no cluster to join: the object store of the Ray this job starts "
+                        "(bytes, or 64G, 512MiB; default: Ray's, 30%% of RAM); the anchor steps of every open "
+                        "story live there. A cluster you join sets it with `ray start --object-store-memory`")
+    parser.add_argument("--spill-dir", metavar="DIR",
+                        help="with --workers and no cluster to join: where that Ray spills objects that do not fit "
+                        "its store (a local folder; default: Ray's, under its temp dir)")
+
+
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     """``--metrics``, ``--weights``, ``--encoders``: what ``storysync eval`` and ``bench`` score with."""
     parser.add_argument("--metrics", help="comma-separated metrics (default: clip-t,clip-i,dino,lpips,dreamsim; "
@@ -252,7 +272,8 @@ def options_from_args(args: argparse.Namespace, **changes: Any) -> RenderOptions
         frame_batch=_given(args, "frame_batch"), bundle_on=_given(args, "bundle_on", "auto"),
         offload=_given(args, "offload", "none"), scheduler=_given(args, "scheduler"),
         loras=parse_loras(_given(args, "loras", []) or []), force=bool(_given(args, "force", False)),
-        log_every=_given(args, "log_every", 10.0),
+        log_every=_given(args, "log_every", 10.0), object_store_memory=_given(args, "object_store_memory"),
+        spill_dir=_given(args, "spill_dir"),
     )
     return RenderOptions(**{**fields, **changes})
 

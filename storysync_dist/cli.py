@@ -20,6 +20,7 @@ from .arguments import (
     add_logging_arguments,
     add_model_arguments,
     add_progress_arguments,
+    add_ray_start_arguments,
     add_scoring_arguments,
     add_suite_sampling_arguments,
     bench_options_from_args,
@@ -57,6 +58,7 @@ def add_render_arguments(render: argparse.ArgumentParser) -> None:
     render.add_argument("--save-anchors", action="store_true",
                         help="save the anchor bundle as <out>/anchors/<story>.safetensors")
     add_cluster_arguments(render)
+    add_ray_start_arguments(render)
     render.add_argument("--dry-run", action="store_true",
                         help="print what a run would render, replace and remove, and write nothing")
     add_efficiency_arguments(render)

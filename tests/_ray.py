@@ -45,14 +45,17 @@ class RayHead:
     dashboard: str | None = None
 
 
-def cluster_processes(temp_dir: str) -> list[psutil.Process]:
+def cluster_processes(temp_dir: str, also: tuple[str, ...] = ()) -> list[psutil.Process]:
     """The processes of the cluster whose temp dir is ``temp_dir``: those naming it on their
-    command line (gcs_server, raylet, dashboard, monitors) and all their descendants (workers,
-    agents, a submitted job's driver)."""
+    command line (gcs_server, raylet, dashboard, monitors), those with an argument in ``also``
+    (the Ray client server's proxy names only the GCS address, ``--address=HOST:PORT``, and its
+    parent, ``ray start``, has exited), and all their descendants (workers, agents, a submitted
+    job's driver)."""
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+            cmdline = proc.info["cmdline"] or []
+            if any(temp_dir in part for part in cmdline) or any(part in also for part in cmdline):
                 roots.append(proc)
         except psutil.Error:
             pass
@@ -66,10 +69,10 @@ def cluster_processes(temp_dir: str) -> list[psutil.Process]:
     return list(found.values())
 
 
-def stop_cluster(temp_dir: str) -> None:
+def stop_cluster(temp_dir: str, also: tuple[str, ...] = ()) -> None:
     """SIGTERM, then SIGKILL after 2 s, to every process of that cluster only (nothing of a
     test cluster needs a graceful end: its temp dir goes next)."""
-    procs = cluster_processes(temp_dir)
+    procs = cluster_processes(temp_dir, also)
     for proc in procs:
         try:
             proc.terminate()
@@ -119,8 +122,9 @@ def started_head(*, num_cpus: int, num_gpus: int = 0, dashboard: bool = False,
         assert started.returncode == 0, started.stdout + started.stderr
         yield RayHead(address=f"127.0.0.1:{port}", temp_dir=temp_dir, env=head_env, dashboard=dashboard_url)
     finally:
-        stop_cluster(temp_dir)
-        leftover = cluster_processes(temp_dir)
+        gcs = (f"--address=127.0.0.1:{port}",)
+        stop_cluster(temp_dir, gcs)
+        leftover = cluster_processes(temp_dir, gcs)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not leftover, leftover
 

@@ -72,17 +72,40 @@ def log_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     return torch.cat(outs, dim=-1)
 
 
-def otsu_thresholds(values: np.ndarray, nbins: int = 256) -> list[float]:
+def otsu_thresholds(values: np.ndarray, nbins: int = 256, slack: float = 0.0) -> list[float]:
     """Otsu's threshold written out, in exact arithmetic: the values binned into ``nbins`` over
     [min, max]; for every split after bin k the between-class variance w1 w2 (m1 - m2)^2,
     computed on bin indices as fractions (bin centres are affine in the index, so the ranking is
     the centres'); the threshold is the centre of bin k of the best split. Splits after an empty
     bin part the values as the split before it does, so each partition counts once, at its first
     k (where an argmax over the splits stops). Two different partitions can tie exactly on a few
-    values; a float implementation then picks one by rounding, so each is returned."""
+    values; a float implementation then picks one by rounding, so each is returned.
+
+    ``slack``: how far (absolute) another float implementation's values may lie from these (the
+    same math summed in another order). A value that close to a bin edge may fall in either bin
+    there, and the threshold of each such binning is returned too (the usual one first)."""
     lo, hi = float(values.min()), float(values.max())
-    index = np.clip(np.floor((values.astype(np.float64) - lo) / (hi - lo) * nbins), 0, nbins - 1).astype(int)
-    counts = np.bincount(index, minlength=nbins)
+    position = (values.astype(np.float64) - lo) / (hi - lo) * nbins
+    index = np.clip(np.floor(position), 0, nbins - 1).astype(int)
+    # Values within the slack of an inner bin edge (moved lo/hi included): either side of it.
+    reach = 2 * slack / (hi - lo) * nbins if slack > 0 else 0.0
+    edge = np.rint(position)
+    near = [i for i in np.flatnonzero(np.abs(position - edge) <= reach) if 0 < edge[i] < nbins][:8]
+    thresholds: list[float] = []
+    for flips in itertools.product((False, True), repeat=len(near)):
+        moved = index.copy()
+        for i, flip in zip(near, flips):
+            if flip:
+                moved[i] = int(edge[i]) - 1 if index[i] == int(edge[i]) else int(edge[i])
+        for k in _otsu_splits(np.bincount(moved, minlength=nbins), nbins):
+            t = lo + (k + 0.5) * ((hi - lo) / nbins)
+            if t not in thresholds:
+                thresholds.append(t)
+    return thresholds
+
+
+def _otsu_splits(counts: np.ndarray, nbins: int) -> list[int]:
+    """The best splits of ``otsu_thresholds`` for a histogram, in exact arithmetic."""
     doubled = 2 * np.arange(nbins) + 1  # twice each bin's centre index
     best, splits = Fraction(-1), []
     w1 = s1 = 0
@@ -99,7 +122,13 @@ def otsu_thresholds(values: np.ndarray, nbins: int = 256) -> list[float]:
             best, splits = between, [k]
         elif between == best:
             splits.append(k)
-    return [lo + (k + 0.5) * ((hi - lo) / nbins) for k in splits]
+    return splits
+
+
+# How far a float32 RFH match score may lie from the reference's when another implementation sums
+# the same products in another order (a dense, padded or batched matrix product; a softmax over
+# masked columns): a few float32 steps of a probability <= 1.
+SCORE_SLACK = 64 * float(np.finfo(np.float32).eps)
 
 
 def plain_rfh(features: torch.Tensor, mask: torch.Tensor, refs: list[torch.Tensor], gamma: float, tau: float,
@@ -110,7 +139,8 @@ def plain_rfh(features: torch.Tensor, mask: torch.Tensor, refs: list[torch.Tenso
     above Otsu's threshold over the image's patches (a constant row: everywhere), and
     R(r) + gamma (mean over counting references of R_j(match) - R(r)) replaces R(r) (Eq. 11).
     Reference sets without a patch are left out. Returns float64, one output per way an exact
-    Otsu tie can fall (``otsu_thresholds``), the usual one first.
+    Otsu tie, or a score within float32 rounding of a bin edge or of the threshold, or of another
+    patch's score (``SCORE_SLACK``), can fall (``otsu_thresholds``), the usual one first.
 
     The scores are computed, and compared with the threshold, in the features' precision: the
     probabilities of a few nearly alike patches lie within a few float32 steps of a bin centre
@@ -125,16 +155,35 @@ def plain_rfh(features: torch.Tensor, mask: torch.Tensor, refs: list[torch.Tenso
     options = []
     for ref in refs:
         cosine = F.normalize(regions, dim=-1) @ F.normalize(ref, dim=-1).T  # normalized inner products
-        score, match = torch.softmax(cosine / tau, dim=-1).max(dim=-1)
+        compat = torch.softmax(cosine / tau, dim=-1)
+        score, match = compat.max(dim=-1)
+        # Two reference patches within the slack of the best: either may be the match.
+        matches = [match]
+        if ref.shape[0] > 1:
+            top = compat.topk(2, dim=-1)
+            close = ((top.values[:, 0] - top.values[:, 1]).double() <= 2 * SCORE_SLACK).nonzero(as_tuple=True)[0][:4]
+            for flips in itertools.product((False, True), repeat=close.numel()):
+                if any(flips):
+                    other = match.clone()
+                    for i, flip in zip(close.tolist(), flips):
+                        if flip:
+                            other[i] = top.indices[i, 1] if match[i] == top.indices[i, 0] else top.indices[i, 0]
+                    matches.append(other)
         if score.max() == score.min():
             gates = [torch.ones_like(score, dtype=torch.bool)]
         else:
             gates = []
-            for t in otsu_thresholds(score.double().numpy()):
+            for t in otsu_thresholds(score.double().numpy(), slack=SCORE_SLACK):
                 gate = score > torch.tensor(t, dtype=score.dtype)
-                if not any(torch.equal(gate, g) for g in gates):
-                    gates.append(gate)
-        options.append([(ref[match].double() - regions.double(), gate) for gate in gates])
+                # A score within the slack of the threshold may fall on either side of it.
+                near = ((score.double() - t).abs() <= 2 * SCORE_SLACK).nonzero(as_tuple=True)[0][:6]
+                for flips in itertools.product((False, True), repeat=near.numel()):
+                    option = gate.clone()
+                    for i, flip in zip(near.tolist(), flips):
+                        option[i] = option[i] ^ flip
+                    if not any(torch.equal(option, g) for g in gates):
+                        gates.append(option)
+        options.append([(ref[m].double() - regions.double(), gate) for gate in gates for m in matches])
     outs = []
     for choice in itertools.product(*options):
         delta = sum(gate[:, None] * diff for diff, gate in choice)

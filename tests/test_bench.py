@@ -87,6 +87,32 @@ def test_pooled_dataset_section_reports_both_modes() -> None:
     assert "not measured: pooled: RuntimeError: boom" in text and "| per-story | 2 |" in text
 
 
+def test_the_device_check_runs_in_its_cpu_form(tmp_path: pathlib.Path) -> None:
+    # `python -m bench.gpu_benchmark --device-check` (issue 23): without CUDA, the same code on the
+    # tiny presets; its own section, between its own markers, next to what the file holds.
+    from bench import gpu_benchmark
+
+    out, raw = tmp_path / "benchmarks.md", tmp_path / "check.json"
+    out.write_text(f"# Benchmarks\n\nNotes stay.\n\n{gpu_benchmark.START_MARK}\nold\n{gpu_benchmark.END_MARK}\n",
+                   encoding="utf-8")
+    assert gpu_benchmark.main(["--device-check", "--device", "cpu", "--out", str(out), "--json", str(raw)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.count(gpu_benchmark.CHECK_START_MARK) == 1 and "\nold\n" in text  # the other section stays
+    data = json.loads(raw.read_text(encoding="utf-8"))
+    assert data["device_check"] is True
+    models = [r["setup"]["model"] for r in data["results"]]
+    assert models == [s.model for s in gpu_benchmark.DEVICE_CHECK_CPU_SETUPS]
+    for result in data["results"]:
+        rows, setup = result["rows"], result["setup"]
+        assert result["error"] is None and rows["ratio"] > 0 and rows["host_seconds"] > 0
+        assert "offload_seconds" not in rows  # no offload run in the check
+        assert rows["step_syncs_storysync"] is None and rows["frame_peak_host_reserved"] is None  # CPU: n/a
+        assert sorted(int(b) for b in result["fps"]) == sorted(setup["batches"])
+        assert re.search(rf"^\| {setup['model']} \| {setup['size']}x{setup['size']} \| {setup['steps']} \| float32 \|",
+                         text, re.M)
+    assert "n/a (CPU) / n/a (CPU)" in text
+
+
 def test_the_gpu_mode_runs_in_its_quick_cpu_variant(tmp_path: pathlib.Path) -> None:
     from bench import gpu_benchmark
 
@@ -150,6 +176,16 @@ def test_the_hotpath_benchmark_counts_a_frames_ops(tmp_path: pathlib.Path) -> No
         sync = data["sync_ops_per_frame"][model]
         assert sync and all(isinstance(n, int) and n > 0 for n in sync.values()), sync
         assert all(isinstance(n, int) and n > 0 for site in census["sync_sites"].values() for n in site.values())
+        # The frame path waits for the device in no shared layer and at no step (issue 23's
+        # budget); the anchors' publish waits once per step after the first (which learns the
+        # shared layers' resolutions), and its bundle copies are queued.
+        in_layers = [g for g in census["sync_ops_per_layer_call"] if g["first"] != "(no attention layer)"]
+        assert in_layers == [], in_layers
+        assert data["sync_ops_per_step"][model]["storysync"] == 0
+        anchors = data["models"][model]["anchors"]
+        per_step = {p: sum(k.values()) for p, k in anchors["sync_ops_by_phase"].items() if p.startswith("step ")}
+        assert per_step and all(n <= 1 for p, n in per_step.items() if p != "step 0"), per_step
+        assert anchors["queued_copies"].get("d2h_queued", 0) > 0
         frames = data["models"][model]["frames"]
         assert set(frames) == {"vanilla", "storysync_device", "storysync_host"}
         assert all(f["seconds"] > 0 for f in frames.values())

@@ -14,7 +14,7 @@ from skimage.filters import threshold_otsu
 from storysync_dist.core.anchors import AnchorBundle, AnchorStep, SharedLayerState
 from storysync_dist.core.config import StorySyncConfig
 from storysync_dist.core.dropout import keep_mask
-from storysync_dist.core.harmonize import harmonize_regions
+from storysync_dist.core.harmonize import harmonize_batch, harmonize_regions
 from storysync_dist.core.layout import interpolate_layout
 from storysync_dist.core.masks import (
     aggregate_subject_maps,
@@ -23,8 +23,16 @@ from storysync_dist.core.masks import (
     subject_token_weights,
     token_grid,
 )
-from storysync_dist.core.otsu import otsu_threshold
-from storysync_dist.core.sharing import cross_image_tokens, pad_token_sets, propagation_mask, shared_attention
+from storysync_dist.core.otsu import otsu_split, otsu_threshold
+from storysync_dist.core.sharing import (
+    anchor_admitted,
+    cross_image_tokens,
+    every_anchor_token,
+    masked_shared_attention,
+    pad_token_sets,
+    propagation_mask,
+    shared_attention,
+)
 from storysync_dist.core.state import CONSISTENT, ROLE_ANCHORS, ROLE_FRAMES, VANILLA, StorySyncState
 from storysync_dist.models.unet import StorySyncSelfAttnProcessor
 
@@ -215,6 +223,72 @@ def test_harmonize_regions_matches_loop_reference() -> None:
     # Background patches (outside M_i) are never touched.
     assert torch.equal(ours[~mask], features[~mask])
     assert not torch.equal(ours[mask & keep], features[mask & keep])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_harmonize_batch_matches_loop_reference_per_image_and_reference(seed: int) -> None:
+    # The dense form (every image, branch and reference set at once, padded sets, pairs that
+    # leave a reference out) equals the loop reference image by image.
+    gen = torch.Generator().manual_seed(20 + seed)
+    g, f, n, c = 2, 3, 30, 6
+    lengths = [7, 0, 12]  # one anchor published no subject token
+    q = max(lengths)
+    features = torch.randn(g, f, n, c, generator=gen, dtype=torch.float64)
+    active = torch.rand(f, n, generator=gen) > 0.4
+    refs = torch.randn(g, len(lengths), q, c, generator=gen, dtype=torch.float64)
+    valid = torch.arange(q)[None, :] < torch.tensor(lengths)[:, None]
+    pairs = torch.tensor([[True, True, True], [False, True, True], [True, True, False]])
+    ours = harmonize_batch(features, active, refs, valid, 0.3, 0.1, pairs)
+    for gi in range(g):
+        for fi in range(f):
+            used = [refs[gi, a, : lengths[a]] for a in range(len(lengths)) if pairs[fi, a] and lengths[a]]
+            expected = reference_rfh(features[gi, fi], active[fi], used, 0.3, 0.1, torch.ones(n, dtype=torch.bool))
+            torch.testing.assert_close(ours[gi, fi], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours[:, ~active], features[:, ~active])
+
+
+def test_otsu_within_is_the_threshold_of_the_entries_within() -> None:
+    gen = torch.Generator().manual_seed(21)
+    values = torch.rand(5, 300, generator=gen, dtype=torch.float64) ** 2
+    within = torch.rand(5, 300, generator=gen) > 0.5
+    within[3] = False  # no entry: constant
+    within[4] = False
+    within[4, :2] = True
+    values[4, :2] = 0.25  # equal entries: constant
+    thr, constant = otsu_split(values, within=within)
+    for row in range(3):
+        assert thr[row] == otsu_threshold(values[row][within[row]])
+        assert not constant[row]
+    assert constant[3] and constant[4] and thr[4] == 0.25
+
+
+def test_dense_anchor_sharing_matches_dense_log_mask() -> None:
+    # Anchors attend to their own tokens and to the other anchors' kept subject tokens through a
+    # log-mask over all of them (no boolean indexing): Eq. 7-8 for each anchor and head.
+    gen = torch.Generator().manual_seed(22)
+    a, h, n, d = 3, 2, 10, 8
+    q, k, v = (torch.randn(a, h, n, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    masks = torch.rand(a, n, generator=gen) > 0.5
+    keeps = torch.stack([keep_mask((a, n), 0.3, 9, i) for i in range(a)])
+    ours = masked_shared_attention(q, k, v, every_anchor_token(k), every_anchor_token(v), anchor_admitted(masks, keeps))
+    for i in range(a):
+        gamma = propagation_mask(masks & keeps[i], i)  # own tokens always admitted
+        for head in range(h):
+            expected = dense_masked_attention(q[i, head], k[:, head].reshape(a * n, d), v[:, head].reshape(a * n, d), gamma)
+            torch.testing.assert_close(ours[i, head], expected)
+
+
+def test_reference_slots_gather_each_anchors_published_tokens() -> None:
+    gen = torch.Generator().manual_seed(23)
+    a, n, c = 3, 16, 4
+    masks = torch.rand(a, n, generator=gen) > 0.6
+    masks[1] = False  # an anchor without subject tokens
+    index = masks.reshape(-1).nonzero(as_tuple=True)[0]
+    layer = SharedLayerState(index, torch.randn(2, index.numel(), c), torch.randn(2, index.numel(), c), n)
+    slots, valid = layer.reference_slots(a)
+    for anchor, expected in enumerate(layer.per_anchor_features(1, a)):
+        assert torch.equal(layer.features[1][slots[anchor]][valid[anchor]], expected)
+    assert valid.sum().item() == index.numel()
 
 
 # ---- BLI, Eq. 12 -----------------------------------------------------------------------------

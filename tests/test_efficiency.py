@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from _pixels import assert_within_batch_tolerance
+from _replay import assert_render_replays, replayed
 from PIL import Image
 
 from storysync_dist.api import RenderOptions, render_story
@@ -74,6 +75,51 @@ def test_each_frame_of_a_batch_matches_its_batch_of_one_render(preset: str, tmp_
     # Each frame kept its own seed and prompt: no two frames of the batch are alike.
     images = [pixels(f.image) for f in batched[:3]]
     assert all(np.abs(images[i] - images[j]).mean() > 2 for i in range(3) for j in range(i + 1, 3))
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_the_sync_free_frame_path_replays_on_every_placement_and_frame_batch(preset: str, tmp_path: Path) -> None:
+    # Issue 23: frames gather the anchors' references with host-made slots, harmonize densely and
+    # skip the stock attention of the rows they overwrite; anchors share through a log-mask.
+    # Every StorySync attention call of the anchors and of the frames, read through each bundle
+    # placement, alone and in a batch of two, returns what the plain reference computes from its
+    # inputs (RFH included: a gate or match within float rounding of a tie may fall either way),
+    # and a frame of the batch is its batch-of-one render within the batch tolerance.
+    pipe = load_pipeline(preset)
+    adapter = adapter_for(pipe)
+    plan = prepare_job(str(write_story(tmp_path, frames=4)), RenderOptions(model=preset, out=str(tmp_path / "o"),
+                                                                           progress=False), pipe=pipe)
+    renderer = StoryRenderer(adapter, plan.config, plan.settings)
+    jobs = plan.frame_jobs[:2]
+    with replayed(adapter) as replay:
+        _, bundle = renderer.render_anchors(plan.anchor_jobs)
+        frames = {}
+        for placement in ("device", "host"):
+            frames[placement, 1] = pixels(renderer.render_frame(jobs[0], PlacedBundle(bundle, "cpu", placement)).image)
+            batch = renderer.render_frames(jobs, PlacedBundle(bundle, "cpu", placement))
+            frames[placement, 2] = pixels(batch[0].image)
+    assert_render_replays(replay)
+    assert {c.role for c in replay.calls if c.did.shared} == {"anchors", "frames"}
+    assert np.array_equal(frames["device", 1], frames["host", 1])
+    for placement in ("device", "host"):
+        assert_within_batch_tolerance(frames[placement, 2], frames[placement, 1], (preset, placement))
+
+
+def test_anchors_that_stream_their_steps_keep_none_of_them(tmp_path: Path) -> None:
+    # A Ray anchor actor hands each step to the driver as it is published and keeps none
+    # (keep_steps=False): the steps it streams are the bundle's steps, and its bundle holds none.
+    pipe = load_pipeline("tiny-sdxl")
+    plan = prepare_job(str(write_story(tmp_path)), RenderOptions(model="tiny-sdxl", out=str(tmp_path / "o"),
+                                                                 progress=False), pipe=pipe)
+    renderer = StoryRenderer(adapter_for(pipe), plan.config, plan.settings)
+    _, kept = renderer.render_anchors(plan.anchor_jobs)
+    streamed: dict[int, AnchorStep] = {}
+    _, bare = renderer.render_anchors(plan.anchor_jobs, on_publish=lambda t, step: streamed.update({t: step} if step else {}),
+                                      keep_steps=False)
+    assert not bare.steps and bare.meta == kept.meta
+    assert sorted(streamed) == sorted(kept.steps) and streamed
+    for t, step in streamed.items():
+        assert all(torch.equal(a, b) for a, b in zip(step.tensors(), kept.steps[t].tensors(), strict=True))
 
 
 def test_vanilla_frames_batch_like_the_stock_pipeline(tmp_path: Path) -> None:
@@ -283,6 +329,11 @@ def test_offload_installs_diffusers_model_offload_hooks() -> None:
     (["--frame-batch", "0"], "--frame-batch"),
     (["--bundle-on", "gpu"], "--bundle-on"),
     (["--offload", "everything"], "--offload"),
+    (["--object-store-memory", "lots"], "--object-store-memory"),
+    (["--object-store-memory", "1G"], "--object-store-memory"),  # no --workers: no Ray starts
+    (["--workers", "1", "--object-store-memory", "10M"], "--object-store-memory"),  # under Ray's 75 MiB
+    (["--workers", "1", "--spill-dir", "s3://bucket/spill"], "--spill-dir"),
+    (["--workers", "1", "--address", "127.0.0.1:1", "--object-store-memory", "1G"], "--object-store-memory"),
 ])
 def test_bad_efficiency_options_exit_2_and_write_nothing(tmp_path: Path, capsys, flags: list[str], named: str) -> None:
     story = str(write_story(tmp_path))

@@ -89,15 +89,17 @@ def test_a_size_over_the_maximum_is_refused_in_one_line_before_anything_loads(
 def test_a_render_over_the_free_memory_is_refused_with_the_options_that_lower_it(
     tmp_path: Path, capsys, monkeypatch, no_load,
 ) -> None:
-    story = write_story(tmp_path, frames=4, steps=3)
+    # A batch of 4: a frame batch decodes one image at a time, and at 64 px tiny-sdxl's denoiser
+    # needs less for 2 frames than its decoder for one, so --frame-batch 1 would lower nothing.
+    story = write_story(tmp_path, frames=6, steps=3)
     out = tmp_path / "out"
-    est, fixes = local_estimate(story, out, frame_batch=2, bundle_on="device")
-    assert [flag for flag, _ in fixes] == ["--bundle-on host", "--frame-batch 1 (now 2)"]
+    est, fixes = local_estimate(story, out, frame_batch=4, bundle_on="device")
+    assert [flag for flag, _ in fixes] == ["--bundle-on host", "--frame-batch 1 (now 4)"]
     assert all(e.needed < est.needed for _, e in fixes)
     limit = est.needed - 1
     monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, str(limit))
     code = main(["render", str(story), "--model", "tiny-sdxl", "--out", str(out), "--device", "cpu", "--no-progress",
-                 "--frame-batch", "2", "--bundle-on", "device"])
+                 "--frame-batch", "4", "--bundle-on", "device"])
     assert code == 2
     err = one_line(capsys)
     assert f"estimated at {est.describe()}" in err

@@ -101,6 +101,26 @@ class SharedLayerState:
         owners = self.owners()
         return [self.features[branch][owners == a] for a in range(num_anchors)]
 
+    def reference_slots(self, num_anchors: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each anchor's RFH references lie in ``features``, padded: computed from the index
+        on the host (call it on a host copy), so frames gather them with one integer indexing
+        instead of a boolean mask per anchor, which makes the host wait for the device.
+
+        Returns:
+            slots (A, Q) int64 into the M published tokens (0 on padding) and valid (A, Q)
+            boolean, Q the most tokens any anchor published (at least 1); both on the CPU.
+        """
+        index = self.index.cpu()
+        owners = torch.div(index, self.num_tokens, rounding_mode="floor").clamp_(0, max(num_anchors - 1, 0))
+        counts = torch.bincount(owners, minlength=num_anchors)[:num_anchors]
+        longest = max(int(counts.max()) if counts.numel() else 0, 1)
+        offsets = torch.arange(longest)[None, :]
+        valid = offsets < counts[:, None]
+        # The index is sorted (anchor * N + position), so anchor a's tokens are one run.
+        starts = torch.cumsum(counts, 0) - counts
+        slots = torch.where(valid, starts[:, None] + offsets, torch.zeros_like(offsets))
+        return slots, valid
+
     def to(self, device: torch.device | str) -> SharedLayerState:
         return SharedLayerState(
             self.index.to(device), self.hidden.to(device), self.features.to(device), self.num_tokens

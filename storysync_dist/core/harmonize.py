@@ -11,7 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .otsu import otsu_threshold
+from .otsu import otsu_split
+
+# The most score elements (G x F x A x patches x Q) one chunk of harmonize_batch computes at once:
+# 2**24 float32 values, 64 MiB, and about three times that in transient copies.
+SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
 def region_compatibility(
@@ -32,6 +36,77 @@ def region_compatibility(
     return match, score
 
 
+def harmonize_batch(
+    features: torch.Tensor,
+    active: torch.Tensor,
+    references: torch.Tensor,
+    reference_valid: torch.Tensor,
+    gamma: float,
+    tau: float,
+    pairs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eq. 9-11 for a batch of images against a batch of reference sets, dense: every patch is
+    matched and the mask decides with ``torch.where``, so nothing here makes the host wait for
+    the device (no ``nonzero``, no boolean indexing) and one call does every image, reference
+    and guidance branch.
+
+    A patch r of image f is harmonized when ``active[f, r]``; it is compared with the valid
+    patches of each reference set a that ``pairs[f, a]`` allows and that has at least one; a
+    match counts when its score passes Otsu's threshold over image f's active patches for that
+    reference (a constant score row: every match counts); the adaptation vectors of the counting
+    references are averaged (Eq. 11). Equal to :func:`harmonize_regions` image by image.
+
+    Args:
+        features: (G, F, N, C) R of F images in G guidance branches.
+        active: (F, N) boolean, the patches to harmonize (subject mask and RFH dropout).
+        references: (G, A, Q, C) A reference sets per branch, padded to Q patches.
+        reference_valid: (A, Q) boolean, False on padding (or on a reference's non-subject patch).
+        gamma: harmonization coefficient.
+        tau: temperature of Eq. 9.
+        pairs: optional (F, A) boolean, which references each image uses (default: all).
+    Returns:
+        (G, F, N, C) harmonized features, in ``features``' dtype.
+    """
+    g, f, n, c = features.shape
+    a, q = references.shape[1], references.shape[2]
+    regions = features.float()
+    refs = references.float().reshape(g, a * q, c)
+    unit_refs = F.normalize(refs, dim=-1).transpose(1, 2)  # (G, C, A*Q)
+    padding = ~reference_valid.reshape(1, 1, a, q)
+    # Eq. 9-10 in chunks of patches, so the (G, F, rows, A, Q) scores stay within
+    # SCORE_CHUNK_ELEMENTS whatever the image size (chosen from shapes: no device value decides).
+    rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, g * f * a * q))
+    scores, matches = [], []
+    for start in range(0, n, rows):
+        part = regions[:, :, start:start + rows]
+        cosine = torch.bmm(F.normalize(part, dim=-1).reshape(g, -1, c), unit_refs)  # (G, F*rows, A*Q)
+        cosine = cosine.view(g, -1, a, q)
+        compat = torch.softmax((cosine / tau).masked_fill(padding, -torch.inf), dim=-1)  # Eq. 9
+        score, match = compat.max(dim=-1)  # Eq. 10: (G, F*rows, A)
+        scores.append(score.view(g, f, -1, a))
+        matches.append(match.view(g, f, -1, a))
+    score = scores[0] if len(scores) == 1 else torch.cat(scores, dim=2)  # (G, F, N, A)
+    match = matches[0] if len(matches) == 1 else torch.cat(matches, dim=2)
+    used = reference_valid.any(dim=-1)[None, :]  # a reference with no patch is left out
+    if pairs is not None:
+        used = used & pairs
+    used = used[None, :, None, :]  # (1, F, 1, A)
+    score = torch.where(used, score, 0.0)  # an empty reference's NaN row
+    within = active[None, :, :, None].expand(g, f, n, a)
+    # Otsu over each (branch, image, reference)'s active patches.
+    thr, constant = otsu_split(score.transpose(2, 3).reshape(-1, n), within=within.transpose(2, 3).reshape(-1, n))
+    thr, constant = thr.view(g, f, 1, a), constant.view(g, f, 1, a)
+    # A constant score row carries no evidence to reject any match.
+    gate = (((score > thr) | constant) & within & used).float()  # (G, F, N, A)
+    # Eq. 11: the matched reference patches of every set at once, (G, F, N, A, C).
+    flat = (match + torch.arange(a, device=match.device) * q).reshape(g, -1)
+    matched = refs[torch.arange(g, device=refs.device)[:, None], flat].view(g, f, n, a, c)
+    delta = (gate[..., None] * (matched - regions[:, :, :, None])).sum(dim=3)
+    votes = gate.sum(dim=3, keepdim=True).clamp(min=1.0)
+    moved = (regions + gamma * delta / votes).to(features.dtype)
+    return torch.where(active[None, :, :, None], moved, features)
+
+
 def harmonize_regions(
     features: torch.Tensor,
     mask: torch.Tensor,
@@ -40,7 +115,8 @@ def harmonize_regions(
     tau: float,
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. 11 for one image against one or more reference images.
+    """Eq. 11 for one image against one or more reference images (:func:`harmonize_batch` for
+    one image, with the references padded).
 
     With several references, the adaptation vectors of the references whose match passes the
     Otsu gate are averaged.
@@ -56,22 +132,12 @@ def harmonize_regions(
         (N, C) harmonized features R_hat_i.
     """
     active = mask if keep is None else mask & keep
-    rows = active.nonzero(as_tuple=True)[0]
-    references = [ref for ref in references if ref.shape[0] > 0]
-    if rows.numel() == 0 or not references:
+    if not references:
         return features
-    regions = features[rows]
-    delta = torch.zeros(regions.shape, dtype=torch.float32, device=features.device)
-    votes = torch.zeros(rows.numel(), 1, dtype=torch.float32, device=features.device)
-    for reference in references:
-        match, score = region_compatibility(regions, reference, tau)
-        thr = otsu_threshold(score)
-        # A constant score row carries no evidence to reject any match.
-        passed = (score > thr) | (score.amax() == score.amin())
-        gate = passed.float()[:, None]
-        delta += gate * (reference[match].float() - regions.float())
-        votes += gate
-    delta = delta / votes.clamp(min=1.0)
-    out = features.clone()
-    out[rows] = (regions.float() + gamma * delta).to(features.dtype)
-    return out
+    longest = max(max(r.shape[0] for r in references), 1)
+    padded = features.new_zeros(len(references), longest, features.shape[-1])
+    valid = torch.zeros(len(references), longest, dtype=torch.bool, device=features.device)
+    for j, ref in enumerate(references):
+        padded[j, : ref.shape[0]] = ref
+        valid[j, : ref.shape[0]] = True
+    return harmonize_batch(features[None, None], active[None], padded[None], valid, gamma, tau)[0, 0]

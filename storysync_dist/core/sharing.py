@@ -10,8 +10,11 @@ subject sizes needs an additive -inf bias.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .transfer import to_device
 
 
 def propagation_mask(masks: torch.Tensor, i: int) -> torch.Tensor:
@@ -73,30 +76,35 @@ def gather_shared_tokens(
     gathered and padded in one indexing, without a host-device synchronisation.
 
     The keep masks are drawn on the CPU (``core.dropout``), so the indices and every length are
-    known on the host; boolean indexing on the device would wait for the device once per frame.
+    worked out on the host (numpy) and copied to the device once; boolean indexing on the device
+    would wait for the device once per frame.
 
     Args:
-        keys, values: (M, C) the anchors' shared keys and values (on the device).
+        keys, values: (..., M, C) the anchors' shared keys and values (on the device), with any
+            leading dims (the guidance branches: every branch keeps the same tokens).
         keeps: B (M,) boolean CPU keep masks, one per frame.
     Returns:
-        keys and values (B, M_max, C), the (B, M_max) validity of each slot (None when no slot is
-        padding), and the B lengths; three Nones (and the lengths) when no frame keeps a token.
+        keys and values (..., B, M_max, C), the (B, M_max) validity of each slot (None when no
+        slot is padding), and the B lengths; three Nones (and the lengths) when no frame keeps a
+        token.
     """
-    rows = [keep.cpu().nonzero(as_tuple=True)[0] for keep in keeps]
-    lengths = [int(r.numel()) for r in rows]
+    rows = [np.flatnonzero(keep.cpu().numpy()) for keep in keeps]
+    lengths = [int(r.size) for r in rows]
     longest = max(lengths, default=0)
     if longest == 0:
         return None, None, None, lengths
-    index = torch.zeros(len(rows), longest, dtype=torch.long)
-    valid = torch.zeros(len(rows), longest, dtype=torch.bool)
+    index = np.zeros((len(rows), longest), dtype=np.int64)
+    valid = np.zeros((len(rows), longest), dtype=bool)
     for b, r in enumerate(rows):
-        index[b, : r.numel()] = r
-        valid[b, : r.numel()] = True
-    index = index.to(keys.device, non_blocking=True)
-    gathered_k, gathered_v = keys[index], values[index]
+        index[b, : r.size] = r
+        valid[b, : r.size] = True
+    flat = to_device(torch.from_numpy(index.reshape(-1)), keys.device)
+    shape = (*keys.shape[:-2], len(rows), longest, keys.shape[-1])
+    gathered_k = keys.index_select(-2, flat).view(shape)
+    gathered_v = values.index_select(-2, flat).view(shape)
     if all(n == longest for n in lengths):
         return gathered_k, gathered_v, None, lengths
-    return gathered_k, gathered_v, valid.to(keys.device, non_blocking=True), lengths
+    return gathered_k, gathered_v, to_device(torch.from_numpy(valid), keys.device), lengths
 
 
 def shared_attention(
@@ -147,3 +155,60 @@ def shared_attention(
         bias = torch.zeros(admitted.shape, dtype=query.dtype, device=query.device)
         bias = bias.masked_fill(~admitted, float("-inf"))[:, None, None, :]
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias)
+
+
+def every_anchor_token(tokens: torch.Tensor) -> torch.Tensor:
+    """Every anchor's tokens as one key set, for each querying anchor (a broadcast view).
+
+    Args:
+        tokens: (A, H, N, d) the anchors' keys or values.
+    Returns:
+        (A, H, A*N, d): row i holds anchor 0's N tokens, then anchor 1's, and so on.
+    """
+    a, h, n, d = tokens.shape
+    return tokens.transpose(0, 1).reshape(1, h, a * n, d).expand(a, h, a * n, d)
+
+
+def anchor_admitted(masks: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 for anchors over ``every_anchor_token``'s key set: which of the other anchors'
+    tokens each anchor may attend to (their subject tokens its share dropout keeps; never its own,
+    which it attends to as its own keys).
+
+    Args:
+        masks: (A, N) boolean subject masks.
+        keeps: (A, A, N) boolean share-dropout keep masks, one (A, N) per querying anchor.
+    Returns:
+        (A, A*N) boolean.
+    """
+    a = masks.shape[0]
+    others = ~torch.eye(a, dtype=torch.bool, device=masks.device)[:, :, None]
+    return (masks[None] & keeps & others).reshape(a, -1)
+
+
+def masked_shared_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    shared_key: torch.Tensor,
+    shared_value: torch.Tensor,
+    admitted: torch.Tensor,
+) -> torch.Tensor:
+    """Eq. 7-8 as written: one softmax over the own keys and a shared key set, with log Gamma
+    (0 where admitted, -inf elsewhere) added to the shared keys' scores. Dense: no device value
+    is read on the host, so it never waits for the device; own keys are always admitted, so no
+    row is empty.
+
+    Args:
+        query, key, value: (B, H, N, d) the images' own projections (key/value may be longer
+            than the query, FLUX's joint text and image tokens).
+        shared_key, shared_value: (B, H, M, d) the candidate shared tokens.
+        admitted: (B, M) boolean Gamma over them.
+    Returns:
+        (B, H, N, d) attention output.
+    """
+    keys = torch.cat([key, shared_key], dim=2)
+    values = torch.cat([value, shared_value], dim=2)
+    bias = torch.zeros(admitted.shape[0], key.shape[2] + admitted.shape[1], dtype=query.dtype, device=query.device)
+    bias[:, key.shape[2]:].masked_fill_(~admitted, float("-inf"))
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias[:, None, None, :])
+

@@ -20,6 +20,7 @@ image and layer, or (``share_dropout_scope="resolution"``) once per anchor, step
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections import deque
 
@@ -29,14 +30,22 @@ from .anchors import AnchorBundle, AnchorStep, SharedLayerState
 from .config import StorySyncConfig, default_anchor_dtype
 from .consistory import FeatureInjection
 from .dropout import KIND_MASK, KIND_RFH, KIND_SHARE, keep_mask, resolution_keep
-from .harmonize import harmonize_regions
+from .harmonize import harmonize_batch
 from .masks import aggregate_subject_maps, subject_mask, subject_token_weights, token_grid
 from .storydiffusion import anchor_sample, frame_sample
+from .transfer import to_device
 
 ROLE_ANCHORS = "anchors"
 ROLE_FRAMES = "frames"
 UNCOND, COND = "uncond", "cond"
 VANILLA, CONSISTENT = "vanilla", "consistent"
+
+
+def joined_rows(rows: list[slice]) -> slice | None:
+    """Batch row slices as one slice, when each starts where the one before stops; else None."""
+    if not rows or any(b.start != a.stop for a, b in itertools.pairwise(rows)):
+        return None
+    return slice(rows[0].start, rows[-1].stop)
 
 
 def layer_id(name: str) -> int:
@@ -105,6 +114,12 @@ class StorySyncState:
         self._mask_cache: dict[int, torch.Tensor] = {}
         self._anchor_cache: dict[str, SharedLayerState | None] = {}
         self._keep_cache: dict[int, torch.Tensor] = {}  # share_dropout_scope "resolution": N -> (A, N)
+        # Anchors: N -> the subject-token index of this step's masks (host, device); the side
+        # stream of the bundle's host copies and whether copies wait on it (``take_published``).
+        self._index_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._publish_sizes: list[int] = []  # the N of every shared layer that published
+        self._copy_stream: torch.cuda.Stream | None = None
+        self._copies_pending = False
         # mask_source "window": the per-subject maps (F, n, S), averaged over layers, of the last
         # mask_window steps.
         self._window: deque[torch.Tensor] = deque(maxlen=config.mask_window)
@@ -128,7 +143,7 @@ class StorySyncState:
         self.injection.end_first_pass(final)
         self.pass_index = 1
         self.step = 0
-        self._maps, self._mask_cache, self._anchor_cache = {}, {}, {}
+        self._maps, self._mask_cache, self._anchor_cache, self._index_cache = {}, {}, {}, {}
         self._window.clear()  # mask_source "window": pass 2 records its maps afresh, as the release
         self._mask_map = self._mask_hw = self._last_map = None
         self._mask_fixed = False
@@ -294,17 +309,64 @@ class StorySyncState:
         if self.config.token_sampling != "mask":
             # StoryDiffusion: publish what its frames attend to at this layer call, which at its
             # early steps can be more than the anchors attend to (core/storydiffusion.py).
-            masks = frame_sample(self.seeds, self.step, num_tokens, layer_id(name),
-                                 self.config.token_sampling).to(masks.device)
-        index = masks.reshape(-1).nonzero(as_tuple=True)[0]
+            masks = frame_sample(self.seeds, self.step, num_tokens, layer_id(name), self.config.token_sampling)
+            host_index = masks.reshape(-1).cpu().nonzero(as_tuple=True)[0]  # drawn on the host
+            index = to_device(host_index, hidden.device)
+        else:
+            host_index, index = self._subject_index(num_tokens, masks)
         g = hidden.shape[0]
         layer = SharedLayerState(
-            index=index.cpu(),
-            hidden=hidden.reshape(g, -1, hidden.shape[-1])[:, index].to("cpu", dtype),
-            features=features.reshape(g, -1, features.shape[-1])[:, index].to("cpu", dtype),
+            index=host_index.clone(),  # each layer's own (a bundle file stores tensors apart)
+            hidden=self._to_host(hidden.reshape(g, -1, hidden.shape[-1]).index_select(1, index).to(dtype)),
+            features=self._to_host(features.reshape(g, -1, features.shape[-1]).index_select(1, index).to(dtype)),
             num_tokens=num_tokens,
         )
         self._published_step().layers[name] = layer
+
+    def _subject_index(self, num_tokens: int, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat subject-token index of the anchors' (A, N) masks at one resolution, on the
+        host and on the device: found once per step and resolution (every shared layer of that
+        resolution publishes the same tokens), so the host waits for the device once for it."""
+        found = self._index_cache.get(num_tokens)
+        if found is None:
+            # Every resolution published so far at once: one host copy per step after the first.
+            sizes = [num_tokens, *(n for n in self._publish_sizes if n != num_tokens)]
+            if num_tokens not in self._publish_sizes:
+                self._publish_sizes.append(num_tokens)
+            flat = torch.cat([masks.reshape(-1), *(self.masks(n).reshape(-1) for n in sizes[1:])]).cpu()
+            for n, part in zip(sizes, flat.split([self.num_images * n for n in sizes])):
+                host_index = part.nonzero(as_tuple=True)[0]
+                self._index_cache[n] = (host_index, to_device(host_index, masks.device))
+            found = self._index_cache[num_tokens]
+        return found
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A device tensor's host copy for the bundle: on CUDA, queued on a side stream into
+        pinned memory, so the render goes on; ``take_published`` waits for the copies once per
+        step before the step leaves the process."""
+        cuda = tensor.device.type == "cuda"
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
+        if not cuda:
+            host.copy_(tensor, non_blocking=True)  # a plain copy off CUDA (the same call, for bench/op_census.py)
+            return host
+        stream = self._copy_stream
+        if stream is None:
+            stream = self._copy_stream = torch.cuda.Stream(tensor.device)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the values are computed
+        with torch.cuda.stream(stream):
+            host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(stream)  # the device block stays until the copy has read it
+        self._copies_pending = True
+        return host
+
+    def take_published(self, t: int, keep: bool = True) -> AnchorStep | None:
+        """Bundle step ``t`` as published (anchor role), once its host copies are done: the one
+        wait for the device per step. With ``keep=False`` the state forgets it (a Ray anchor
+        actor streams each step to the driver and keeps none)."""
+        if self._copies_pending and self._copy_stream is not None:
+            self._copy_stream.synchronize()
+            self._copies_pending = False
+        return self.published.get(t) if keep else self.published.pop(t, None)
 
     def _published_step(self) -> AnchorStep:
         t = self.bundle_step
@@ -378,24 +440,47 @@ class StorySyncState:
         cfg = self.config
         if not cfg.harmonizes_at(self.step, self.num_steps):
             return features  # outside the [rfh_start, rfh_end) window
+        # (G, F, N, C): the consistent images of every shared guidance branch, harmonized at once.
+        together = joined_rows(shared_rows)
+        if together is not None:  # no vanilla rows between the branches: a view
+            images = features[together].view(len(shared_rows), -1, *features.shape[1:])
+        else:
+            images = torch.stack([features[rows] for rows in shared_rows])
+        if self.role == ROLE_ANCHORS:
+            # Each anchor against the other anchors' subject patches (a simultaneous update).
+            references, valid = images, masks
+            pairs = ~torch.eye(self.num_images, dtype=torch.bool, device=masks.device)
+        else:
+            found = self._anchor_references(name)
+            if found is None:
+                return features
+            references, valid = found
+            references, pairs = references.to(features.dtype), None
         layer = layer_id(name)
-        harmonized = features.clone()
-        for branch, rows in enumerate(shared_rows):
-            image_features = features[rows]
-            if self.role == ROLE_ANCHORS:
-                refs_all = [image_features[j][masks[j]] for j in range(self.num_images)]
-            else:
-                anchor = self.anchor_layer(name)
-                if anchor is None or self.bundle is None:
-                    continue
-                refs_all = [f.to(features.dtype) for f in anchor.per_anchor_features(branch, self.bundle.num_anchors)]
-            for i, seed in enumerate(self.seeds):
-                refs = [r for j, r in enumerate(refs_all) if self.role != ROLE_ANCHORS or j != i]
-                keep = keep_mask(masks.shape[1], cfg.rfh_dropout, seed, self.step, layer, KIND_RFH)
-                harmonized[rows.start + i] = harmonize_regions(
-                    image_features[i], masks[i], refs, cfg.rfh_gamma, cfg.rfh_tau, keep.to(masks.device)
-                )
-        return harmonized
+        keep = torch.stack([keep_mask(masks.shape[1], cfg.rfh_dropout, seed, self.step, layer, KIND_RFH)
+                            for seed in self.seeds])
+        active = masks & to_device(keep, masks.device)
+        harmonized = harmonize_batch(images, active, references, valid, cfg.rfh_gamma, cfg.rfh_tau, pairs)
+        out = features.clone()
+        if together is not None:
+            out[together] = harmonized.flatten(0, 1)
+        else:
+            for branch, rows in enumerate(shared_rows):
+                out[rows] = harmonized[branch]
+        return out
+
+    def _anchor_references(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The anchors' RFH references of one shared layer (frame role): (G, A, Q, C) features,
+        padded, and their (A, Q) validity, on the device; gathered with slots computed on the
+        host (``SharedLayerState.reference_slots``), so the host never waits for the device."""
+        anchor = self.anchor_layer(name)
+        if anchor is None or self.bundle is None or anchor.index.numel() == 0:
+            return None
+        host = getattr(self.bundle, "host_step", self.bundle.step)(self.bundle_step)
+        host_layer = host.layers.get(name) if host is not None else None
+        slots, valid = (host_layer or anchor).reference_slots(self.bundle.num_anchors)
+        device = anchor.features.device
+        return anchor.features[:, to_device(slots, device)], to_device(valid, device)
 
     # ---- ConsiStory's feature injection (core/consistory.py) -----------------------------
     def injects(self, num_tokens: int) -> bool:
@@ -458,4 +543,5 @@ class StorySyncState:
         self._mask_cache = {}
         self._anchor_cache = {}
         self._keep_cache = {}
+        self._index_cache = {}
         self.step += 1

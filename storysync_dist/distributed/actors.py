@@ -84,14 +84,18 @@ def stream_anchor_payloads(renderer: StoryRenderer, jobs: list[FrameJob]) -> Ite
     the caller (a Ray generator method) streams them while the later steps are still rendering.
     """
     items: queue.Queue[tuple[str, Any]] = queue.Queue()
+    published_bytes = [0]
 
     def publish(t: int, anchor_step: AnchorStep | None) -> None:
+        if anchor_step is not None:
+            published_bytes[0] += anchor_step.nbytes()
         items.put(("step", anchor_step.to_numpy() if anchor_step is not None else None))
 
     def run() -> None:
         try:
-            frames, bundle = renderer.render_anchors(jobs, on_publish=publish)
-            tail = {"frames": [encode_frame(f) for f in frames], "meta": bundle.meta, "nbytes": bundle.nbytes()}
+            # The steps go to the driver as they are published; this process keeps none of them.
+            frames, bundle = renderer.render_anchors(jobs, on_publish=publish, keep_steps=False)
+            tail = {"frames": [encode_frame(f) for f in frames], "meta": bundle.meta, "nbytes": published_bytes[0]}
             items.put(("tail", tail))
         except BaseException as exc:  # re-raised in the caller's thread, where Ray reports it
             items.put(("error", exc))

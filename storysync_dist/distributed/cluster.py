@@ -46,11 +46,17 @@ REACH_TIMEOUT = 10.0
 _OPTION_NAMES = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}
 
 
-def connect(address: str | None, workers: int) -> None:
+def connect(address: str | None, workers: int, object_store_memory: int | None = None,
+            spill_dir: str | None = None) -> None:
     """Use the Ray already initialized in this process, join ``address``/RAY_ADDRESS, or start a
     local Ray bound to loopback (``address="local"``: a plain ``ray.init()`` would attach to any
-    cluster already running on this machine)."""
+    cluster already running on this machine), with ``object_store_memory`` bytes of object store
+    and spilling to ``spill_dir`` when given (only a Ray started here takes them)."""
     if ray.is_initialized():
+        if object_store_memory is not None or spill_dir is not None:
+            flag = "--object-store-memory" if object_store_memory is not None else "--spill-dir"
+            raise StorySyncUserError(f"{flag}: Ray is already running in this process, with its own; "
+                                     "pass it to your ray.init, or call ray.shutdown() first")
         return
     where = f"--address {address}" if address else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
     address = address or os.environ.get("RAY_ADDRESS")
@@ -64,12 +70,18 @@ def connect(address: str | None, workers: int) -> None:
         return
     _loopback_only()
     with _quiet_embedded_start():
+        sizing: dict[str, Any] = {}
+        if object_store_memory is not None:
+            sizing["object_store_memory"] = int(object_store_memory)
+        if spill_dir is not None:
+            sizing["object_spilling_directory"] = os.path.abspath(spill_dir)
         ray.init(
             address="local",
             # Logical CPUs: one per worker (and one spare) even on a small machine.
             num_cpus=max(os.cpu_count() or 1, workers + 1),
             include_dashboard=False,
             logging_level=logging.WARNING,
+            **sizing,
         )
     reclaim_sigterm()
 
@@ -296,3 +308,18 @@ def _check_totals(workers: int, amounts: dict[str, float], total: dict[str, floa
         raise StorySyncUserError(
             f"--workers {workers} needs {need:g} CPUs (one pipeline per CPU: {reason}), but it has {have:g}"
         )
+
+
+# The share of the smallest node's object store that open stories' anchor steps may fill: the
+# rest is for the frames in flight and the anchors streaming.
+OBJECT_STORE_SHARE = 0.8
+
+
+def object_store_budget() -> int | None:
+    """Bytes of anchor steps the job may keep open at once: ``OBJECT_STORE_SHARE`` of the smallest
+    object store among the cluster's alive nodes (every node with frame workers holds the steps of
+    each story they render), or None when Ray reports none."""
+    stores = [node.get("Resources", {}).get("object_store_memory", 0) for node in ray.nodes() if node.get("Alive")]
+    stores = [s for s in stores if s > 0]
+    return int(OBJECT_STORE_SHARE * min(stores)) if stores else None
+

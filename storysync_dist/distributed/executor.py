@@ -21,9 +21,9 @@ import ray
 
 from ..engine.job import JobPlan, RenderOptions, check_efficiency_options
 from ..engine.run import JobContext
-from .cluster import actor_resources, connect
+from .cluster import actor_resources, connect, object_store_budget
 from .pool import NAMESPACE, WorkerPool
-from .scheduler import EventHook, PoolScheduler, StorySource
+from .scheduler import DEFAULT_BUNDLE_BUDGET, EventHook, PoolScheduler, StorySource
 
 __all__ = ["NAMESPACE", "RayExecutor"]
 
@@ -61,7 +61,7 @@ class RayExecutor:
     def __init__(self, options: RenderOptions, *, on_event: EventHook | None = None) -> None:
         self.options = options
         check_efficiency_options(options)  # before Ray starts
-        connect(options.address, options.workers)
+        connect(options.address, options.workers, options.object_store_memory, options.spill_dir)
         # Fails fast when the cluster is too small, or --device does not fit it.
         self.resources = actor_resources(options.workers, options.device, options.resources_per_worker,
                                          options.dtype, options.model)
@@ -105,7 +105,12 @@ class RayExecutor:
     def render(self, sources: Iterable[StorySource]) -> Iterator[tuple[StorySource, Any]]:
         """Render every story of ``sources`` on the pool; yield (source, what ``source.finish``
         returned) as each story finishes. The pool stops if the job fails."""
-        scheduler = PoolScheduler(self._pool, bundle_budget=self.options.bundle_budget, on_event=self.on_event)
+        budget = self.options.bundle_budget
+        if budget is None:
+            # From the object store, so one story's anchors overlap another's frames at 1024 px
+            # (a 15 GB SDXL bundle) wherever the store holds two; never below the fixed default.
+            budget = max(DEFAULT_BUNDLE_BUDGET, object_store_budget() or 0)
+        scheduler = PoolScheduler(self._pool, bundle_budget=budget, on_event=self.on_event)
         try:
             yield from scheduler.run(sources)
         except BaseException:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +116,11 @@ class RenderOptions:
     # upcoming stories while earlier stories' frames render, and keeps at most this budget divided
     # by the largest bundle seen stories open at once (None: 4 GiB; see docs/distributed.md).
     bundle_budget: int | None = None
+    # The Ray this job starts itself (workers >= 1, no cluster to join): its object store in bytes
+    # (--object-store-memory; None: Ray's default) and the folder it spills objects to
+    # (--spill-dir; None: Ray's). A cluster the job joins has its own (docs/distributed.md).
+    object_store_memory: int | None = None
+    spill_dir: str | None = None
     # Non-anchor frames of a story rendered in one denoiser batch (--frame-batch); None: the
     # device's default (engine.devices.default_frame_batch; docs/memory.md).
     frame_batch: int | None = None
@@ -297,6 +303,34 @@ def check_efficiency_options(options: RenderOptions) -> None:
         raise StorySyncUserError(f"--bundle-on {options.bundle_on!r}: choose one of {', '.join(PLACEMENTS)}")
     if options.offload not in OFFLOADS:
         raise StorySyncUserError(f"--offload {options.offload!r}: choose one of {', '.join(OFFLOADS)}")
+    check_ray_start_options(options)
+
+
+# Ray's smallest object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES in Ray 2.60).
+MIN_OBJECT_STORE = 75 * 1024 * 1024
+
+
+def check_ray_start_options(options: RenderOptions) -> None:
+    """``--object-store-memory`` and ``--spill-dir``: one-line errors naming the option. They size
+    the Ray this job starts, so they need ``--workers`` and no cluster to join."""
+    given = [name for name, value in (("--object-store-memory", options.object_store_memory),
+                                      ("--spill-dir", options.spill_dir)) if value is not None]
+    if not given:
+        return
+    if options.workers == 0:
+        raise StorySyncUserError(f"{given[0]}: only with --workers N (without it no Ray starts)")
+    joined = options.address or os.environ.get("RAY_ADDRESS")
+    if joined:
+        raise StorySyncUserError(
+            f"{given[0]}: this job joins the Ray cluster at {joined}, which has its own; set it with "
+            "`ray start --object-store-memory ... --object-spilling-directory ...` on its nodes, or drop --address"
+        )
+    size = options.object_store_memory
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_OBJECT_STORE):
+        raise StorySyncUserError(f"--object-store-memory {size!r}: must be at least {MIN_OBJECT_STORE} bytes (75 MiB)")
+    spill = options.spill_dir
+    if spill is not None and ("://" in spill or (os.path.exists(spill) and not os.path.isdir(spill))):
+        raise StorySyncUserError(f"--spill-dir {spill}: must be a local folder")
 
 
 def _device_kind(options: RenderOptions, pipe: object | None, device: str | None) -> str:

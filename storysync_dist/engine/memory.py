@@ -49,9 +49,11 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..core.harmonize import SCORE_CHUNK_ELEMENTS
 from ..core.residency import AUTO_DEVICE_SHARE
 from ..errors import StorySyncUserError
 from ..models.offload import resident_roles
+from ..sizes import parse_size
 
 __all__ = [
     "MEMORY_LIMIT_ENV", "FreeMemory", "JobShape", "MemoryEstimate", "ModelShapes", "alternatives", "check_fits",
@@ -297,22 +299,30 @@ def _is_transformer(shapes: ModelShapes) -> bool:
 
 def storysync_extra_bytes(shapes: ModelShapes, grid: tuple[int, int], shared: list[AttentionShape], mask_prefixes:
                           tuple[str, ...], *, images: int, branches: int, anchors: int, dtype_bytes: int,
-                          text_len: int, coverage: float = SUBJECT_COVERAGE) -> int:
+                          text_len: int, coverage: float = SUBJECT_COVERAGE, role: str = "frames") -> int:
     """What StorySync adds at its largest layer, for ``images`` consistent images:
 
-    - shared attention: keys and values of the image's N tokens plus the anchors' M = anchors x
-      coverage x N subject tokens, per shared guidance branch (``2 x (N + M) x C_inner``);
-    - RFH: the float32 cosine similarity and its softmax between a frame's subject patches and an
-      anchor's (``2 x (coverage N)^2``, one image at a time);
+    - shared attention: keys and values of the image's N tokens plus the shared ones, per shared
+      guidance branch (``2 x (N + M) x C_inner``): for frames the anchors' M = anchors x coverage x
+      N subject tokens; for the anchors (``role="anchors"``) every anchor's N tokens, which the
+      log-mask of ``core.sharing.masked_shared_attention`` admits or not;
+    - RFH, dense (``core.harmonize.harmonize_batch``): the float32 match scores of every patch
+      against each reference set of Q patches (frames: coverage x N per anchor; anchors: N), at most
+      ``SCORE_CHUNK_ELEMENTS`` at once, three copies live (cosine, masked, softmax); and the float32
+      matched patches of every reference set plus three float32 copies of the features
+      (``(anchors + 3) x N x C_inner`` per image and branch);
     - subject maps of the mask layers: ``heads x N x text`` float32 scores and probabilities for the
       conditional branch's images.
     """
     kv = rfh = 0
     for layer in shared:
         n = layer_tokens(grid, layer.level)
-        m = anchors * coverage * n
+        q = n if role == "anchors" else coverage * n
+        m = anchors * q
         kv = max(kv, int(2 * (n + m) * layer.inner * images * branches * dtype_bytes))
-        rfh = max(rfh, int(2 * (coverage * n) ** 2 * 4))
+        scores = min(branches * images * anchors * n * q, SCORE_CHUNK_ELEMENTS) * 4 * 3
+        matched = branches * images * n * (anchors + 3) * layer.inner * 4
+        rfh = max(rfh, int(scores + matched))
     maps = 0
     for layer in shapes.attention:
         if any(layer.name.startswith(p) for p in mask_prefixes):
@@ -444,21 +454,23 @@ def estimate(shapes: ModelShapes, job: JobShape) -> MemoryEstimate:
     resident = resident_roles(shapes.params, shapes.denoiser, shapes.decoder) if offloaded else None
     weights = weight_bytes(shapes, job.dtype_bytes, roles=resident)
 
-    def activations(images: int) -> int:
+    def activations(images: int, role: str = "frames") -> int:
         rows = images * job.guidance_branches * (2 if job.vanilla else 1)
         den = denoiser_activation_bytes(shapes, grid, rows=rows, dtype_bytes=job.dtype_bytes, text_len=job.text_len)
         if shared:
             den += storysync_extra_bytes(shapes, grid, shared, job.mask_layers, images=images,
                                          branches=job.shared_branches, anchors=job.anchors,
-                                         dtype_bytes=job.dtype_bytes, text_len=job.text_len)
-        dec = decode_activation_bytes(shapes, job.height, job.width, images=images, dtype_bytes=job.dtype_bytes,
+                                         dtype_bytes=job.dtype_bytes, text_len=job.text_len, role=role)
+        # A frame batch decodes one image at a time (models.denoise.decode_each).
+        dec = decode_activation_bytes(shapes, job.height, job.width, images=1, dtype_bytes=job.dtype_bytes,
                                       device_type=kind)
         return max(den, dec)
 
     phases: list[tuple[str, int, int]] = []  # (phase, activations, bundle)
     if job.anchors_here:
         # A CPU keeps the published steps in the same memory; a GPU moves each to the host at once.
-        phases.append(("anchors", activations(job.anchors_here), (whole if kind == "cpu" else step) if shared else 0))
+        phases.append(("anchors", activations(job.anchors_here, "anchors"),
+                       (whole if kind == "cpu" else step) if shared else 0))
     if job.frames_here:
         phases.append(("frames", activations(job.frame_batch), _frames_bundle(job, kind, step, whole)))
     phase, act, bundle = max(phases or [("frames", 0, 0)], key=lambda p: p[1] + p[2])
@@ -511,11 +523,10 @@ def memory_limit() -> int | None:
     text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
     if not text:
         return None
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", text, re.IGNORECASE)
-    if not match:
-        raise StorySyncUserError(f"{MEMORY_LIMIT_ENV}={text!r}: not a size in bytes (e.g. 8589934592, 8G, 512MiB)")
-    scale = 1024 ** "_kmgt".index(match.group(2).lower() or "_")
-    return int(float(match.group(1)) * scale)
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise StorySyncUserError(f"{MEMORY_LIMIT_ENV}={text!r}: not a size in bytes (e.g. 8589934592, 8G, 512MiB)") from None
 
 
 def _cap(free: int | None, where: str) -> FreeMemory | None:

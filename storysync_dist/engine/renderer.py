@@ -233,18 +233,22 @@ class StoryRenderer:
         anchors: list[FrameJob],
         on_step: Callable[[int], None] | None = None,
         on_publish: Callable[[int, AnchorStep | None], None] | None = None,
+        keep_steps: bool = True,
     ) -> tuple[list[RenderedFrame], AnchorBundle]:
         """Render the anchor frames together (they share among themselves) and record the bundle.
 
         ``on_publish(t, anchor_step)`` is called as soon as step t is published (None for a step
-        that publishes nothing, such as step 0 with ``mask_source="previous"``).
+        that publishes nothing, such as step 0 with ``mask_source="previous"``). With
+        ``keep_steps=False`` each step is forgotten once handed to ``on_publish``, and the bundle
+        returned holds the metadata only (a Ray anchor actor: the driver owns the steps).
         """
         start = time.perf_counter()
         state = self._state(ROLE_ANCHORS, anchors, None)
 
         def step_done(i: int) -> None:
+            published = state.take_published(i, keep=keep_steps)  # waits for its host copies
             if on_publish is not None:
-                on_publish(i, state.published.get(i))
+                on_publish(i, published)
             if on_step is not None:
                 on_step(i)
 

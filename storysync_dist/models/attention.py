@@ -18,8 +18,15 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
-from ..core.sharing import cross_image_tokens, gather_shared_tokens, pad_token_sets, shared_attention
-from ..core.state import CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
+from ..core.sharing import (
+    anchor_admitted,
+    every_anchor_token,
+    gather_shared_tokens,
+    masked_shared_attention,
+    shared_attention,
+)
+from ..core.state import CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, joined_rows, layer_id
+from ..core.transfer import to_device
 
 __all__ = ["StorySyncSelfAttnProcessor", "SubjectMapProcessor"]
 
@@ -32,6 +39,29 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, N, d) -> (B, N, H*d)."""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+def other_rows(batch: int, skip: list[slice]) -> list[slice]:
+    """The row ranges of a batch of ``batch`` rows outside the slices ``skip`` (host-side)."""
+    ranges, start = [], 0
+    for rows in sorted(skip, key=lambda r: r.start):
+        if rows.start > start:
+            ranges.append(slice(start, rows.start))
+        start = max(start, rows.stop)
+    if start < batch:
+        ranges.append(slice(start, batch))
+    return ranges
+
+
+def stock_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, skip: list[slice]) -> torch.Tensor:
+    """(B, H, N, d) stock attention of the rows outside ``skip``; the rows inside are left for the
+    caller to fill (uninitialized)."""
+    if not skip:
+        return F.scaled_dot_product_attention(query, key, value)
+    out = torch.empty_like(query)
+    for rows in other_rows(query.shape[0], skip):
+        out[rows] = F.scaled_dot_product_attention(query[rows], key[rows], value[rows])
+    return out
 
 
 class StorySyncSelfAttnProcessor:
@@ -99,13 +129,15 @@ class StorySyncSelfAttnProcessor:
         masks = st.masks(num_tokens) if sharing else None
         shared_rows = [st.rows(g, CONSISTENT) for g in st.shared_guidance] if sharing else []
 
-        out = F.scaled_dot_product_attention(query, key, value)  # stock attention for every row
-        if sharing and cfg.share_attention:
-            for branch, rows in enumerate(shared_rows):
-                k_sh, v_sh, valid, lengths = self._shared_tokens(attn, hidden_states, key, value, rows, branch, masks)
-                if k_sh is None:
-                    continue  # nothing to share with any image here: the stock output stands
-                out[rows] = shared_attention(query[rows], key[rows], value[rows], k_sh, v_sh, valid, lengths)
+        shared: list[tuple[slice, torch.Tensor]] = []
+        if sharing and cfg.share_attention and st.role != ROLE_ANCHORS:
+            shared = self._share_with_anchors(attn, hidden_states, query, key, value, shared_rows)
+        elif sharing and cfg.share_attention and st.num_images > 1:
+            shared = self._share_among_anchors(query, key, value, shared_rows, masks)
+        # Stock attention for the rows that do not share; none is computed only to be overwritten.
+        out = stock_rows(query, key, value, [rows for rows, _ in shared])
+        for rows, shared_out in shared:
+            out[rows] = shared_out
         features = _merge_heads(out).to(query.dtype)  # R, the RFH features
 
         if sharing and st.role == ROLE_ANCHORS and st.step < st.num_steps:
@@ -130,56 +162,60 @@ class StorySyncSelfAttnProcessor:
             out = out + hidden_states
         return out / attn.rescale_output_factor
 
-    def _shared_tokens(
+    def _share_with_anchors(
         self,
         attn: Attention,
         hidden_states: torch.Tensor,
+        query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        rows: slice,
-        branch: int,
-        masks: torch.Tensor,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[int]]:
-        """Keys/values each consistent image shares with (padded), Eq. 5-8 and 13.
-
-        Returns ``(B, H, M, d)`` keys and values, the ``(B, M)`` validity of each slot (False on
-        padding; None when there is none) and the B host-side lengths, or three Nones (and the
-        lengths) when no image has a single token to share with at this layer and step: the subject masks are empty (a small layer, an early step) or dropout removed every
-        key. An image whose own set is empty while others' are not gets only padding, which
-        ``shared_attention`` masks out, so it attends to its own tokens alone.
-        """
+        shared_rows: list[slice],
+    ) -> list[tuple[slice, torch.Tensor]]:
+        """Eq. 7-8, 13 for the frames of every shared guidance branch in one attention call: each
+        frame attends to its own tokens and the anchor tokens its share dropout keeps (the same
+        tokens in every branch, so one gather serves them all). Returns (rows, (F, H, N, d)
+        output) per branch, or nothing when no frame keeps an anchor token."""
         st = self.state
-        heads = attn.heads
-        sets_k: list[torch.Tensor] = []
-        sets_v: list[torch.Tensor] = []
-        if st.role == ROLE_ANCHORS:
-            if st.num_images < 2:
-                return None, None, None, []
-            k_img, v_img = _merge_heads(key[rows]), _merge_heads(value[rows])  # (A, N, C)
-            for i, keep in enumerate(st.anchor_share_keeps(self.layer, masks.shape[1])):
-                keep = keep.to(masks.device)
-                sets_k.append(cross_image_tokens(k_img, masks, i, keep))
-                sets_v.append(cross_image_tokens(v_img, masks, i, keep))
+        anchor = st.anchor_layer(self.name)
+        if anchor is None or anchor.index.numel() == 0:
+            return []
+        heads, g = attn.heads, len(shared_rows)
+        hidden = anchor.hidden[:g].to(hidden_states.dtype)  # (G, M, C), the anchors' branches
+        k_all, v_all = attn.to_k(hidden), attn.to_v(hidden)
+        if attn.norm_k is not None:
+            k_all = _merge_heads(attn.norm_k(_split_heads(k_all, heads)))
+        keeps = st.frame_share_keeps(self.name, self.layer, anchor)
+        k_pad, v_pad, valid, lengths = gather_shared_tokens(k_all, v_all, keeps)  # (G, F, M_max, C)
+        if k_pad is None or v_pad is None:
+            return []
+        k_sh, v_sh = _split_heads(k_pad.flatten(0, 1), heads), _split_heads(v_pad.flatten(0, 1), heads)
+        together = joined_rows(shared_rows)
+        if together is not None:  # one slice of the batch (no vanilla rows between the branches)
+            q, k, v = query[together], key[together], value[together]
         else:
-            anchor = st.anchor_layer(self.name)
-            if anchor is None or anchor.index.numel() == 0:
-                return None, None, None, []
-            shared_hidden = anchor.hidden[branch].to(hidden_states.dtype)
-            k_all = attn.to_k(shared_hidden[None])
-            v_all = attn.to_v(shared_hidden[None])
-            if attn.norm_k is not None:
-                k_all = _merge_heads(attn.norm_k(_split_heads(k_all, heads)))
-            keeps = st.frame_share_keeps(self.name, self.layer, anchor)
-            k_pad, v_pad, valid, lengths = gather_shared_tokens(k_all[0], v_all[0], keeps)
-            if k_pad is None or v_pad is None:
-                return None, None, None, lengths
-            return _split_heads(k_pad, heads), _split_heads(v_pad, heads), valid, lengths
-        lengths = [s.shape[0] for s in sets_k]
-        if not any(lengths):
-            return None, None, None, lengths
-        k_pad, valid = pad_token_sets(sets_k)
-        v_pad, _ = pad_token_sets(sets_v)
-        return _split_heads(k_pad, heads), _split_heads(v_pad, heads), valid, lengths
+            q, k, v = (torch.cat([x[rows] for rows in shared_rows]) for x in (query, key, value))
+        out = shared_attention(q, k, v, k_sh, v_sh, None if valid is None else valid.repeat(g, 1), lengths * g)
+        return list(zip(shared_rows, out.chunk(g)))
+
+    def _share_among_anchors(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        shared_rows: list[slice],
+        masks: torch.Tensor,
+    ) -> list[tuple[slice, torch.Tensor]]:
+        """Eq. 5-8 for the anchors, dense: each anchor attends to its own tokens and to the other
+        anchors' subject tokens its share dropout keeps, by a log-mask over all of their tokens.
+        Returns (rows, (A, H, N, d) output) per shared guidance branch."""
+        st = self.state
+        keeps = torch.stack(st.anchor_share_keeps(self.layer, masks.shape[1]))  # (A, A, N), drawn on the host
+        if not bool(keeps.any()):  # the dropout kept no token (a host value): stock attention
+            return []
+        admitted = anchor_admitted(masks, to_device(keeps, masks.device))
+        return [(rows, masked_shared_attention(query[rows], key[rows], value[rows], every_anchor_token(key[rows]),
+                                               every_anchor_token(value[rows]), admitted))
+                for rows in shared_rows]
 
     def _harmonize(self, features: torch.Tensor, shared_rows: list[slice], masks: torch.Tensor) -> torch.Tensor:
         """Eq. 9-11 for every consistent image in the shared guidance branches (``StorySyncState.harmonize``)."""

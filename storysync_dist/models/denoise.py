@@ -1,5 +1,6 @@
 """Pieces of a denoising loop every family shares: the per-branch latents and schedulers (the
-vanilla branch of BLI leaves the batch after T steps) and the check for non-finite latents."""
+vanilla branch of BLI leaves the batch after T steps), the check for non-finite latents, and the
+decode of a frame batch one image at a time."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from ..core.state import CONSISTENT, VANILLA, StorySyncState
 from ..errors import NonFiniteOutputError
 
-__all__ = ["BranchLatents", "check_finite", "end_step"]
+__all__ = ["BranchLatents", "check_finite", "decode_each", "end_step"]
 
 
 class BranchLatents:
@@ -99,3 +100,20 @@ def end_step(state: StorySyncState, branch_latents: BranchLatents, i: int, on_st
         branch_latents.drop(VANILLA)
     if on_step is not None:
         on_step(i)
+
+
+def decode_each(decode: Callable[[torch.Tensor, slice], torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+    """A latent decoder's output for a batch, decoded one image at a time (as diffusers'
+    ``vae.enable_slicing()``, without changing the caller's pipeline): the decode holds one image's
+    activations whatever the frame batch (an SDXL VAE decodes in float32: a batch of 8 at 1024 px
+    all at once does not fit 24 GB), and each image's pixels do not depend on the batch.
+
+    Args:
+        decode: (latents (1, ...), the batch rows it is) -> images (1, ...).
+        latents: (B, ...) the batch.
+    Returns:
+        (B, ...) the decoded images, in batch order.
+    """
+    parts = [decode(latents[i:i + 1], slice(i, i + 1)) for i in range(latents.shape[0])]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+

@@ -34,9 +34,17 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 
 from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
-from ..core.sharing import cross_image_tokens, gather_shared_tokens, pad_token_sets, shared_attention
+from ..core.sharing import (
+    anchor_admitted,
+    every_anchor_token,
+    gather_shared_tokens,
+    masked_shared_attention,
+    shared_attention,
+)
 from ..core.state import COND, CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
-from .denoise import BranchLatents, check_finite, end_step
+from ..core.transfer import to_device
+from .attention import other_rows
+from .denoise import BranchLatents, check_finite, decode_each, end_step
 from .family import ModelFamily, ModelInfo, RenderResult
 from .offload import offload_idle
 
@@ -179,8 +187,11 @@ class FluxStorySyncProcessor:
         sharing = self._sharing()
         masks = st.masks(num_img) if sharing else None
         shared_rows = [st.rows(g, CONSISTENT) for g in st.shared_guidance] if sharing else []
-        out = _attend(query, key, value, self._attention_backend)  # stock joint attention for every row
-        if sharing and cfg.share_attention:
+        shared: list[tuple[slice, torch.Tensor]] = []
+        if sharing and cfg.share_attention and st.role == ROLE_ANCHORS:
+            if st.num_images > 1:
+                shared = self._share_among_anchors(query, key, value, shared_rows, masks, text_len)
+        elif sharing and cfg.share_attention:
             for branch, rows in enumerate(shared_rows):
                 k_sh, v_sh, valid, lengths = self._shared_tokens(attn, hidden_states, key, value, rows, branch,
                                                                  masks, rotary, text_len)
@@ -189,7 +200,20 @@ class FluxStorySyncProcessor:
                 # Eq. 7-8 for the image queries; the text queries keep the stock joint attention.
                 q_r = query[rows, text_len:].transpose(1, 2)
                 k_r, v_r = key[rows].transpose(1, 2), value[rows].transpose(1, 2)
-                out[rows, text_len:] = shared_attention(q_r, k_r, v_r, k_sh, v_sh, valid, lengths).transpose(1, 2)
+                shared.append((rows, shared_attention(q_r, k_r, v_r, k_sh, v_sh, valid, lengths).transpose(1, 2)))
+        if not shared:
+            out = _attend(query, key, value, self._attention_backend)  # stock joint attention for every row
+        else:
+            # Stock joint attention for the rows that do not share, and for the text queries of
+            # those that do; no image query's stock attention is computed only to be overwritten.
+            out = torch.empty_like(query)
+            for rows in other_rows(query.shape[0], [rows for rows, _ in shared]):
+                out[rows] = _attend(query[rows], key[rows], value[rows], self._attention_backend)
+            for rows, image_out in shared:
+                if text_len:
+                    out[rows, :text_len] = _attend(query[rows, :text_len], key[rows], value[rows],
+                                                   self._attention_backend)
+                out[rows, text_len:] = image_out.to(out.dtype)
         out = out.flatten(2, 3).to(query.dtype)
         features = out[:, text_len:]  # R, the image tokens' RFH features
         if sharing and st.role == ROLE_ANCHORS and st.step < st.num_steps:
@@ -215,41 +239,40 @@ class FluxStorySyncProcessor:
             return img_out, text_out
         return torch.cat([out[:, :text_len], img_out], dim=1)
 
-    def _shared_tokens(self, attn, hidden_states, key, value, rows, branch, masks, rotary, text_len):
-        """Keys/values each consistent image shares with (padded), Eq. 5-8 and 13.
+    def _share_among_anchors(self, query, key, value, shared_rows: list[slice], masks: torch.Tensor, text_len: int):
+        """Eq. 5-8 for the anchors' image queries, dense: each attends to its own joint tokens and
+        to the other anchors' subject image tokens (post-RoPE, as their own attention computed
+        them) that its share dropout keeps, by a log-mask over all of their image tokens.
+        Returns (rows, (A, N, H, d) image output) per shared guidance branch."""
+        keeps = torch.stack(self.state.anchor_share_keeps(self.layer, masks.shape[1]))  # (A, A, N), on the host
+        if not bool(keeps.any()):  # the dropout kept no token (a host value): stock attention
+            return []
+        admitted = anchor_admitted(masks, to_device(keeps, masks.device))
+        shared = []
+        for rows in shared_rows:
+            q_r = query[rows, text_len:].transpose(1, 2)
+            k_r, v_r = key[rows].transpose(1, 2), value[rows].transpose(1, 2)
+            k_img, v_img = k_r[:, :, text_len:], v_r[:, :, text_len:]  # (A, H, N, d)
+            out = masked_shared_attention(q_r, k_r, v_r, every_anchor_token(k_img), every_anchor_token(v_img), admitted)
+            shared.append((rows, out.transpose(1, 2)))
+        return shared
 
-        Returns ``(B, H, M, d)`` keys and values, post-RoPE at each shared token's own grid position,
-        the ``(B, M)`` validity of each slot (None when none is padding) and the B host-side
-        lengths, or three Nones (and the lengths) when nothing is shared.
-        Anchors take the other anchors' keys as their own attention computed them; frames rebuild
-        the anchors' keys from the published pre-RoPE image hidden states with their own ``to_k``,
-        ``norm_k`` and the RoPE of the anchor token's grid position (same size: same grid).
+    def _shared_tokens(self, attn, hidden_states, key, value, rows, branch, masks, rotary, text_len):
+        """Keys/values each frame shares with (padded), Eq. 13: ``(B, H, M, d)`` keys and values,
+        post-RoPE at each shared token's own grid position, the ``(B, M)`` validity of each slot
+        (None when none is padding) and the B host-side lengths, or three Nones (and the lengths)
+        when nothing is shared. Frames rebuild the anchors' keys from the published pre-RoPE image
+        hidden states with their own ``to_k``, ``norm_k`` and the RoPE of the anchor token's grid
+        position (same size: same grid).
         """
         st = self.state
-        sets_k: list[torch.Tensor] = []
-        sets_v: list[torch.Tensor] = []
-        if st.role == ROLE_ANCHORS:
-            if st.num_images < 2:
-                return None, None, None, []
-            k_img = key[rows, text_len:].flatten(2)  # (A, N, H*d), post-RoPE
-            v_img = value[rows, text_len:].flatten(2)
-            for i, keep in enumerate(st.anchor_share_keeps(self.layer, masks.shape[1])):
-                keep = keep.to(masks.device)
-                sets_k.append(cross_image_tokens(k_img, masks, i, keep))
-                sets_v.append(cross_image_tokens(v_img, masks, i, keep))
-            lengths = [s.shape[0] for s in sets_k]
-            if not any(lengths):
-                return None, None, None, lengths
-            k_pad, valid = pad_token_sets(sets_k)
-            v_pad, _ = pad_token_sets(sets_v)
-        else:
-            anchor = st.anchor_layer(self.name)
-            if anchor is None or anchor.index.numel() == 0:
-                return None, None, None, []
-            k_all, v_all = self.anchor_keys(attn, anchor.hidden[branch].to(hidden_states.dtype),
-                                            anchor.index % anchor.num_tokens, rotary, text_len)
-            keeps = st.frame_share_keeps(self.name, self.layer, anchor)
-            k_pad, v_pad, valid, lengths = gather_shared_tokens(k_all, v_all, keeps)
+        anchor = st.anchor_layer(self.name)
+        if anchor is None or anchor.index.numel() == 0:
+            return None, None, None, []
+        k_all, v_all = self.anchor_keys(attn, anchor.hidden[branch].to(hidden_states.dtype),
+                                        anchor.index % anchor.num_tokens, rotary, text_len)
+        keeps = st.frame_share_keeps(self.name, self.layer, anchor)
+        k_pad, v_pad, valid, lengths = gather_shared_tokens(k_all, v_all, keeps)
         if k_pad is None or v_pad is None:
             return None, None, None, lengths
         return (_heads(k_pad, attn.head_dim).transpose(1, 2), _heads(v_pad, attn.head_dim).transpose(1, 2), valid,
@@ -348,7 +371,7 @@ class FluxAdapter:
         pipe = self.pipe
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents, return_dict=False)[0]
+        image = decode_each(lambda x, _: pipe.vae.decode(x, return_dict=False)[0], latents)
         return pipe.image_processor.postprocess(image, output_type="pil")
 
     @torch.no_grad()

@@ -45,7 +45,7 @@ from diffusers.pipelines.kandinsky3.pipeline_kandinsky3 import downscale_height_
 
 from ..core.state import CONSISTENT, StorySyncState
 from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
-from .denoise import BranchLatents, check_finite, end_step
+from .denoise import BranchLatents, check_finite, decode_each, end_step
 from .family import ModelFamily, ModelInfo, RenderResult
 from .offload import offload_idle
 
@@ -278,7 +278,7 @@ class Kandinsky3Adapter:
             pooling_module.set_processor(previous)
         final = branch_latents.latents[CONSISTENT]
         check_finite(final)
-        image = pipe.movq.decode(final, force_not_quantize=True)["sample"]
+        image = decode_each(lambda x, _: pipe.movq.decode(x, force_not_quantize=True)["sample"], final)
         offload_idle(pipe)  # and the MoVQ decoder
         image = (image * 0.5 + 0.5).clamp(0, 1)
         array = image.cpu().permute(0, 2, 3, 1).float().numpy()

@@ -31,7 +31,7 @@ from PIL import Image
 from ..core.consistory import dift_step
 from ..core.state import COND, CONSISTENT, StorySyncState
 from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
-from .denoise import BranchLatents, check_finite, end_step
+from .denoise import BranchLatents, check_finite, decode_each, end_step
 from .family import ModelFamily, ModelInfo, RenderResult, SamplingDefaults
 from .offload import offload_idle
 
@@ -72,7 +72,8 @@ class SDConditioning:
     def decode(
         self, pipe: DiffusionPipeline, latents: torch.Tensor, generators: list[torch.Generator]
     ) -> list[Image.Image]:
-        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generators)[0]
+        image = decode_each(lambda x, rows: pipe.vae.decode(x, return_dict=False, generator=generators and generators[rows])[0],
+                            latents / pipe.vae.config.scaling_factor)
         return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
 
 
@@ -121,7 +122,7 @@ class SDXLConditioning(SDConditioning):
             latents = latents * std_t / pipe.vae.config.scaling_factor + mean_t
         else:
             latents = latents / pipe.vae.config.scaling_factor
-        image = pipe.vae.decode(latents, return_dict=False)[0]
+        image = decode_each(lambda x, _: pipe.vae.decode(x, return_dict=False)[0], latents)
         if needs_upcasting:
             pipe.vae.to(dtype=torch.float16)
         if pipe.watermark is not None:
