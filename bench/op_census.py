@@ -24,7 +24,9 @@ string, how the code names the host), ``.tolist()``/``.numpy()`` of a device ten
 ``copy_`` from a device tensor into a host one. Where such a move returns the same tensor (a
 no-op on a CPU), the census hands back an alias sharing its storage, so the host and device
 "copies" stay apart as they would on a GPU; values, and so pixels, are untouched. The sync
-counts are those with a device input; ``all_tensors`` counts them whatever the input.
+counts are those with a device input; ``all_tensors`` counts them whatever the input. The device
+ops (``device_ops``) are those with a device input, plus each factory call or copy that makes a
+device tensor: what a GPU would launch; the other ops are host work.
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ class Census:
         self.sync_sites: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self.layer_calls: collections.Counter[str] = collections.Counter()
         self.queued_copies: collections.Counter[str] = collections.Counter()  # non_blocking D2H copies
+        # Ops that a GPU would run (a device tensor in, or one made on or moved to the device): the
+        # kernels and transfers; the rest is host work (dropout draws, index arithmetic on the CPU).
+        self.device_ops = 0
+        self.device_ops_by_phase: collections.Counter[str] = collections.Counter()
         self.steps_done = 0
         self._started = False
         self._in_steps = False
@@ -155,6 +161,10 @@ class Census:
             return tensor.detach()
         finally:
             self._quiet = False
+
+    def _count_device_op(self) -> None:
+        self.device_ops += 1
+        self.device_ops_by_phase[self.phase()] += 1
 
     def _count_sync(self, kind: str, device: bool) -> None:
         self.sync_all[kind] += 1
@@ -209,6 +219,8 @@ class _Dispatch(TorchDispatchMode):
         device = any(t in c._device for t in inputs)
         kind = sync_kind(name, args, kwargs)
         if name in _COPY_INTO and len(args) > 1:
+            if c.on_device(args[1]) or c.on_device(args[0]):
+                c._count_device_op()
             if c.on_device(args[1]) and not c.on_device(args[0]):
                 # Into a host tensor (the destination stays on the host). A non_blocking one is
                 # queued, not waited for: the project's code makes those only into pinned memory.
@@ -221,6 +233,7 @@ class _Dispatch(TorchDispatchMode):
         if kind:
             c._count_sync(kind, device)
         if device:
+            c._count_device_op()
             c._mark(out, True)
         return out
 
@@ -251,6 +264,8 @@ class _Functions(TorchFunctionMode):
                 out = c._alias(out) if out is source else out
                 c._mark(out, False)
         elif isinstance(out, torch.Tensor):
+            if source is None or not c.on_device(source):
+                c._count_device_op()  # a factory on the device, or a copy to it: one kernel or transfer
             out = c._alias(out) if out is source else out
             c._mark(out, True)
         return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image
 from storysync_dist.api import RenderOptions, render_story
 from storysync_dist.cli import main
 from storysync_dist.core.anchors import AnchorBundle, AnchorStep, SharedLayerState, StreamedBundle
-from storysync_dist.core.residency import PlacedBundle
+from storysync_dist.core.residency import RING_SLOTS, PinnedRing, PlacedBundle
 from storysync_dist.engine.job import prepare_job
 from storysync_dist.engine.renderer import FrameJob, StoryRenderer, frame_batches
 from storysync_dist.io.sink import open_dataset
@@ -190,17 +191,59 @@ def fake_bundle(steps: int) -> AnchorBundle:
     return bundle
 
 
-def test_a_host_bundle_holds_at_most_two_steps_on_the_device() -> None:
+def staged(placed: PlacedBundle, t: int) -> None:
+    """Wait (at most 30 s) until the ring's background thread has staged step t (or it has
+    already gone on to the device)."""
+    deadline = time.monotonic() + 30
+    while not (placed.holds(t) or placed.ring.ready(t)) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert placed.holds(t) or placed.ring.ready(t), t
+
+
+def test_a_host_bundle_holds_at_most_two_steps_on_the_device_and_its_ring_its_size() -> None:
     bundle = fake_bundle(6)
     placed = PlacedBundle(bundle, "cpu", "host")
     for frame in range(2):  # two frames of the story read the bundle in turn
         for t in range(6):
-            step = placed.step(t)
-            assert step is not None and step.step == t
-            assert torch.equal(step.layers["l"].hidden, bundle.steps[t].layers["l"].hidden)
-            assert step.layers["l"].hidden.data_ptr() != bundle.steps[t].layers["l"].hidden.data_ptr()  # a copy
-            assert placed.resident_steps <= 2, (frame, t)
+            for read in range(3):  # a frame reads a step once per shared layer
+                step = placed.step(t)
+                assert step is not None and step.step == t
+                assert torch.equal(step.layers["l"].hidden, bundle.steps[t].layers["l"].hidden)
+                assert step.layers["l"].hidden.data_ptr() != bundle.steps[t].layers["l"].hidden.data_ptr()  # a copy
+                assert placed.resident_steps <= 2, (frame, t)
+                assert placed.ring.held <= RING_SLOTS, (frame, t)
+                if read == 0 and t + 1 < 6:
+                    staged(placed, t + 1)  # the next read of step t sends step t + 1 on its way
     assert placed.peak_resident_steps == 2 and placed.placement == "host"
+    # The staging ring never held more than its slots, and its buffers came back for reuse.
+    assert 1 <= placed.ring.peak_held <= RING_SLOTS
+    placed.close()
+    assert placed.resident_steps == 0 and not placed.holds(5)
+
+
+def test_the_pinned_ring_reuses_its_buffers_and_never_holds_more_than_its_size() -> None:
+    bundle = fake_bundle(8)
+    ring = PinnedRing(bundle.step, pin=False, size=2)
+    first = ring.get(0)
+    assert first is not None and torch.equal(first.layers["l"].hidden, bundle.steps[0].layers["l"].hidden)
+    buffer = first.layers["l"].hidden.data_ptr()
+    ring.release(0)
+    assert ring.request(1) and ring.request(2) and not ring.request(3)  # full: nothing started
+    assert ring.held == 2
+    again = ring.get(3)  # a step nobody asked for: the oldest staged one makes room
+    assert again is not None and again.step == 3 and ring.held == 2 and ring.peak_held == 2
+    assert torch.equal(again.layers["l"].hidden, bundle.steps[3].layers["l"].hidden)
+    seen = set()
+    for t in (1, 2, 3):
+        got = ring.get(t)
+        assert got is not None and got.step == t
+        assert torch.equal(got.layers["l"].features, bundle.steps[t].layers["l"].features)
+        seen.add(got.layers["l"].hidden.data_ptr())
+        ring.release(t)
+        assert ring.held <= 2
+    assert buffer in seen  # step 0's buffer was filled again
+    ring.close()
+    assert ring.held == 0
     kept = PlacedBundle(bundle, "cpu", "device")
     for t in range(6):
         kept.step(t)
@@ -222,9 +265,12 @@ def test_a_host_bundle_never_waits_for_a_step_the_anchors_have_not_published() -
 
     placed = PlacedBundle(StreamedBundle(bundle.meta, fetch, lambda t: t in published), "cpu", "host")
     placed.step(0)
-    assert fetched == [0, 1]  # step 1 prefetched: it exists
+    staged(placed, 1)
+    assert fetched == [0, 1]  # step 1 fetched ahead (by the ring's thread): it exists
+    placed.step(0)  # the next shared layer of step 0 sends step 1 to the device
     placed.step(1)
-    assert fetched == [0, 1]  # step 2 does not exist yet: no prefetch
+    placed.step(1)
+    assert fetched == [0, 1] and not placed.ring.ready(2)  # step 2 does not exist yet: not fetched
     published.add(2)
     assert placed.step(2).step == 2 and fetched == [0, 1, 2]
 
@@ -268,6 +314,9 @@ def test_the_running_totals_of_resident_steps_equal_a_recount(placement: str) ->
             most = (max(most[0], placed.resident_steps), max(most[1], placed.resident_bytes))
     assert (placed.peak_resident_steps, placed.peak_resident_bytes) == most
     if placed.placement == "host":
+        staged(placed, 4)  # the ring stages ahead in the background: once it has step 4,
+        placed.step(3)  # the next read of step 3 sends it to the device
+        assert (placed.resident_steps, placed.resident_bytes) == recount()
         assert sorted(placed._on_device) == [3, 4] and placed.peak_resident_steps == 2
     else:  # device (auto on a CPU): every published step stays
         assert placed.resident_steps == 7 and placed.resident_bytes == bundle.nbytes()
@@ -297,7 +346,9 @@ def test_a_later_read_of_a_host_step_queues_the_next_once_it_is_published() -> N
     placed.step(0)
     assert sorted(placed._on_device) == [0]  # step 1 does not exist yet
     published.add(1)
-    placed.step(0)  # the next shared layer of step 0
+    placed.step(0)  # the next shared layer of step 0 asks the ring to stage step 1
+    staged(placed, 1)
+    placed.step(0)  # and the one after sends it to the device
     assert sorted(placed._on_device) == [0, 1] and placed.resident_bytes == 2 * bundle.steps[0].nbytes()
 
 

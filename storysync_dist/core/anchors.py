@@ -110,16 +110,16 @@ class SharedLayerState:
             slots (A, Q) int64 into the M published tokens (0 on padding) and valid (A, Q)
             boolean, Q the most tokens any anchor published (at least 1); both on the CPU.
         """
-        index = self.index.cpu()
-        owners = torch.div(index, self.num_tokens, rounding_mode="floor").clamp_(0, max(num_anchors - 1, 0))
-        counts = torch.bincount(owners, minlength=num_anchors)[:num_anchors]
-        longest = max(int(counts.max()) if counts.numel() else 0, 1)
-        offsets = torch.arange(longest)[None, :]
+        # Host arithmetic, in numpy: none of it is work for the device.
+        owners = np.clip(self.index.cpu().numpy() // self.num_tokens, 0, max(num_anchors - 1, 0))
+        counts = np.bincount(owners, minlength=num_anchors)[:num_anchors]
+        longest = max(int(counts.max()) if counts.size else 0, 1)
+        offsets = np.arange(longest)[None, :]
         valid = offsets < counts[:, None]
         # The index is sorted (anchor * N + position), so anchor a's tokens are one run.
-        starts = torch.cumsum(counts, 0) - counts
-        slots = torch.where(valid, starts[:, None] + offsets, torch.zeros_like(offsets))
-        return slots, valid
+        starts = np.cumsum(counts) - counts
+        slots = np.where(valid, starts[:, None] + offsets, 0)
+        return torch.from_numpy(slots.astype(np.int64)), torch.from_numpy(valid)
 
     def to(self, device: torch.device | str) -> SharedLayerState:
         return SharedLayerState(

@@ -44,6 +44,7 @@ def harmonize_batch(
     gamma: float,
     tau: float,
     pairs: torch.Tensor | None = None,
+    every_reference_used: bool = False,
 ) -> torch.Tensor:
     """Eq. 9-11 for a batch of images against a batch of reference sets, dense: every patch is
     matched and the mask decides with ``torch.where``, so nothing here makes the host wait for
@@ -64,6 +65,8 @@ def harmonize_batch(
         gamma: harmonization coefficient.
         tau: temperature of Eq. 9.
         pairs: optional (F, A) boolean, which references each image uses (default: all).
+        every_reference_used: the caller knows (on the host) that every reference set has a valid
+            patch, so none is left out for being empty (fewer device ops).
     Returns:
         (G, F, N, C) harmonized features, in ``features``' dtype.
     """
@@ -72,39 +75,57 @@ def harmonize_batch(
     regions = features.float()
     refs = references.float().reshape(g, a * q, c)
     unit_refs = F.normalize(refs, dim=-1).transpose(1, 2)  # (G, C, A*Q)
-    padding = ~reference_valid.reshape(1, 1, a, q)
+    padding = ~reference_valid.view(1, 1, a, q)
     # Eq. 9-10 in chunks of patches, so the (G, F, rows, A, Q) scores stay within
     # SCORE_CHUNK_ELEMENTS whatever the image size (chosen from shapes: no device value decides).
     rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, g * f * a * q))
     scores, matches = [], []
     for start in range(0, n, rows):
         part = regions[:, :, start:start + rows]
-        cosine = torch.bmm(F.normalize(part, dim=-1).reshape(g, -1, c), unit_refs)  # (G, F*rows, A*Q)
-        cosine = cosine.view(g, -1, a, q)
+        cosine = torch.bmm(F.normalize(part, dim=-1).reshape(g, -1, c), unit_refs).view(g, -1, a, q)
         compat = torch.softmax((cosine / tau).masked_fill(padding, -torch.inf), dim=-1)  # Eq. 9
         score, match = compat.max(dim=-1)  # Eq. 10: (G, F*rows, A)
         scores.append(score.view(g, f, -1, a))
         matches.append(match.view(g, f, -1, a))
     score = scores[0] if len(scores) == 1 else torch.cat(scores, dim=2)  # (G, F, N, A)
     match = matches[0] if len(matches) == 1 else torch.cat(matches, dim=2)
-    used = reference_valid.any(dim=-1)[None, :]  # a reference with no patch is left out
-    if pairs is not None:
-        used = used & pairs
-    used = used[None, :, None, :]  # (1, F, 1, A)
-    score = torch.where(used, score, 0.0)  # an empty reference's NaN row
-    within = active[None, :, :, None].expand(g, f, n, a)
-    # Otsu over each (branch, image, reference)'s active patches.
-    thr, constant = otsu_split(score.transpose(2, 3).reshape(-1, n), within=within.transpose(2, 3).reshape(-1, n))
-    thr, constant = thr.view(g, f, 1, a), constant.view(g, f, 1, a)
+    within = active[None, :, :, None]  # (1, F, N, 1)
+    if not every_reference_used or pairs is not None:
+        used = reference_valid.any(dim=-1)[None, :]  # a reference with no patch is left out
+        used = (used if pairs is None else used & pairs)[None, :, None, :]  # (1, F, 1, A)
+        score = torch.where(used, score, 0.0)  # an empty reference's NaN row
+        within = within & used
+    # Otsu over each (branch, image, reference)'s active patches: rows of the last dim, as views.
+    thr, constant = otsu_split(score.transpose(2, 3), within=within.transpose(2, 3))  # (G, F, A)
     # A constant score row carries no evidence to reject any match.
-    gate = (((score > thr) | constant) & within & used).float()  # (G, F, N, A)
+    gate = ((score > thr[:, :, None]) | constant[:, :, None]) & within  # (G, F, N, A)
     # Eq. 11: the matched reference patches of every set at once, (G, F, N, A, C).
-    flat = (match + torch.arange(a, device=match.device) * q).reshape(g, -1)
-    matched = refs[torch.arange(g, device=refs.device)[:, None], flat].view(g, f, n, a, c)
+    flat = (match + _set_offsets(a, q, match.device)).view(g, -1)
+    matched = refs[_branch_index(g, refs.device), flat].view(g, f, n, a, c)
+    gate = gate.to(regions.dtype)
     delta = (gate[..., None] * (matched - regions[:, :, :, None])).sum(dim=3)
     votes = gate.sum(dim=3, keepdim=True).clamp(min=1.0)
     moved = (regions + gamma * delta / votes).to(features.dtype)
     return torch.where(active[None, :, :, None], moved, features)
+
+
+_RANGES: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def _set_offsets(a: int, q: int, device: torch.device) -> torch.Tensor:
+    """(A,) the first flat slot of each of A reference sets of Q slots (made once per shape)."""
+    key = (a, q, str(device))
+    if key not in _RANGES:
+        _RANGES[key] = torch.arange(0, a * q, q, device=device)
+    return _RANGES[key]
+
+
+def _branch_index(g: int, device: torch.device) -> torch.Tensor:
+    """(G, 1) the branch of each row, for indexing (G, M, C) by (G, K) slots (made once)."""
+    key = (g, 0, str(device))
+    if key not in _RANGES:
+        _RANGES[key] = torch.arange(g, device=device)[:, None]
+    return _RANGES[key]
 
 
 def harmonize_regions(

@@ -448,19 +448,22 @@ class StorySyncState:
             images = torch.stack([features[rows] for rows in shared_rows])
         if self.role == ROLE_ANCHORS:
             # Each anchor against the other anchors' subject patches (a simultaneous update).
-            references, valid = images, masks
+            references, valid, every_used = images, masks, False
             pairs = ~torch.eye(self.num_images, dtype=torch.bool, device=masks.device)
         else:
             found = self._anchor_references(name)
             if found is None:
                 return features
-            references, valid = found
+            references, valid, every_used = found
             references, pairs = references.to(features.dtype), None
         layer = layer_id(name)
         keep = torch.stack([keep_mask(masks.shape[1], cfg.rfh_dropout, seed, self.step, layer, KIND_RFH)
                             for seed in self.seeds])
         active = masks & to_device(keep, masks.device)
-        harmonized = harmonize_batch(images, active, references, valid, cfg.rfh_gamma, cfg.rfh_tau, pairs)
+        harmonized = harmonize_batch(images, active, references, valid, cfg.rfh_gamma, cfg.rfh_tau, pairs,
+                                     every_reference_used=self.role != ROLE_ANCHORS and every_used)
+        if together == slice(0, features.shape[0]):  # every row of the batch is a shared one
+            return harmonized.view(features.shape)
         out = features.clone()
         if together is not None:
             out[together] = harmonized.flatten(0, 1)
@@ -469,10 +472,11 @@ class StorySyncState:
                 out[rows] = harmonized[branch]
         return out
 
-    def _anchor_references(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _anchor_references(self, name: str) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
         """The anchors' RFH references of one shared layer (frame role): (G, A, Q, C) features,
-        padded, and their (A, Q) validity, on the device; gathered with slots computed on the
-        host (``SharedLayerState.reference_slots``), so the host never waits for the device."""
+        padded, and their (A, Q) validity, on the device, and whether every anchor has a token
+        (known on the host); gathered with slots computed on the host
+        (``SharedLayerState.reference_slots``), so the host never waits for the device."""
         anchor = self.anchor_layer(name)
         if anchor is None or self.bundle is None or anchor.index.numel() == 0:
             return None
@@ -480,7 +484,8 @@ class StorySyncState:
         host_layer = host.layers.get(name) if host is not None else None
         slots, valid = (host_layer or anchor).reference_slots(self.bundle.num_anchors)
         device = anchor.features.device
-        return anchor.features[:, to_device(slots, device)], to_device(valid, device)
+        every_used = bool(valid.numpy().any(axis=-1).all())  # host arithmetic: no wait
+        return anchor.features[:, to_device(slots, device)], to_device(valid, device), every_used
 
     # ---- ConsiStory's feature injection (core/consistory.py) -----------------------------
     def injects(self, num_tokens: int) -> bool:

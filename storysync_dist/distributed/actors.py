@@ -257,6 +257,7 @@ class FrameWorker(_PipelineHolder):
         with self._cond:
             stream = self._streams.pop(key, None)
             if stream is not None:
+                stream.bundle.close()  # its device copies and staging buffers go now
                 self._pulled_before += stream.streamed.pulled_bytes
                 self._peak_steps = max(self._peak_steps, stream.bundle.peak_resident_steps)
                 if stream.bundle.placement is not None:

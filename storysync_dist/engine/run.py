@@ -146,10 +146,14 @@ def local_executor(pipe: object | None = None) -> Executor:
             ctx.save_bundle(bundle)
         # One placement per story, so with --bundle-on device the steps go to the device once.
         placed = PlacedBundle(bundle, renderer.adapter.device, options.bundle_on) if bundle is not None else None
-        for batch in frame_batches(plan.frame_jobs, plan.frame_batch):
-            label = batch[0].frame_id if len(batch) == 1 else f"{batch[0].frame_id}+{len(batch) - 1}"
-            for frame in renderer.render_frames(batch, placed, lambda i, label=label: ctx.step(label, i)):
-                ctx.emit(encode_frame(frame))
+        try:
+            for batch in frame_batches(plan.frame_jobs, plan.frame_batch):
+                label = batch[0].frame_id if len(batch) == 1 else f"{batch[0].frame_id}+{len(batch) - 1}"
+                for frame in renderer.render_frames(batch, placed, lambda i, label=label: ctx.step(label, i)):
+                    ctx.emit(encode_frame(frame))
+        finally:
+            if placed is not None:
+                placed.close()  # the story's device copies and staging buffers go
         stats["anchor_bytes"] = bundle.nbytes() if bundle is not None else 0
         stats["frame_batch"] = plan.frame_batch
         if placed is not None and placed.placement is not None:

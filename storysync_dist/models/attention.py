@@ -134,10 +134,13 @@ class StorySyncSelfAttnProcessor:
             shared = self._share_with_anchors(attn, hidden_states, query, key, value, shared_rows)
         elif sharing and cfg.share_attention and st.num_images > 1:
             shared = self._share_among_anchors(query, key, value, shared_rows, masks)
-        # Stock attention for the rows that do not share; none is computed only to be overwritten.
-        out = stock_rows(query, key, value, [rows for rows, _ in shared])
-        for rows, shared_out in shared:
-            out[rows] = shared_out
+        if len(shared) == 1 and shared[0][0] == slice(0, query.shape[0]):
+            out = shared[0][1]  # every row shares (no vanilla rows at this step)
+        else:
+            # Stock attention for the rows that do not share; none is computed only to be overwritten.
+            out = stock_rows(query, key, value, [rows for rows, _ in shared])
+            for rows, shared_out in shared:
+                out[rows] = shared_out
         features = _merge_heads(out).to(query.dtype)  # R, the RFH features
 
         if sharing and st.role == ROLE_ANCHORS and st.step < st.num_steps:
@@ -173,8 +176,9 @@ class StorySyncSelfAttnProcessor:
     ) -> list[tuple[slice, torch.Tensor]]:
         """Eq. 7-8, 13 for the frames of every shared guidance branch in one attention call: each
         frame attends to its own tokens and the anchor tokens its share dropout keeps (the same
-        tokens in every branch, so one gather serves them all). Returns (rows, (F, H, N, d)
-        output) per branch, or nothing when no frame keeps an anchor token."""
+        tokens in every branch, so one gather serves them all). Returns (rows, (rows, H, N, d)
+        output) per branch, or one pair for all of them when their rows are one slice of the
+        batch, or nothing when no frame keeps an anchor token."""
         st = self.state
         anchor = st.anchor_layer(self.name)
         if anchor is None or anchor.index.numel() == 0:
@@ -195,6 +199,8 @@ class StorySyncSelfAttnProcessor:
         else:
             q, k, v = (torch.cat([x[rows] for rows in shared_rows]) for x in (query, key, value))
         out = shared_attention(q, k, v, k_sh, v_sh, None if valid is None else valid.repeat(g, 1), lengths * g)
+        if together is not None:
+            return [(together, out)]
         return list(zip(shared_rows, out.chunk(g)))
 
     def _share_among_anchors(

@@ -203,6 +203,11 @@ class FluxStorySyncProcessor:
                 shared.append((rows, shared_attention(q_r, k_r, v_r, k_sh, v_sh, valid, lengths).transpose(1, 2)))
         if not shared:
             out = _attend(query, key, value, self._attention_backend)  # stock joint attention for every row
+        elif len(shared) == 1 and shared[0][0] == slice(0, query.shape[0]):
+            # Every row shares (FLUX's one guidance branch): the stock joint attention of the text
+            # queries alone, then the shared image queries.
+            text_out = _attend(query[:, :text_len], key, value, self._attention_backend)
+            out = torch.cat([text_out, shared[0][1].to(text_out.dtype)], dim=1)
         else:
             # Stock joint attention for the rows that do not share, and for the text queries of
             # those that do; no image query's stock attention is computed only to be overwritten.
