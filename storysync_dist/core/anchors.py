@@ -59,6 +59,7 @@ from .bundle_injection import check_finite as _check_finite
 from .bundle_injection import check_injection_entries as _check_injection_entries
 from .bundle_injection import check_injection_layouts as _check_injection_layouts
 from .config import default_anchor_dtype
+from .transfer import to_device
 
 __all__ = [
     "ANCHOR_DTYPES",
@@ -120,6 +121,16 @@ class SharedLayerState:
         starts = np.cumsum(counts) - counts
         slots = np.where(valid, starts[:, None] + offsets, 0)
         return torch.from_numpy(slots.astype(np.int64)), torch.from_numpy(valid)
+
+    def padded_references(self, num_anchors: int, host: SharedLayerState | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Every anchor's RFH reference set, padded: (G, A, Q, C) features and their (A, Q)
+        validity on the features' device, and whether every anchor has a token. The slots come
+        from ``host`` (this layer's host copy) when given, so the host never waits for the device."""
+        slots, valid = (host or self).reference_slots(num_anchors)
+        device = self.features.device
+        every_used = bool(valid.numpy().any(axis=-1).all())  # host arithmetic
+        return self.features[:, to_device(slots, device)], to_device(valid, device), every_used
 
     def to(self, device: torch.device | str) -> SharedLayerState:
         return SharedLayerState(

@@ -7,6 +7,7 @@ machine and in every batch composition.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
@@ -43,6 +44,13 @@ def keep_mask(
 
 
 def resolution_keep(anchor_seeds: list[int], step: int, num_tokens: int, rate: float) -> torch.Tensor:
+    """See :func:`_resolution_keep` (cached: every shared layer of a resolution reads the same
+    draw, so it is made once per step and resolution; the result is shared, never written)."""
+    return _resolution_keep(tuple(int(s) for s in anchor_seeds), step, num_tokens, rate)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolution_keep(anchor_seeds: tuple[int, ...], step: int, num_tokens: int, rate: float) -> torch.Tensor:
     """Share dropout drawn once per step and resolution (``share_dropout_scope: resolution``, as
     ConsiStory's release draws ``last_mask_dropout``): which of each anchor's N tokens every layer of
     that resolution and every querying image may attend to.

@@ -32,6 +32,7 @@ from .consistory import FeatureInjection
 from .dropout import KIND_MASK, KIND_RFH, KIND_SHARE, keep_mask, resolution_keep
 from .harmonize import harmonize_batch
 from .masks import aggregate_subject_maps, subject_mask, subject_token_weights, token_grid
+from .publish import HostCopies, SubjectIndex
 from .storydiffusion import anchor_sample, frame_sample
 from .transfer import to_device
 
@@ -113,13 +114,10 @@ class StorySyncState:
         self._last_map: tuple[torch.Tensor, tuple[int, int]] | None = None  # for final_masks
         self._mask_cache: dict[int, torch.Tensor] = {}
         self._anchor_cache: dict[str, SharedLayerState | None] = {}
-        self._keep_cache: dict[int, torch.Tensor] = {}  # share_dropout_scope "resolution": N -> (A, N)
-        # Anchors: N -> the subject-token index of this step's masks (host, device); the side
-        # stream of the bundle's host copies and whether copies wait on it (``take_published``).
-        self._index_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._publish_sizes: list[int] = []  # the N of every shared layer that published
-        self._copy_stream: torch.cuda.Stream | None = None
-        self._copies_pending = False
+        # Anchors: the subject-token index of this step's masks, and the bundle's host copies
+        # (core/publish.py; waited for once per step, ``take_published``).
+        self._subject_index = SubjectIndex(self.num_images)
+        self._copies = HostCopies()
         # mask_source "window": the per-subject maps (F, n, S), averaged over layers, of the last
         # mask_window steps.
         self._window: deque[torch.Tensor] = deque(maxlen=config.mask_window)
@@ -143,7 +141,8 @@ class StorySyncState:
         self.injection.end_first_pass(final)
         self.pass_index = 1
         self.step = 0
-        self._maps, self._mask_cache, self._anchor_cache, self._index_cache = {}, {}, {}, {}
+        self._maps, self._mask_cache, self._anchor_cache = {}, {}, {}
+        self._subject_index.clear()
         self._window.clear()  # mask_source "window": pass 2 records its maps afresh, as the release
         self._mask_map = self._mask_hw = self._last_map = None
         self._mask_fixed = False
@@ -313,59 +312,21 @@ class StorySyncState:
             host_index = masks.reshape(-1).cpu().nonzero(as_tuple=True)[0]  # drawn on the host
             index = to_device(host_index, hidden.device)
         else:
-            host_index, index = self._subject_index(num_tokens, masks)
+            host_index, index = self._subject_index.get(num_tokens, masks, self.masks)
         g = hidden.shape[0]
         layer = SharedLayerState(
             index=host_index.clone(),  # each layer's own (a bundle file stores tensors apart)
-            hidden=self._to_host(hidden.reshape(g, -1, hidden.shape[-1]).index_select(1, index).to(dtype)),
-            features=self._to_host(features.reshape(g, -1, features.shape[-1]).index_select(1, index).to(dtype)),
+            hidden=self._copies.to_host(hidden.reshape(g, -1, hidden.shape[-1]).index_select(1, index).to(dtype)),
+            features=self._copies.to_host(features.reshape(g, -1, features.shape[-1]).index_select(1, index).to(dtype)),
             num_tokens=num_tokens,
         )
         self._published_step().layers[name] = layer
-
-    def _subject_index(self, num_tokens: int, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flat subject-token index of the anchors' (A, N) masks at one resolution, on the
-        host and on the device: found once per step and resolution (every shared layer of that
-        resolution publishes the same tokens), so the host waits for the device once for it."""
-        found = self._index_cache.get(num_tokens)
-        if found is None:
-            # Every resolution published so far at once: one host copy per step after the first.
-            sizes = [num_tokens, *(n for n in self._publish_sizes if n != num_tokens)]
-            if num_tokens not in self._publish_sizes:
-                self._publish_sizes.append(num_tokens)
-            flat = torch.cat([masks.reshape(-1), *(self.masks(n).reshape(-1) for n in sizes[1:])]).cpu()
-            for n, part in zip(sizes, flat.split([self.num_images * n for n in sizes])):
-                host_index = part.nonzero(as_tuple=True)[0]
-                self._index_cache[n] = (host_index, to_device(host_index, masks.device))
-            found = self._index_cache[num_tokens]
-        return found
-
-    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A device tensor's host copy for the bundle: on CUDA, queued on a side stream into
-        pinned memory, so the render goes on; ``take_published`` waits for the copies once per
-        step before the step leaves the process."""
-        cuda = tensor.device.type == "cuda"
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
-        if not cuda:
-            host.copy_(tensor, non_blocking=True)  # a plain copy off CUDA (the same call, for bench/op_census.py)
-            return host
-        stream = self._copy_stream
-        if stream is None:
-            stream = self._copy_stream = torch.cuda.Stream(tensor.device)
-        stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the values are computed
-        with torch.cuda.stream(stream):
-            host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(stream)  # the device block stays until the copy has read it
-        self._copies_pending = True
-        return host
 
     def take_published(self, t: int, keep: bool = True) -> AnchorStep | None:
         """Bundle step ``t`` as published (anchor role), once its host copies are done: the one
         wait for the device per step. With ``keep=False`` the state forgets it (a Ray anchor
         actor streams each step to the driver and keeps none)."""
-        if self._copies_pending and self._copy_stream is not None:
-            self._copy_stream.synchronize()
-            self._copies_pending = False
+        self._copies.wait()
         return self.published.get(t) if keep else self.published.pop(t, None)
 
     def _published_step(self) -> AnchorStep:
@@ -411,16 +372,9 @@ class StorySyncState:
                 for seed in self.seeds]
 
     def _resolution_keep(self, num_tokens: int) -> torch.Tensor:
-        keep = self._keep_cache.get(num_tokens)
-        if keep is None:
-            if self.role == ROLE_ANCHORS:
-                seeds = self.seeds
-            else:
-                assert self.bundle is not None
-                seeds = [int(s) for s in self.bundle.meta["anchor_seeds"]]
-            keep = self._keep_cache[num_tokens] = resolution_keep(seeds, self.step, num_tokens,
-                                                                  self.config.share_dropout)
-        return keep
+        assert self.role == ROLE_ANCHORS or self.bundle is not None
+        seeds = self.seeds if self.role == ROLE_ANCHORS else self.bundle.meta["anchor_seeds"]
+        return resolution_keep(seeds, self.step, num_tokens, self.config.share_dropout)  # cached
 
     # ---- Regional Feature Harmonization (Eq. 9-11) ----------------------------------------
     def harmonize(
@@ -456,12 +410,10 @@ class StorySyncState:
                 return features
             references, valid, every_used = found
             references, pairs = references.to(features.dtype), None
-        layer = layer_id(name)
-        keep = torch.stack([keep_mask(masks.shape[1], cfg.rfh_dropout, seed, self.step, layer, KIND_RFH)
+        keep = torch.stack([keep_mask(masks.shape[1], cfg.rfh_dropout, seed, self.step, layer_id(name), KIND_RFH)
                             for seed in self.seeds])
         active = masks & to_device(keep, masks.device)
-        harmonized = harmonize_batch(images, active, references, valid, cfg.rfh_gamma, cfg.rfh_tau, pairs,
-                                     every_reference_used=self.role != ROLE_ANCHORS and every_used)
+        harmonized = harmonize_batch(images, active, references, valid, cfg.rfh_gamma, cfg.rfh_tau, pairs, every_used)
         if together == slice(0, features.shape[0]):  # every row of the batch is a shared one
             return harmonized.view(features.shape)
         out = features.clone()
@@ -481,11 +433,7 @@ class StorySyncState:
         if anchor is None or self.bundle is None or anchor.index.numel() == 0:
             return None
         host = getattr(self.bundle, "host_step", self.bundle.step)(self.bundle_step)
-        host_layer = host.layers.get(name) if host is not None else None
-        slots, valid = (host_layer or anchor).reference_slots(self.bundle.num_anchors)
-        device = anchor.features.device
-        every_used = bool(valid.numpy().any(axis=-1).all())  # host arithmetic: no wait
-        return anchor.features[:, to_device(slots, device)], to_device(valid, device), every_used
+        return anchor.padded_references(self.bundle.num_anchors, host.layers.get(name) if host is not None else None)
 
     # ---- ConsiStory's feature injection (core/consistory.py) -----------------------------
     def injects(self, num_tokens: int) -> bool:
@@ -547,6 +495,5 @@ class StorySyncState:
         self._maps = {}
         self._mask_cache = {}
         self._anchor_cache = {}
-        self._keep_cache = {}
-        self._index_cache = {}
+        self._subject_index.clear()
         self.step += 1
