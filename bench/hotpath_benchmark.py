@@ -241,7 +241,10 @@ def micro_run(shapes: list[tuple[int, int, int]], placement: str, frames: int = 
     """Two frames of a story reading a 50-step bundle through one ``PlacedBundle`` of
     ``residency`` (the module; default ``storysync_dist.core.residency``).
 
-    Each step's reads are timed together; the time in ``_copy_step`` inside them is the copies'.
+    Each step's reads are timed together; the time in ``_copy_step`` inside them is the copies',
+    and the time in ``PinnedRing.get`` (the ``host`` placement's fetch into a staging buffer, or the
+    wait for the ring's thread doing it; a copy too, off the render thread on a GPU while a step's
+    kernels run, and with no kernels to hide behind here) is reported as ``staging_seconds``.
     The copies are also held for 3 steps, so the memory of a dropped one goes back (to the OS, on
     a CPU; to the caching allocator, on a GPU) outside the timed reads: ``release_seconds``."""
     if residency is None:
@@ -263,11 +266,24 @@ def micro_run(shapes: list[tuple[int, int, int]], placement: str, frames: int = 
         finally:
             copying[0] += time.perf_counter() - start
 
+    ring = getattr(residency, "PinnedRing", None)  # the host placement's staging (a later residency)
+    original_get = ring.get if ring is not None else None
+    staging = [0.0]
+
+    def timed_get(self: Any, t: int) -> Any:
+        start = time.perf_counter()
+        try:
+            return original_get(self, t)
+        finally:
+            staging[0] += time.perf_counter() - start
+
     residency._copy_step = timed_copy
+    if ring is not None:
+        ring.get = timed_get
     rows = []
     try:
         for _ in range(frames):
-            copied, total, release = copying[0], 0.0, 0.0
+            copied, staged, total, release = copying[0], staging[0], 0.0, 0.0
             for t in range(BOOK_STEPS):
                 start = time.perf_counter()
                 for _layer in range(len(shapes)):
@@ -278,11 +294,13 @@ def micro_run(shapes: list[tuple[int, int, int]], placement: str, frames: int = 
                 while held and held[0][0] <= clock[0] - 3:
                     held.popleft()
                 release += time.perf_counter() - start
-            copy = copying[0] - copied
-            rows.append({"step_seconds": total, "copy_seconds": copy, "release_seconds": release,
-                         "bookkeeping_seconds": total - copy})
+            copy, stage = copying[0] - copied, staging[0] - staged
+            rows.append({"step_seconds": total, "copy_seconds": copy, "staging_seconds": stage,
+                         "release_seconds": release, "bookkeeping_seconds": total - copy - stage})
     finally:
         residency._copy_step = original
+        if ring is not None:
+            ring.get = original_get
         held.clear()
     return {"placement": placed.placement, "steps": BOOK_STEPS, "layers": len(shapes),
             "calls_per_frame": BOOK_STEPS * len(shapes), "step_bytes": bundle.steps[0].nbytes(),

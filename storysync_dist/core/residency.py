@@ -54,17 +54,22 @@ class PinnedRing:
     ``request(t)`` starts staging step t (the source's fetch, then a copy into a free buffer) and
     returns at once; ``get(t)`` waits for it (staging it on the calling thread when nothing was
     requested); ``release(t, event)`` hands the buffer back once ``event`` (the CUDA event after
-    the device copy that reads it; None: already read) has completed. A buffer is reused only for
+    the device copy that reads it; None: already read) has completed. Off CUDA (``pin`` False)
+    nothing is copied: a staged step is the source's own (``copy=True`` copies anyway). A buffer is reused only for
     tensors of the same shapes and dtypes, else allocated anew; ``held`` counts the staged and
     staging steps, never more than ``size`` (``peak_held``). ``close`` drops every buffer and, when
     pinned, returns torch's cached page-locked blocks (they are never returned otherwise).
     """
 
-    def __init__(self, source: Callable[[int], AnchorStep | None], pin: bool, size: int = RING_SLOTS) -> None:
+    def __init__(self, source: Callable[[int], AnchorStep | None], pin: bool, size: int = RING_SLOTS,
+                 copy: bool | None = None) -> None:
         if size < 1:
             raise ValueError("a ring needs at least one slot")
         self._source = source
         self.pin = pin
+        # Staging buffers only to get page-locked memory (default): off CUDA a staged step is the
+        # source's own, as the device copy reads it just as well (``copy=True`` stages anyway).
+        self.copy = pin if copy is None else copy
         self.size = size
         self._lock = threading.Lock()
         self._staged: dict[int, Future] = {}  # step -> its staging (result: staged step or None)
@@ -131,7 +136,7 @@ class PinnedRing:
             staged = staging.result()
         except BaseException:
             return  # it failed: the step's reader raises it, and there is no buffer
-        if staged is not None:
+        if staged is not None and self.copy:
             with self._lock:
                 self._free.append((staged, event))
 
@@ -148,8 +153,8 @@ class PinnedRing:
 
     def _stage(self, t: int) -> AnchorStep | None:
         step = self._source(t)
-        if step is None:
-            return None
+        if step is None or not self.copy:
+            return step
         buffer = self._reusable([(tuple(x.shape), x.dtype) for x in step.tensors()])
         if buffer is None:
             return step.map_tensors(lambda x: torch.empty(x.shape, dtype=x.dtype, pin_memory=self.pin).copy_(x))
