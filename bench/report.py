@@ -13,6 +13,9 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# The repository root (the default home of docs/benchmarks.md).
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
 MiB = 2**20
 
 

@@ -33,54 +33,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from bench import report as shared
-from bench.report import _loadavg, machine_info
-from bench.run_report import END_MARK, PAPER_STEPS, START_MARK, Report, render_markdown
+from bench.report import REPO, _loadavg, machine_info
+from bench.run_report import END_MARK, FULL, PAPER_STEPS, QUICK, START_MARK, Plan, Report, render_markdown
 
 __all__ = ["END_MARK", "FULL", "PAPER_STEPS", "QUICK", "START_MARK", "Plan", "Report", "main", "render_markdown",
            "report_from_json", "run", "write_report"]
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "BENCH_RESULT "
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Sizes of one benchmark run."""
-
-    lengths: tuple[int, ...] = (8, 32, 128)
-    size: int = 128
-    steps: int = 10
-    # (model, pixels, steps, interleaved repeats) for section c.
-    ratio_runs: tuple[tuple[str, int, int, int], ...] = (("random-sdxl", 256, 5, 3), ("tiny-sdxl", 256, 5, 7))
-    ray_frames: int = 32
-    ray_workers: tuple[int, ...] = (1, 2)
-    long_frames: int = 128
-    long_workers: int = 2
-    # Section f: a dataset of short stories (ConsiStory+ subject sets are a handful of frames).
-    pool_stories: int = 6
-    pool_frames: int = 4
-    guidance: float = 5.0
-    # Untimed frames before the timed pairs of section c (first calls with a new batch shape pay
-    # one-time kernel setup); off in --quick, whose numbers are a smoke test only.
-    warmup: bool = True
-
-
-FULL = Plan()
-QUICK = Plan(
-    lengths=(4, 6),
-    size=64,
-    steps=3,
-    ratio_runs=(("tiny-sdxl", 64, 3, 2),),
-    ray_frames=4,
-    long_frames=6,
-    pool_stories=2,
-    pool_frames=3,
-    warmup=False,
-)
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -23,7 +23,7 @@ from .identity import RenderIdentity
 from .renderer import FrameJob, RenderSettings, bundle_meta
 
 if TYPE_CHECKING:
-    from .job import RenderOptions
+    from .options import RenderOptions
 
 __all__ = [
     "ANCHOR_DIR", "JobPlan", "bundle_relpath", "frame_config_json", "plan_jobs", "plan_work", "settings_differences",
