@@ -3,13 +3,13 @@
 For each case (model, size, frame batch, frames) a fresh Python process imports what a render
 imports, reads its resident set (``VmRSS``), renders the story in-process on the CPU (float32, 2
 steps, one torch thread, as the test suite and a Ray CPU worker run), and reports its peak
-resident set (``VmHWM``/``ru_maxrss``) minus that baseline: the memory the render itself took. The parent
+resident set (``VmHWM``) minus that baseline: the memory the render itself took. The parent
 computes the estimate the check would make for the same job (``check_memory``'s arithmetic, with
 the bundle placement the render uses) and prints both, with the error (estimate / measured - 1).
 The child also reports the peak before the first VAE decode and the peak of each decode (VmHWM is
 reset through ``/proc/self/clear_refs`` around every decode), so the denoiser and decoder parts
-can be told apart. Before the baseline and before each decode it returns glibc's free heap to the
-system (``malloc_trim``), so the readings follow the memory in use, not what the allocator kept.
+can be told apart. Not ``ru_maxrss``: a child started by a large process (pytest in the full suite)
+inherits that process's peak in it (``storysync_dist.resident``).
 
 With ``--device cuda`` the child renders on the GPU in the device's default dtype and reports the
 caching allocator's peak (``torch.cuda.max_memory_reserved``, cuBLAS workspaces included; the
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -84,7 +83,6 @@ def child(model: str, story_path: str, out: str, frame_batch: int, device: str =
 
         def decode(self: Any, *args: Any, **kwargs: Any) -> Any:
             before = _rss("VmHWM")
-            _trim()
             _reset_hwm()
             start = _rss()
             result = original(self, *args, **kwargs)
@@ -96,14 +94,12 @@ def child(model: str, story_path: str, out: str, frame_batch: int, device: str =
 
     measured(AutoencoderKL)
     measured(VQModel)
-    _trim()
     base = _rss()
     t0 = time.perf_counter()
     render_story(story_path, RenderOptions(model=model, out=out, progress=False, frame_batch=frame_batch,
                                            device="cpu", dtype="float32"))
-    # Resetting VmHWM lowers ru_maxrss too, so the peak is the largest of every reading.
-    peak = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _rss("VmHWM"),
-                *(d["peak_before"] for d in decodes), *(d["peak"] for d in decodes)])
+    # VmHWM is reset around each decode, so the peak is the largest of every reading.
+    peak = max([_rss("VmHWM"), *(d["peak_before"] for d in decodes), *(d["peak"] for d in decodes)])
     return {"base": base, "peak": peak, "growth": peak - base, "seconds": time.perf_counter() - t0,
             "before_first_decode": decodes[0]["peak_before"] - base if decodes else None,
             "decode_growth": max((d["peak"] - d["start"] for d in decodes), default=None)}
@@ -136,18 +132,6 @@ def _cuda_child(model: str, story_path: str, out: str, frame_batch: int, device:
     return {"base": 0, "peak": peak, "growth": peak, "seconds": time.perf_counter() - t0,
             "before_first_decode": decodes[0]["peak_before"] if decodes else None,
             "decode_growth": max((d["peak"] - d["start"] for d in decodes), default=None)}
-
-
-def _trim() -> None:
-    """Give glibc's free heap back to the system (``malloc_trim(0)``), so a reading is the memory in
-    use: one full-suite run once started a decode with ~0.7 GB of freed but kept heap on top
-    (measured 995 MiB where the same case measures 470-530 MiB alone). No-op off glibc."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _reset_hwm() -> None:
@@ -184,9 +168,8 @@ def run_case(model: str, size: int, frame_batch: int, frames: int, device: str =
         with open(path, "w") as f:
             yaml.safe_dump(story(frames, size), f)
         est = estimate(model, path, os.path.join(tmp, "est"), frame_batch, device)
-        # A fresh process in a plain environment with a cache of its own (it builds the preset),
-        # whatever the caller's process holds: a full test-suite run measured this child at twice
-        # what it measures alone (995 and 1007 MiB against 470-530), two runs out of two.
+        # A fresh process in a plain environment with a cache of its own (it builds the preset):
+        # what the caller's process set or built does not change the measurement.
         env = {k: v for k, v in os.environ.items() if k in _CHILD_ENV}
         env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", STORYSYNC_CACHE=os.path.join(tmp, "cache"))
         proc = subprocess.run(

@@ -15,7 +15,7 @@ Rerun: a dataset holding every frame of the case, with the fingerprints and conf
 writes, is synthesized in another process (tiny PNGs; rendering 10^6 frames is not the point),
 and the dry run is measured again against it: the look-up of what the dataset holds, per story.
 
-Every measured process reports its peak resident set (``ru_maxrss``) and the resident set after
+Every measured process reports its peak resident set (``VmHWM``, ``storysync_dist.resident``) and the resident set after
 the imports. Measures only; prints a markdown table, and ``--json`` writes the rows.
 
     python bench/planning_benchmark.py --frames 1000,10000,100000
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench.report import machine_info, rss_mib
+from storysync_dist.resident import peak_resident_bytes
 
 MODEL = "tiny-sdxl"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
         lines = {line.strip().split(":", 1)[0]: line.strip().split(":", 1)[1].split()[0]
                  for line in text.getvalue().splitlines() if line.strip().startswith(("render:", "skip:"))}
         row.update(load_s=None, dry_run_s=done - imported, render=int(lines["render"]), skip=int(lines["skip"]))
-    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["peak_rss_mib"] = peak_resident_bytes() / 2**20
     return row
 
 

@@ -51,13 +51,10 @@ def machine_info() -> dict[str, Any]:
 
 def rss_mib() -> float:
     """This process's resident set now, MiB (``VmRSS``; NaN where /proc is missing)."""
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    from storysync_dist.resident import resident_bytes
+
+    rss = resident_bytes()
+    return float("nan") if rss is None else rss / 2**20
 
 
 def _loadavg() -> str:

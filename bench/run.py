@@ -78,10 +78,11 @@ def current_rss() -> int | None:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process so far (bytes; ru_maxrss is KiB on Linux)."""
-    import resource
+    """Peak resident set size of this process so far, in bytes (``storysync_dist.resident``: not
+    ``ru_maxrss``, which a child inherits from its parent)."""
+    from storysync_dist.resident import peak_resident_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_resident_bytes()
 
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import resource
 import socket
 import threading
 import time
@@ -34,6 +33,7 @@ from ..models.customize import apply_model_setup
 from ..models.family import Adapter
 from ..models.presets import load_pipeline
 from ..models.registry import adapter_for
+from ..resident import peak_resident_bytes
 
 
 def _no_cuda_reason() -> str:
@@ -313,6 +313,6 @@ class FrameWorker(_PipelineHolder):
             # Where this worker's stories' bundles were read from (auto resolves per story).
             "bundle_on": sorted(self._placements | {s.bundle.placement for s in streams if s.bundle.placement}),
             "resident_stories": len(streams),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_resident_bytes(),
             **_describe(self.device),
         }
