@@ -243,6 +243,24 @@ def test_the_estimate_is_within_the_stated_error_of_the_measured_peak(tmp_path: 
     assert abs(est["total"] / got["growth"] - 1) <= STATED_ERROR, json.dumps(row)
 
 
+def test_a_child_reads_its_own_peak_not_its_parents() -> None:
+    """``storysync_dist.resident``: a fresh child of a process that once held 600 MiB reads its own
+    peak (tens of MiB), where ``ru_maxrss`` carries the parent's over ``execve`` (Linux), which is
+    what made the calibration above read ~1 GB inside the full suite."""
+    import subprocess
+
+    held = bytearray(600 * 2**20)
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page: resident now
+    del held
+    code = ("import json, resource; from storysync_dist.resident import peak_resident_bytes; "
+            "print(json.dumps([peak_resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))")
+    own, maxrss = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                            check=True).stdout)
+    assert own < 200 * 2**20, own
+    if sys.platform.startswith("linux"):
+        assert maxrss >= 600 * 2**20  # the number the calibration must not read
+
+
 # ---- Ray workers ----------------------------------------------------------------------------------------
 def test_ray_workers_are_checked_before_the_pool_starts(tmp_path: Path, capsys, monkeypatch, ray_cluster) -> None:
     from storysync_dist.distributed.executor import RayExecutor
