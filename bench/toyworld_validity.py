@@ -46,7 +46,7 @@ def render_and_score(stories: list[Any], model: str, out: pathlib.Path, name: st
     rerun reuses the frames), then ``storysync eval --metrics oracle`` into ``out/scores/<name>``:
     the eval summary, its per-frame and per-story rows, and the render's seconds."""
     from storysync_dist.api import RenderOptions, render_stories
-    from storysync_dist.evaluate import EvalOptions, evaluate_dataset
+    from storysync_dist.eval.run import EvalOptions, evaluate_dataset
     from storysync_dist.io.scores import read_scores
 
     dataset, scores = str(out / "renders" / name), str(out / "scores" / name)

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from storysync_dist.benchmarking import print_bench_result, run_benchmark
+    from storysync_dist.eval.bench import print_bench_result, run_benchmark
 
     if args.list_suites:
         from storysync_dist.io.suites import format_suites

@@ -221,7 +221,7 @@ def test_make_dataset_interrupted_at_its_start_and_midway_on_ray_then_finished(
 
 def test_an_interrupted_eval_keeps_the_stories_scored_and_its_rerun_scores_the_rest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import storysync_dist.evaluate as evaluate
+    import storysync_dist.eval.run as evaluate
     from storysync_dist.cli import main
 
     dataset = tmp_path / "dataset"
