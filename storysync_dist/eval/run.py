@@ -218,7 +218,7 @@ class _EvalProgress:
         from ..engine.progress import JobProgress
 
         self.job = JobProgress(f"scoring {options.dataset}", show=options.progress and bool(todo),
-                               log_every=options.log_every, metrics=False, unit="image", story_lines=False)
+                               log_every=options.log_every, unit="image", story_lines=False)
         for story in todo:
             self.job.add_story(story.story_id, len(story.frame_ids))
 
