@@ -133,7 +133,7 @@ def mask_iou(stories: list[Any], model: str, steps: int | None, tmp: pathlib.Pat
 def measure(model: str, suite: str, out: pathlib.Path, limit: int | None, steps: int | None,
             skip_masks: bool) -> dict[str, Any]:
     from storysync_dist.io.suites import resolve_suite
-    from storysync_dist.spec import load_benchmark
+    from storysync_dist.story import load_benchmark
 
     stories = load_benchmark(resolve_suite(suite), limit=limit)
     report: dict[str, Any] = {"model": model, "suite": suite, "stories": len(stories),

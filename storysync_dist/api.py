@@ -24,7 +24,7 @@ from .engine.progress import JobProgress
 from .engine.renderer import FrameOutput
 from .engine.run import StoryJob, local_executor, run_story
 from .interrupts import note_written
-from .spec import StorySpec, load_story
+from .story import StorySpec, load_story
 
 if TYPE_CHECKING:
     from .distributed.executor import RayExecutor

@@ -87,7 +87,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_help: str = MO
 
 def add_suite_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """``--steps``, ``--height``, ``--width``, ``--seed`` of a benchmark prompt suite: they become
-    every story's defaults (``spec.load_benchmark``)."""
+    every story's defaults (``story.load_benchmark``)."""
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's, 50 for SDXL)")
     parser.add_argument("--height", type=positive_int, help="image height in pixels (default: the model's native size)")
     parser.add_argument("--width", type=positive_int, help="image width in pixels (default: the model's native size)")

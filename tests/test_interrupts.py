@@ -28,7 +28,7 @@ from _ray import cluster_processes
 
 from storysync_dist.api import RenderOptions, render_stories, render_story
 from storysync_dist.interrupts import Interrupted, exit_code, interrupted_line, signals_interrupt
-from storysync_dist.spec import load_benchmark
+from storysync_dist.story import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 START_LIMIT = 240.0  # seconds a subprocess may take to reach the point it is signalled at

@@ -38,7 +38,7 @@ from ..errors import StorySyncUserError
 
 if TYPE_CHECKING:
     from ..engine.job import RenderOptions
-    from ..spec import StorySpec
+    from ..story import StorySpec
     from .run import EvalOptions, StoryImages
 
 __all__ = ["BenchOptions", "BenchResult", "print_bench_result", "run_benchmark"]
@@ -86,7 +86,7 @@ def run_benchmark(options: BenchOptions) -> BenchResult:
     from ..api import render_stories
     from ..io.storage import write_bytes
     from ..io.suites import resolve_suite
-    from ..spec import load_benchmark
+    from ..story import load_benchmark
     from .report import bench_rows, plot_adherence, table_markdown
     from .run import StoryImages, check_eval_options, evaluate_dataset, load_scorers
 
@@ -143,7 +143,7 @@ def _sets_that_fit(stories: list[StorySpec], model: str) -> tuple[list[StorySpec
     without loading weights), and one line for each that does not, which is logged as a warning.
     Only when none fits is it an error: then the cause is the options (a size) or the model."""
     from ..models.info import load_model_info
-    from ..spec import validate_for_model
+    from ..story import validate_for_model
 
     try:
         info = load_model_info(model)

@@ -48,7 +48,7 @@ Compaction (``commit_story``): ``io.compaction`` (which row of a frame is kept, 
 for readers and crashes). Old datasets of the flat layout are moved into story folders:
 ``io.old_layout``. A file that cannot be read as a frame table is set aside: ``io.quarantine``.
 
-Output paths are built only from validated ids (``storysync_dist.spec.ID_PATTERN``), never from prompts.
+Output paths are built only from validated ids (``storysync_dist.story.ID_PATTERN``), never from prompts.
 """
 
 from __future__ import annotations
