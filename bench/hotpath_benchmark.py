@@ -49,7 +49,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench.methods_benchmark import ANCHORS, write_story
 from bench.op_census import Census
-from bench.report import machine_info
+from bench.report import machine_info, print_json
 
 BOOK_STEPS = 50  # the budget is per frame at 50 steps
 SUBJECT_SHARE = 0.3  # section b of docs/benchmarks.md measured 28 % subject tokens on random-sdxl
@@ -409,10 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan, models=tuple(args.models.split(",")) if args.models else plan.models,
         size=args.size or plan.size, steps=args.steps or plan.steps)
     report = run(plan, args.quick, args.threads, args.baseline_residency)
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    print_json(report, args.json)
     return 0
 
 

@@ -15,7 +15,6 @@ pulls once per story.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -108,13 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from bench.report import machine_info
+    from bench.report import machine_info, print_json
 
     report = {"machine": machine_info(), **measure(args.model, args.size, args.steps, args.repeats)}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    print_json(report, args.json)
     return 0
 
 

@@ -87,7 +87,7 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
     """Run in a fresh process: the measurements of one case."""
     start = time.perf_counter()
     from storysync_dist.api import RenderOptions, render_story
-    from storysync_dist.spec import load_story
+    from storysync_dist.story import load_story
 
     sys.path.insert(0, str(ROOT / "jobs"))
     import make_dataset
@@ -130,7 +130,7 @@ def synthesize(case: dict[str, Any]) -> float:
     from storysync_dist.engine.job import RenderOptions, prepare_job
     from storysync_dist.io.sink import FrameRecord, ParquetFrameSink
     from storysync_dist.io.storyboard import png_bytes
-    from storysync_dist.spec import load_benchmark
+    from storysync_dist.story import load_benchmark
 
     options = RenderOptions(model=MODEL, out=case["out"], progress=False)
     if case["stories"] == 1:

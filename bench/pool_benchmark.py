@@ -17,7 +17,6 @@ without ``render_stories`` it renders the stories one after another on one poole
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pathlib
@@ -29,6 +28,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bench.report import print_json
 
 
 def write_story(folder: pathlib.Path, story_id: str, frames: int, steps: int, size: int) -> str:
@@ -168,10 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                args.first_frame_steps, args.size),
         }
     ray.shutdown()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    print_json(report, args.json)
     return 0
 
 

@@ -100,13 +100,19 @@ def write_report(path: pathlib.Path, section: str, marks: tuple[str, str]) -> No
     path.write_text(text, encoding="utf-8")
 
 
+def print_json(report: dict[str, Any], json_path: pathlib.Path | None) -> None:
+    """Print ``report`` as JSON (values JSON cannot hold as their ``str``), and write the same text
+    to ``json_path`` when given: how every benchmark ends."""
+    text = json.dumps(report, indent=2, default=str)
+    print(text)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+
+
 def emit_report(report: dict[str, Any], json_path: pathlib.Path | None, markdown_path: pathlib.Path | None,
                 section: Callable[[dict[str, Any]], str], marks: tuple[str, str]) -> None:
     """Print ``report`` as JSON, and write it to ``json_path`` and (as ``section(report)``) between
     ``marks`` of ``markdown_path`` when given."""
-    text = json.dumps(report, indent=2)
-    print(text)
-    if json_path is not None:
-        json_path.write_text(text + "\n")
+    print_json(report, json_path)
     if markdown_path is not None:
         write_report(markdown_path, section(report), marks)

@@ -72,7 +72,7 @@ def measure(model: str, suite: str, out: pathlib.Path, rows: Sequence[str], limi
             steps: int | None) -> dict[str, Any]:
     from bench.toyworld_validity import render_and_score
     from storysync_dist.io.suites import resolve_suite
-    from storysync_dist.spec import load_benchmark
+    from storysync_dist.story import load_benchmark
 
     stories = load_benchmark(resolve_suite(suite), limit=limit)
     per_story: dict[str, dict[str, dict[str, float]]] = {}

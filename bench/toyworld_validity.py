@@ -46,7 +46,7 @@ def render_and_score(stories: list[Any], model: str, out: pathlib.Path, name: st
     rerun reuses the frames), then ``storysync eval --metrics oracle`` into ``out/scores/<name>``:
     the eval summary, its per-frame and per-story rows, and the render's seconds."""
     from storysync_dist.api import RenderOptions, render_stories
-    from storysync_dist.evaluate import EvalOptions, evaluate_dataset
+    from storysync_dist.eval.run import EvalOptions, evaluate_dataset
     from storysync_dist.io.scores import read_scores
 
     dataset, scores = str(out / "renders" / name), str(out / "scores" / name)
@@ -133,7 +133,7 @@ def mask_iou(stories: list[Any], model: str, steps: int | None, tmp: pathlib.Pat
 def measure(model: str, suite: str, out: pathlib.Path, limit: int | None, steps: int | None,
             skip_masks: bool) -> dict[str, Any]:
     from storysync_dist.io.suites import resolve_suite
-    from storysync_dist.spec import load_benchmark
+    from storysync_dist.story import load_benchmark
 
     stories = load_benchmark(resolve_suite(suite), limit=limit)
     report: dict[str, Any] = {"model": model, "suite": suite, "stories": len(stories),

@@ -7,8 +7,10 @@ folder is ``sys.path[0]`` and they import this module as ``_common``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from collections.abc import Callable
 
 from storysync_dist.arguments import (
     EXIT_USER_ERROR,
@@ -21,9 +23,25 @@ from storysync_dist.arguments import (
 )
 
 __all__ = [
-    "EXIT_USER_ERROR", "add_cluster_arguments", "add_logging_arguments", "non_negative_int", "parse_and_run",
-    "positive_int", "resolve_address", "warn_if_driver_only",
+    "EXIT_USER_ERROR",
+    "add_cluster_arguments",
+    "add_logging_arguments",
+    "job_parser",
+    "non_negative_int",
+    "parse_and_run",
+    "positive_int",
+    "resolve_address",
+    "warn_if_driver_only",
 ]
+
+
+def job_parser(prog: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None]
+               ) -> argparse.ArgumentParser:
+    """The parser of ``jobs/<prog>.py``: a CLI command's options (``add_arguments``) plus ``-v``."""
+    parser = argparse.ArgumentParser(prog=f"jobs/{prog}.py", description=description)
+    add_arguments(parser)
+    add_logging_arguments(parser)
+    return parser
 
 
 def warn_if_driver_only(prog: str, workers: int) -> None:

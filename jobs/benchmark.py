@@ -18,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from _common import add_logging_arguments, parse_and_run, warn_if_driver_only
+from _common import job_parser, parse_and_run, warn_if_driver_only
 
 from storysync_dist.arguments import bench_options_from_args
 from storysync_dist.cli import add_bench_arguments, check_bench_arguments
@@ -30,17 +30,12 @@ PROG = "benchmark"
 
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``storysync bench`` plus ``-v``."""
-    parser = argparse.ArgumentParser(
-        prog="jobs/benchmark.py",
-        description="Render a prompt suite with several methods and score it (the StorySync paper's Table 1).",
-    )
-    add_bench_arguments(parser)
-    add_logging_arguments(parser)
-    return parser
+    return job_parser(PROG, "Render a prompt suite with several methods and score it (the StorySync paper's "
+                      "Table 1).", add_bench_arguments)
 
 
 def _main(args: argparse.Namespace) -> int:
-    from storysync_dist.benchmarking import print_bench_result, run_benchmark
+    from storysync_dist.eval.bench import print_bench_result, run_benchmark
 
     if args.list_suites:
         from storysync_dist.io.suites import format_suites

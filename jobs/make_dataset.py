@@ -8,7 +8,7 @@
 The benchmark is a suite name (``storysync bench --list-suites``; fetched once into the cache,
 ``storysync_dist.io.suites``) or a file of the same shape.
 
-Every subject set becomes a story (``storysync_dist.spec.load_benchmark``); all of them render into
+Every subject set becomes a story (``storysync_dist.story.load_benchmark``); all of them render into
 the same ``--out``, one folder per story (``data/<story_id>/``), so the stories never collide, and
 a rerun renders only the frames that are missing. Every story is checked against the model before
 anything renders. With ``--workers N`` every story shares one pool of N workers and one scheduler
@@ -45,7 +45,7 @@ from storysync_dist.arguments import (
     options_from_args,
 )
 from storysync_dist.errors import StorySpecError, StorySyncUserError
-from storysync_dist.spec import StorySpec
+from storysync_dist.story import StorySpec
 
 if TYPE_CHECKING:
     from storysync_dist.engine.job import RenderOptions
@@ -91,7 +91,7 @@ def _check_against_model(stories: list[StorySpec], model: str) -> tuple[list[Sto
     """Split ``stories`` into those that fit the model's tokenizer and size factor, and the errors
     of the others, without loading any weights (so a driver without a GPU can do it)."""
     from storysync_dist.models.info import load_model_info
-    from storysync_dist.spec import validate_for_model
+    from storysync_dist.story import validate_for_model
 
     try:
         info = load_model_info(model)
@@ -133,7 +133,7 @@ def _main(args: argparse.Namespace) -> int:
     from storysync_dist.api import render_stories
     from storysync_dist.engine.job import check_efficiency_options
     from storysync_dist.io.suites import resolve_suite
-    from storysync_dist.spec import load_benchmark
+    from storysync_dist.story import load_benchmark
 
     categories = None
     if args.categories is not None:

@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from _common import add_logging_arguments, parse_and_run, warn_if_driver_only
+from _common import job_parser, parse_and_run, warn_if_driver_only
 
 from storysync_dist.arguments import options_from_args, print_result
 from storysync_dist.cli import add_render_arguments
@@ -27,13 +27,8 @@ PROG = "render_story"
 
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``storysync render`` plus ``-v``."""
-    parser = argparse.ArgumentParser(
-        prog="jobs/render_story.py",
-        description="Render a story (StorySync) into a Parquet dataset, on a Ray cluster or in this process.",
-    )
-    add_render_arguments(parser)
-    add_logging_arguments(parser)
-    return parser
+    return job_parser(PROG, "Render a story (StorySync) into a Parquet dataset, on a Ray cluster or in this "
+                      "process.", add_render_arguments)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from .distributed.metrics import progress_metrics
 from .engine.job import JobPlan, JobResult, RenderOptions, model_info, prepare_job
 from .engine.memory import check_memory
 from .engine.outputs import ManifestWriter
@@ -23,7 +24,7 @@ from .engine.progress import JobProgress
 from .engine.renderer import FrameOutput
 from .engine.run import StoryJob, local_executor, run_story
 from .interrupts import note_written
-from .spec import StorySpec, load_story
+from .story import StorySpec, load_story
 
 if TYPE_CHECKING:
     from .distributed.executor import RayExecutor
@@ -101,7 +102,8 @@ def render_story(
             return _dry_run_result(plan, memory[0])
         # Frames, fps and ETA: a bar on a terminal, plain lines in a log, and Ray metrics when Ray
         # is up (engine.progress).
-        progress = stack.enter_context(JobProgress(options.out, show=options.progress, log_every=options.log_every))
+        progress = stack.enter_context(JobProgress(options.out, show=options.progress, log_every=options.log_every,
+                                                         metrics=progress_metrics()))
         stack.enter_context(_noting_interrupts(progress, options.out))
         job = StoryJob(plan, on_frame, progress)
         return run_story(job, executor if executor is not None else local_executor(pipe))
@@ -123,7 +125,7 @@ def render_stories(
     of workers (``executor``, or one started here and stopped at the end) and one scheduler:
     while some stories' frames render, free workers render the anchors of the next ones, and a
     story's frames start as soon as its first anchor step is published (docs/distributed.md).
-    One progress bar (and Ray metrics, ``engine.progress``) covers the whole job.
+    One progress bar (and Ray metrics, ``distributed.metrics``) covers the whole job.
     """
     _check_executor(options, pipe, executor)
     specs = [load_story(s) if isinstance(s, str) else s for s in stories]
@@ -138,7 +140,8 @@ def render_stories(
         if options.dry_run:
             yield from (_dry_run_result(plan, note) for plan, note in zip(plans, memory, strict=True))
             return
-        progress = stack.enter_context(JobProgress(options.out, show=options.progress, log_every=options.log_every))
+        progress = stack.enter_context(JobProgress(options.out, show=options.progress, log_every=options.log_every,
+                                                         metrics=progress_metrics()))
         for plan in plans:  # every story counts from the start: the job's total and ETA cover them all
             progress.add_story(plan.spec.id, plan.total)
         # One roll-up of manifest.json a minute and one at the end, not one per story.

@@ -24,9 +24,9 @@ from .interrupts import print_interrupted, signals_interrupt
 from .sizes import parse_size
 
 if TYPE_CHECKING:
-    from .benchmarking import BenchOptions
     from .engine.job import JobResult, RenderOptions
-    from .evaluate import EvalOptions
+    from .eval.bench import BenchOptions
+    from .eval.run import EvalOptions
 
 EXIT_USER_ERROR = 2
 MODEL_HELP = ("a preset (tiny-sdxl, tiny-sd, tiny-flux, tiny-kandinsky3, random-sdxl, random-flux), a local "
@@ -87,7 +87,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_help: str = MO
 
 def add_suite_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """``--steps``, ``--height``, ``--width``, ``--seed`` of a benchmark prompt suite: they become
-    every story's defaults (``spec.load_benchmark``)."""
+    every story's defaults (``story.load_benchmark``)."""
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's, 50 for SDXL)")
     parser.add_argument("--height", type=positive_int, help="image height in pixels (default: the model's native size)")
     parser.add_argument("--width", type=positive_int, help="image width in pixels (default: the model's native size)")
@@ -281,7 +281,7 @@ def options_from_args(args: argparse.Namespace, **changes: Any) -> RenderOptions
 def eval_options_from_args(args: argparse.Namespace, **changes: Any) -> EvalOptions:
     """The ``EvalOptions`` of ``storysync eval``'s arguments (``dataset`` and ``out`` may be
     replaced through ``changes``, as ``bench`` does per method)."""
-    from .evaluate import EvalOptions
+    from .eval.run import EvalOptions
 
     fields: dict[str, Any] = dict(
         dataset=_given(args, "dataset"), out=_given(args, "out"), metrics=split_list(_given(args, "metrics"), "--metrics"),
@@ -294,7 +294,7 @@ def eval_options_from_args(args: argparse.Namespace, **changes: Any) -> EvalOpti
 
 def bench_options_from_args(args: argparse.Namespace) -> BenchOptions:
     """The ``BenchOptions`` of ``storysync bench`` (and ``jobs/benchmark.py``)."""
-    from .benchmarking import BenchOptions
+    from .eval.bench import BenchOptions
 
     return BenchOptions(
         suite=args.suite, limit=args.limit, categories=split_list(args.category, "--category"),

@@ -131,14 +131,14 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_dataset, print_eval_result
+    from .eval.run import evaluate_dataset, print_eval_result
 
     print_eval_result(evaluate_dataset(eval_options_from_args(args)))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .benchmarking import print_bench_result, run_benchmark
+    from .eval.bench import print_bench_result, run_benchmark
 
     if args.list_suites:
         from .io.suites import format_suites

@@ -8,7 +8,7 @@ the file, and where relevant the frame (id and 0-based index) or the option.
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteOutputError", "RenderError", "StorySpecError", "StorySyncUserError", "one_line"]
+__all__ = ["MissingWeightsError", "NonFiniteOutputError", "RenderError", "StorySpecError", "StorySyncUserError", "one_line"]
 
 
 class StorySyncUserError(Exception):
@@ -17,6 +17,10 @@ class StorySyncUserError(Exception):
 
 class StorySpecError(StorySyncUserError):
     """The story file is missing, unreadable, malformed, or does not fit the chosen model."""
+
+
+class MissingWeightsError(StorySyncUserError):
+    """A metric's weights are not on this machine (nothing is ever downloaded); one line."""
 
 
 class RenderError(RuntimeError):

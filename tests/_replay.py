@@ -194,3 +194,25 @@ def rendered_by_the_reference(adapter: Any) -> Iterator[None]:
         yield
     finally:
         del adapter.install
+
+
+def assert_frames_independent(adapter: Any, plan: Any, first: str = "snow", second: str = "city") -> tuple[Replay, Any]:
+    """Render the plan's anchors and two frames in sequence under a replay (every StorySync
+    attention call must return what the plain reference computes), then the second frame alone
+    and from the bundle's bytes: all three give the same pixels (a frame depends on its own inputs
+    and the bundle only). Returns the replay and the bundle for the family's own checks."""
+    import numpy as np
+
+    from storysync_dist.core.anchors import AnchorBundle
+    from storysync_dist.engine.renderer import StoryRenderer
+
+    renderer = StoryRenderer(adapter, plan.config, plan.settings)
+    with replayed(adapter) as replay:
+        _, bundle = renderer.render_anchors(plan.anchor_jobs)
+        in_sequence = [renderer.render_frame(plan.jobs[f], bundle).image for f in (first, second)]
+    assert_render_replays(replay)
+    alone = StoryRenderer(adapter, plan.config, plan.settings).render_frame(plan.jobs[second], bundle).image
+    assert np.array_equal(np.asarray(in_sequence[1]), np.asarray(alone))  # companions do not matter
+    imported = AnchorBundle.from_bytes(bundle.to_bytes())
+    assert np.array_equal(np.asarray(renderer.render_frame(plan.jobs[second], imported).image), np.asarray(alone))
+    return replay, bundle

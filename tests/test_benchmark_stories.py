@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from storysync_dist.errors import StorySpecError
-from storysync_dist.spec import BENCHMARK_SUBJECT, ID_PATTERN, load_benchmark, slug
+from storysync_dist.story import BENCHMARK_SUBJECT, ID_PATTERN, load_benchmark, slug
 
 SMALL = """\
 animals:

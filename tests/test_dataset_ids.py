@@ -12,8 +12,8 @@ from types import ModuleType
 import pytest
 
 from storysync_dist.errors import StorySpecError, StorySyncUserError
-from storysync_dist.spec import ID_PATTERN, load_benchmark
-from storysync_dist.spec import benchmark as spec_module
+from storysync_dist.story import ID_PATTERN, load_benchmark
+from storysync_dist.story import benchmark as spec_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,11 +174,11 @@ def test_make_dataset_exits_2_before_rendering_on_duplicate_ids(
     make_dataset: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import storysync_dist.api
-    import storysync_dist.spec
+    import storysync_dist.story
 
     first, second, *_ = load_benchmark(write(tmp_path, BENCH))
     twin = second.model_copy(update={"id": first.id})
-    monkeypatch.setattr(storysync_dist.spec, "load_benchmark", lambda *args, **kwargs: [first, twin])
+    monkeypatch.setattr(storysync_dist.story, "load_benchmark", lambda *args, **kwargs: [first, twin])
     monkeypatch.setattr(make_dataset, "_check_against_model", lambda stories, model: (list(stories), []))
 
     def no_render(*args: object, **kwargs: object) -> None:

@@ -21,8 +21,8 @@ from storysync_dist.errors import StorySyncUserError
 from storysync_dist.eval.encoders import METRICS, ORACLE_WEIGHTS, load_encoders
 from storysync_dist.eval.oracle import anchor_positions, background_leakage, score_oracle, subject_class
 from storysync_dist.eval.report import SETTINGS_NOTE, bench_rows, plot_adherence, table_markdown
+from storysync_dist.eval.run import EvalOptions, check_eval_options, evaluate_dataset
 from storysync_dist.eval.scores import FrameForEval, score_story
-from storysync_dist.evaluate import EvalOptions, check_eval_options, evaluate_dataset
 from storysync_dist.io import FrameRecord, ParquetFrameSink, png_bytes
 from storysync_dist.toyworld.world import Identity, Placed, Scene, prompt_of, render
 

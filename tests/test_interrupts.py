@@ -28,7 +28,7 @@ from _ray import cluster_processes
 
 from storysync_dist.api import RenderOptions, render_stories, render_story
 from storysync_dist.interrupts import Interrupted, exit_code, interrupted_line, signals_interrupt
-from storysync_dist.spec import load_benchmark
+from storysync_dist.story import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 START_LIMIT = 240.0  # seconds a subprocess may take to reach the point it is signalled at
@@ -221,7 +221,7 @@ def test_make_dataset_interrupted_at_its_start_and_midway_on_ray_then_finished(
 
 def test_an_interrupted_eval_keeps_the_stories_scored_and_its_rerun_scores_the_rest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import storysync_dist.evaluate as evaluate
+    import storysync_dist.eval.run as evaluate
     from storysync_dist.cli import main
 
     dataset = tmp_path / "dataset"

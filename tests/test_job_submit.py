@@ -16,7 +16,7 @@ from _ray import RAY, RayHead, connected
 
 from storysync_dist.cli import main
 from storysync_dist.io.sink import open_dataset
-from storysync_dist.spec import load_story
+from storysync_dist.story import load_story
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "story.yaml"

@@ -103,9 +103,9 @@ def test_a_render_over_the_free_memory_is_refused_with_the_options_that_lower_it
     assert code == 2
     err = one_line(capsys)
     assert f"estimated at {est.describe()}" in err
-    assert f"more than the {memory._gib(limit)} free on cpu ({memory.MEMORY_LIMIT_ENV})" in err
+    assert f"more than the {memory.format_bytes(limit)} free on cpu ({memory.MEMORY_LIMIT_ENV})" in err
     for flag, e in fixes:
-        assert f"{flag} (~{memory._gib(e.needed)})" in err
+        assert f"{flag} (~{memory.format_bytes(e.needed)})" in err
     assert "--force" in err
     assert not out.exists()
 
@@ -284,12 +284,14 @@ def test_ray_workers_are_checked_before_the_pool_starts(tmp_path: Path, capsys, 
 def test_a_probe_reads_the_free_memory_where_a_worker_runs(monkeypatch, ray_cluster) -> None:
     """On a cluster of other machines (or GPUs) a Ray task with a worker's resources reads the
     free memory; here the cluster is this machine, so the probe is forced and must agree with it."""
-    monkeypatch.setattr(memory, "_all_nodes_here", lambda: False)
+    from storysync_dist.distributed import memory_probe
+
+    monkeypatch.setattr(memory_probe, "all_nodes_here", lambda: False)
     monkeypatch.delenv(memory.MEMORY_LIMIT_ENV, raising=False)
-    free = memory.free_memory_on_workers({"num_cpus": 1}, "cpu", 2)
+    free = memory_probe.free_memory_on_workers({"num_cpus": 1}, "cpu", 2)
     total = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal:")).split()[1])
     assert free is not None and free.where == f"cpu on {socket.gethostname()}" and not free.capped
     assert 0 < free.bytes <= total * 1024
     monkeypatch.setenv(memory.MEMORY_LIMIT_ENV, "3M")
-    capped = memory.free_memory_on_workers({"num_cpus": 1}, "cpu", 2)
+    capped = memory_probe.free_memory_on_workers({"num_cpus": 1}, "cpu", 2)
     assert capped == memory.FreeMemory(3 * 2**20, f"cpu on {socket.gethostname()}", capped=True)

@@ -22,8 +22,8 @@ from storysync_dist.errors import StorySpecError
 from storysync_dist.io.sink import ParquetFrameSink
 from storysync_dist.io.story_table import write_story_table
 from storysync_dist.models.info import load_model_info
-from storysync_dist.spec import StorySpec, load_story
-from storysync_dist.spec.model_checks import _token_ids, _token_ids_of_all
+from storysync_dist.story import StorySpec, load_story
+from storysync_dist.story.model_checks import _token_ids, _token_ids_of_all
 
 SMALL = {"steps": 2, "height": 64, "width": 64}
 
@@ -271,7 +271,7 @@ def test_fingerprints_made_once_per_identity_equal_the_whole_description_hashed(
 
 
 def test_finding_a_token_run_equals_comparing_every_window() -> None:
-    from storysync_dist.spec.model_checks import _find_runs
+    from storysync_dist.story.model_checks import _find_runs
 
     rng = random.Random(3)
     for _ in range(2000):
@@ -284,8 +284,8 @@ def test_finding_a_token_run_equals_comparing_every_window() -> None:
 def test_a_story_checked_again_reuses_its_positions_and_a_changed_one_does_not(monkeypatch, tmp_path) -> None:
     """jobs/make_dataset.py checks every subject set, then plans each: the second check of the same
     prompts with the same tokenizer reuses the first one's positions (no second tokenization)."""
-    from storysync_dist.spec import model_checks
-    from storysync_dist.spec.model_checks import validate_for_model
+    from storysync_dist.story import model_checks
+    from storysync_dist.story.model_checks import validate_for_model
 
     info = load_model_info("tiny-sdxl")
     story = load_story(_write(tmp_path / "a.yaml", _story([{"id": f"f{i}", "prompt": f"{{fox}} at {i}"}

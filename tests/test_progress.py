@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from ray.util.metrics import Counter, Gauge
 
-from storysync_dist.engine import progress as progress_module
-from storysync_dist.engine.progress import METRIC_DESCRIPTIONS, JobProgress
+from storysync_dist.distributed import metrics as metrics_module
+from storysync_dist.distributed.metrics import METRIC_DESCRIPTIONS, RayProgressMetrics, progress_metrics
+from storysync_dist.engine.progress import JobProgress
 
 
 class FakeClock:
@@ -32,7 +33,7 @@ def clock() -> FakeClock:
 
 
 def test_snapshot_numbers_two_interleaved_stories(clock: FakeClock) -> None:
-    p = JobProgress("job", show=False, metrics=False, clock=clock)
+    p = JobProgress("job", show=False, clock=clock)
     snap = p.snapshot()
     assert snap == {"done": 0, "total": 0, "fps": 0.0, "eta_seconds": None, "elapsed": 0.0, "stories": {}}
 
@@ -78,7 +79,7 @@ def test_snapshot_numbers_two_interleaved_stories(clock: FakeClock) -> None:
 
 
 def test_zero_frame_story_and_misuse(clock: FakeClock) -> None:
-    p = JobProgress("job", show=False, metrics=False, clock=clock)
+    p = JobProgress("job", show=False, clock=clock)
     p.add_story("empty", 0)
     clock.at(3)
     p.story_done("empty")
@@ -98,7 +99,7 @@ def test_zero_frame_story_and_misuse(clock: FakeClock) -> None:
 
 def test_stories_added_ahead_count_from_the_start_and_reopen(clock: FakeClock) -> None:
     # A job that plans every story first: the job's total covers them all before any renders.
-    p = JobProgress("job", show=False, metrics=False, clock=clock)
+    p = JobProgress("job", show=False, clock=clock)
     p.add_story("a", 4)
     p.add_story("b", 6)
     assert p.snapshot()["total"] == 10
@@ -122,7 +123,7 @@ def test_stories_added_ahead_count_from_the_start_and_reopen(clock: FakeClock) -
 
 
 def test_show_false_prints_nothing(clock: FakeClock, capsys: pytest.CaptureFixture[str]) -> None:
-    p = JobProgress("quiet", show=False, metrics=False, clock=clock)
+    p = JobProgress("quiet", show=False, clock=clock)
     p.add_story("a", 2)
     p.frame_done("a")
     p.frame_done("a")
@@ -141,7 +142,7 @@ def test_show_true_prints_a_line_per_finished_story(clock: FakeClock,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     # On a terminal: the bar (where no terminal is, plain lines: tests/test_progress_lines.py).
     terminal = FakeTerminal()
-    p = JobProgress("loud", show=True, metrics=False, clock=clock, stream=terminal)
+    p = JobProgress("loud", show=True, clock=clock, stream=terminal)
     p.add_story("a", 2)
     p.add_story("b", 1)
     clock.at(2)
@@ -165,14 +166,14 @@ def test_show_true_prints_a_line_per_finished_story(clock: FakeClock,
 
 
 def test_ray_metrics_record(ray_cluster, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
-    metrics = progress_module._ray_metrics()
+    metrics = metrics_module.ray_metrics()
     assert set(metrics) == set(METRIC_DESCRIPTIONS)
     for name, (kind, tag_keys, description) in METRIC_DESCRIPTIONS.items():
         assert isinstance(metrics[name], {"Counter": Counter, "Gauge": Gauge}[kind])
         assert metrics[name].info["name"] == name
         assert metrics[name].info["tag_keys"] == tag_keys
         assert metrics[name].info["description"] == description
-    assert progress_module._ray_metrics() is metrics  # once per process
+    assert metrics_module.ray_metrics() is metrics  # once per process
 
     # Ray 2.60 cannot read a metric's value back in-process: record the calls, and still make them.
     calls: list[tuple[str, str, float, dict[str, str]]] = []
@@ -188,7 +189,7 @@ def test_ray_metrics_record(ray_cluster, clock: FakeClock, monkeypatch: pytest.M
 
                 monkeypatch.setattr(metric, method, recorder)
 
-    p = JobProgress("metrics-job", show=False, metrics=True, clock=clock)
+    p = JobProgress("metrics-job", show=False, metrics=RayProgressMetrics(), clock=clock)
     assert p.metrics_enabled
     p.add_story("s1", 2)
     assert calls == [
@@ -216,14 +217,19 @@ def test_ray_metrics_record(ray_cluster, clock: FakeClock, monkeypatch: pytest.M
     p.story_done("s1")
     p.close()
 
-    # metrics=None follows Ray: on here (same metric objects), off when asked
-    auto = JobProgress("auto", show=False, clock=clock)
-    assert auto.metrics_enabled and auto._metrics is metrics
-    assert not JobProgress("off", show=False, metrics=False, clock=clock).metrics_enabled
+    # What the API passes: Ray's metrics while Ray is up in this process (the same objects), else none.
+    import ray
+
+    auto = progress_metrics()
+    assert isinstance(auto, RayProgressMetrics) and auto.metrics is metrics
+    assert JobProgress("auto", show=False, metrics=auto, clock=clock).metrics_enabled
+    assert not JobProgress("off", show=False, clock=clock).metrics_enabled
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert progress_metrics() is None
 
 
 def test_concurrent_frames_are_all_counted() -> None:
-    p = JobProgress("threads", show=False, metrics=False)
+    p = JobProgress("threads", show=False)
     for i in range(4):
         p.add_story(f"s{i}", 250)
     threads = [threading.Thread(target=lambda s=f"s{i}": [p.frame_done(s) for _ in range(250)])

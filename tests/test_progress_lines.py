@@ -54,7 +54,7 @@ class FakeTerminal(io.StringIO):
 # ---- JobProgress, unit ----------------------------------------------------------------------------
 def test_without_a_terminal_one_line_per_log_every_seconds_and_a_last_line(capsys) -> None:
     clock, log = FakeClock(), io.StringIO()
-    p = JobProgress("job", metrics=False, clock=clock, log_every=10, stream=log)
+    p = JobProgress("job", clock=clock, log_every=10, stream=log)
     assert p.lines
     p.add_story("a", 4)
     p.add_story("b", 2)
@@ -90,7 +90,7 @@ def test_without_a_terminal_one_line_per_log_every_seconds_and_a_last_line(capsy
 
 def test_lines_count_images_and_no_progress_writes_nothing(capsys) -> None:
     clock, log = FakeClock(), io.StringIO()
-    p = JobProgress("scoring ds", metrics=False, clock=clock, log_every=1, stream=log, unit="image",
+    p = JobProgress("scoring ds", clock=clock, log_every=1, stream=log, unit="image",
                     story_lines=False)
     p.add_story("s1", 3)
     p.add_story("s2", 1)
@@ -104,7 +104,7 @@ def test_lines_count_images_and_no_progress_writes_nothing(capsys) -> None:
     with pytest.raises(ValueError, match="count"):
         p.frame_done("s2", count=0)
 
-    quiet = JobProgress("quiet", show=False, metrics=False, clock=clock, log_every=1, stream=log)
+    quiet = JobProgress("quiet", show=False, clock=clock, log_every=1, stream=log)
     quiet.add_story("a", 1)
     clock.now = 50
     quiet.frame_done("a")
@@ -113,12 +113,12 @@ def test_lines_count_images_and_no_progress_writes_nothing(capsys) -> None:
     assert "quiet" not in log.getvalue()
     assert capsys.readouterr() == ("", "")
     with pytest.raises(ValueError, match="log_every"):
-        JobProgress("bad", metrics=False, log_every=0, stream=log)
+        JobProgress("bad", log_every=0, stream=log)
 
 
 def test_a_terminal_keeps_the_bar(capsys) -> None:
     clock, term = FakeClock(), FakeTerminal()
-    p = JobProgress("tty", metrics=False, clock=clock, log_every=0.001, stream=term)
+    p = JobProgress("tty", clock=clock, log_every=0.001, stream=term)
     assert not p.lines
     p.add_story("a", 2)
     clock.now = 1
@@ -166,7 +166,7 @@ def test_a_story_run_alone_gets_its_own_progress(monkeypatch: pytest.MonkeyPatch
     assert captured.out.startswith("mem-out: story fox: 1/2 frames in ")
 
     log = io.StringIO()
-    job = JobProgress("job", metrics=False, stream=log, log_every=3600)
+    job = JobProgress("job", stream=log, log_every=3600)
     ctx = JobContext(plan, Sink(), None, progress=job)
     ctx.emit(output)
     ctx.close()

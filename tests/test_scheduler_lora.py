@@ -32,7 +32,7 @@ from storysync_dist.errors import StorySpecError, StorySyncUserError
 from storysync_dist.models.customize import apply_model_setup
 from storysync_dist.models.loading import load_pipeline
 from storysync_dist.models.registry import adapter_for
-from storysync_dist.spec import load_story
+from storysync_dist.story import load_story
 
 STEPS, SIZE = 2, 64
 FAST = {"model": "tiny-sdxl", "steps": STEPS, "height": SIZE, "width": SIZE, "progress": False}

@@ -286,7 +286,7 @@ def test_failure_while_building_leaves_nothing(root: str, monkeypatch: pytest.Mo
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(sink_module.pq, "write_table", boom)
+    monkeypatch.setattr(pq, "write_table", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         sink.write([record(1)])
     monkeypatch.undo()

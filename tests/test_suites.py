@@ -26,8 +26,8 @@ from storysync_dist.errors import StorySpecError, StorySyncUserError
 from storysync_dist.io import suites
 from storysync_dist.io.suites import MIRROR_ENV, SuiteEntry, resolve_suite, suite_cache_path
 from storysync_dist.models.info import load_model_info
-from storysync_dist.spec import load_benchmark, validate_for_model
-from storysync_dist.spec.benchmark import subject_tokens
+from storysync_dist.story import load_benchmark, validate_for_model
+from storysync_dist.story.benchmark import subject_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = ["--steps", "2", "--height", "64", "--width", "64"]

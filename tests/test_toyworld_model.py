@@ -15,7 +15,7 @@ from storysync_dist.api import RenderOptions, render_story
 from storysync_dist.cli import main
 from storysync_dist.io.suites import resolve_suite
 from storysync_dist.models.info import load_model_info
-from storysync_dist.spec import load_benchmark
+from storysync_dist.story import load_benchmark
 from storysync_dist.toyworld import MODEL_ENV, scene_of_prompt
 from storysync_dist.toyworld.stories import FRAMES, STORIES
 from storysync_dist.toyworld.world import BACKGROUNDS, CLASSES

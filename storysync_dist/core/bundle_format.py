@@ -24,7 +24,7 @@ from .config import StorySyncConfig
 from .ids import ID_PATTERN, MAX_SEED, is_valid_id
 
 if TYPE_CHECKING:
-    from .anchors import SharedLayerState
+    from .layer_state import SharedLayerState
 
 
 BUNDLE_FORMAT = "storysync-anchor-bundle/2"

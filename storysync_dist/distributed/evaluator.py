@@ -9,14 +9,12 @@ GPU cluster, one CPU each otherwise), so eval runs on the same clusters render d
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 
+from ..eval.story import EvalOptions, StoryFrames, load_scorers, score_story_frames
 from .cluster import actor_resources, connect
-
-if TYPE_CHECKING:
-    from ..evaluate import EvalOptions, StoryFrames
 
 __all__ = ["EvalWorker", "score_on_ray"]
 
@@ -25,15 +23,11 @@ class EvalWorker:
     """One set of encoders (and the background remover) on one device; scores whole stories."""
 
     def __init__(self, metrics: list[str], weights: str | None, encoders: str | None, device: str) -> None:
-        from ..evaluate import EvalOptions, _load
-
         self.metrics = tuple(metrics)
-        self.encoders, self.remover = _load(self.metrics, EvalOptions(dataset="", weights=weights,
+        self.encoders, self.remover = load_scorers(self.metrics, EvalOptions(dataset="", weights=weights,
                                                                      encoders=encoders, device=device))
 
     def score(self, story: StoryFrames) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
-        from ..evaluate import score_story_frames
-
         frames, row = score_story_frames(story, self.encoders, self.remover, self.metrics)
         return story.story_id, frames, row
 

@@ -19,9 +19,11 @@ from typing import Any
 
 import ray
 
+from ..engine.free_memory import FreeMemory
 from ..engine.job import JobPlan, RenderOptions, check_efficiency_options
 from ..engine.run import JobContext
 from .cluster import actor_resources, connect, object_store_budget
+from .memory_probe import worker_free_memory
 from .pool import NAMESPACE, WorkerPool
 from .scheduler import DEFAULT_BUNDLE_BUDGET, EventHook, PoolScheduler, StorySource
 
@@ -74,6 +76,14 @@ class RayExecutor:
     @property
     def worker_names(self) -> list[str]:
         return self._pool.names
+
+    def worker_free_memory(self) -> FreeMemory | None:
+        """The free memory one worker will see, for the memory check before a render
+        (``engine.memory``): None once workers run (their devices hold the weights already), or
+        when it cannot be read in time."""
+        if self.live_workers():
+            return None
+        return worker_free_memory(self.resources, self.device, int(self.options.workers), self.options.start_timeout)
 
     def live_workers(self) -> list[str]:
         """The names of this executor's workers that Ray has as live actors now."""

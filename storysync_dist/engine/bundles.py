@@ -17,7 +17,7 @@ import fsspec
 from ..core.anchors import DEFAULT_MAX_BUNDLE_BYTES, AnchorBundle
 from ..core.config import StorySyncConfig
 from ..errors import StorySyncUserError, one_line
-from ..spec import StorySpec
+from ..story import StorySpec
 from .renderer import BundleMismatchError, FrameJob, RenderSettings, StoryRenderer
 
 __all__ = ["MAX_BUNDLE_BYTES", "check_bundle_for_job", "check_bundle_model_setup", "publish_steps", "read_bundle", "read_bundle_meta"]

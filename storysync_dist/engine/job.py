@@ -54,7 +54,7 @@ from ..models.info import (
 from ..models.loading import OFFLOADS
 from ..models.registry import family_named
 from ..models.revision import model_revision
-from ..spec import StorySpec, load_story, validate_for_model
+from ..story import StorySpec, load_story, validate_for_model
 from .bundles import check_bundle_for_job, read_bundle
 from .devices import default_dtype, default_frame_batch, device_and_dtype
 from .identity import AnchorIdentity, RenderIdentity, fingerprints_of

@@ -30,22 +30,16 @@ render starts", with the table of estimate against measured peak RSS: within 30 
 been lent yet, so the GPU numbers are the same arithmetic with a computed decoder constant,
 unmeasured.
 
-The free memory compared against is ``torch.cuda.mem_get_info`` on a GPU and ``MemAvailable`` of
-``/proc/meminfo`` on a CPU, capped by the environment variable ``STORYSYNC_MEMORY_LIMIT`` (bytes,
-or with a K/M/G/T suffix, powers of 1024) when it is set: for a user who shares the machine, and
-for tests. With Ray workers the driver estimates and the free memory comes from where the workers
-run (:func:`free_memory_on_workers`).
+The model's shapes come from ``engine.model_shapes`` and the free memory compared against from
+``engine.free_memory`` (``torch.cuda.mem_get_info`` on a GPU, ``MemAvailable`` on a CPU, capped by
+``STORYSYNC_MEMORY_LIMIT``). With Ray workers the driver estimates and the executor reads the free
+memory where the workers run (``RayExecutor.worker_free_memory``, ``distributed.memory_probe``): the
+engine imports no Ray.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import math
-import os
-import pathlib
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,20 +47,28 @@ from ..core.harmonize import SCORE_CHUNK_ELEMENTS
 from ..core.residency import AUTO_DEVICE_SHARE
 from ..errors import StorySyncUserError
 from ..models.offload import resident_roles
-from ..sizes import parse_size
+from .free_memory import (
+    GIB,
+    MEMORY_LIMIT_ENV,
+    MIB,
+    FreeMemory,
+    device_type,
+    format_bytes,
+    free_memory,
+    host_available,
+    memory_limit,
+)
+from .model_shapes import AttentionShape, ModelShapes, model_shapes, model_shapes_from_pipeline
 
 __all__ = [
-    "MEMORY_LIMIT_ENV", "FreeMemory", "JobShape", "MemoryEstimate", "ModelShapes", "alternatives", "check_fits",
+    "GIB", "MEMORY_LIMIT_ENV", "FreeMemory", "JobShape", "MemoryEstimate", "ModelShapes", "alternatives", "check_fits",
     "check_memory", "check_size", "decode_activation_bytes", "denoiser_activation_bytes", "estimate",
-    "free_memory", "free_memory_on_workers", "layer_tokens", "memory_limit", "model_shapes",
+    "format_bytes", "free_memory", "host_available", "layer_tokens", "memory_limit", "model_shapes",
     "model_shapes_from_pipeline",
 ]
 
 log = logging.getLogger("storysync")
 
-MEMORY_LIMIT_ENV = "STORYSYNC_MEMORY_LIMIT"
-GIB = 1024**3
-MIB = 1024**2
 
 # Share of an anchor layer's tokens that are subject tokens, for a bundle not rendered yet. The masks
 # depend on the prompts: measured 34 % on random-sdxl at 256 px (docs/memory.md), 30 to 59 % on the
@@ -91,155 +93,8 @@ SPATIAL_NORM_MAPS = 2.0
 # Memory a render needs besides the parts above: on a CPU, the libraries and code a render pulls
 # in (measured, docs/memory.md); on a GPU, the allocator's workspaces (cuBLAS/cuDNN; not measured).
 RUNTIME_BYTES = {"cpu": 200 * MIB, "cuda": 512 * MIB}
-# Seconds a probe of the workers' free memory may wait for Ray to place it.
-PROBE_TIMEOUT = 60.0
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
-
-
-# ---- the model, from its configs -----------------------------------------------------------------
-@dataclass(frozen=True)
-class AttentionShape:
-    """One attention layer of the denoiser: its name (a processor-name prefix, as ``share_layers``
-    matches), its resolution ``level`` (0: the denoiser's input grid; a UNet's level i runs at
-    1/2^i of it), ``channels`` (its input width), ``inner`` (heads x head dim) and ``heads``;
-    ``self_attention`` when its keys come from its own tokens."""
-
-    name: str
-    level: int
-    channels: int
-    inner: int
-    heads: int
-    self_attention: bool
-
-
-@dataclass(frozen=True)
-class ModelShapes:
-    """What the estimate needs of a model, none of it weights.
-
-    ``params``: parameters per component role; ``buffers``: bytes of their buffers. ``denoiser``
-    and ``decoder`` name the roles of the UNet/transformer and of the VAE. ``input_width``: the
-    channels of the denoiser's first layer (its widest map at the input grid), ``patch``: latent
-    pixels per side of one input token (FLUX packs 2x2), ``attention``: every attention layer.
-    ``decoder_channels``: the VAE's ``block_out_channels``, ``decoder_upcast``: the pipeline
-    decodes in float32 when it is in float16 (SDXL's ``force_upcast`` with ``upcast_vae``);
-    ``decoder_spatial_norm``: its norms are spatial (MoVQ).
-    """
-
-    params: dict[str, int]
-    buffers: dict[str, int]
-    denoiser: str
-    decoder: str
-    input_width: int
-    patch: int
-    attention: tuple[AttentionShape, ...]
-    decoder_channels: tuple[int, ...]
-    decoder_upcast: bool
-    decoder_spatial_norm: bool = False
-
-    @property
-    def vae_factor(self) -> int:
-        """Image pixels per latent pixel (2 per decoder level after the first)."""
-        return 2 ** (len(self.decoder_channels) - 1)
-
-
-def model_shapes_from_pipeline(pipe: Any) -> ModelShapes:
-    """:class:`ModelShapes` of a loaded pipeline (its own modules)."""
-    import torch
-
-    modules = {role: m for role, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    return _shapes(modules, upcasts=hasattr(pipe, "upcast_vae"))
-
-
-@functools.lru_cache(maxsize=8)
-def model_shapes(model: str, revision: str | None = None) -> ModelShapes:
-    """:class:`ModelShapes` of a preset, a local folder or a cached hub id, from its
-    ``model_index.json`` and each component's config, built on the meta device (no weights are
-    read, nothing is allocated). ``revision`` only keys the cache (an edited folder is read again).
-    ``ValueError`` for a folder whose components cannot be built that way."""
-    import diffusers
-
-    from ..models.info import meta_components, model_folder
-
-    folder = pathlib.Path(model_folder(model))
-    index = json.loads((folder / "model_index.json").read_text())
-    modules = meta_components(str(folder), revision)
-    return _shapes(modules, upcasts=hasattr(getattr(diffusers, str(index.get("_class_name")), None), "upcast_vae"))
-
-
-def _shapes(modules: dict[str, Any], *, upcasts: bool) -> ModelShapes:
-    """``upcasts``: the pipeline class decodes a half-precision VAE in float32 when its config says
-    ``force_upcast`` (``upcast_vae``: SDXL's pipelines; SD 1.x, FLUX and Kandinsky 3 do not)."""
-    decoder = next((r for r, m in modules.items() if hasattr(m, "decode") and hasattr(m.config, "block_out_channels")),
-                   None)
-    denoiser = next((r for r, m in modules.items() if r != decoder and hasattr(m, "attn_processors")), None)
-    if decoder is None or denoiser is None:
-        raise ValueError(f"no denoiser and VAE among the components {sorted(modules)}")
-    den, vae = modules[denoiser], modules[decoder]
-    latent_channels = int(vae.config.latent_channels)
-    in_channels = int(den.config.in_channels)
-    return ModelShapes(
-        params={r: sum(p.numel() for p in m.parameters()) for r, m in modules.items()},
-        buffers={r: sum(b.numel() * b.element_size() for b in m.buffers()) for r, m in modules.items()},
-        denoiser=denoiser, decoder=decoder,
-        input_width=_input_width(den, in_channels),
-        patch=max(1, math.isqrt(max(1, in_channels // latent_channels))),
-        attention=_attention_layers(den),
-        decoder_channels=tuple(int(c) for c in vae.config.block_out_channels),
-        decoder_upcast=upcasts and bool(getattr(vae.config, "force_upcast", False)),
-        decoder_spatial_norm=getattr(vae.config, "norm_type", None) == "spatial",
-    )
-
-
-def _input_width(denoiser: Any, in_channels: int) -> int:
-    """Channels of the denoiser's first layer that reads the latent (a UNet's ``conv_in``, a
-    transformer's patch embedding)."""
-    import torch
-
-    for module in denoiser.modules():
-        if isinstance(module, torch.nn.Conv2d) and module.in_channels == in_channels:
-            return int(module.out_channels)
-        if isinstance(module, torch.nn.Linear) and module.in_features == in_channels:
-            return int(module.out_features)
-    raise ValueError(f"{type(denoiser).__name__}: no layer reads its {in_channels} input channels")
-
-
-def _attention_layers(denoiser: Any) -> tuple[AttentionShape, ...]:
-    """Every attention layer of the denoiser with its resolution level.
-
-    The levels follow diffusers' UNet layout (``UNet2DConditionModel``, ``Kandinsky3UNet``):
-    ``down_blocks.i`` runs at level i, ``up_blocks.j`` at level L-1-j and ``mid_block`` at L-1 (L
-    levels); a denoiser without ``down_blocks`` (a transformer) runs every layer at level 0. A layer
-    is a self-attention when diffusers marks it so (``is_cross_attention`` False); in a model that
-    marks every layer cross (Kandinsky 3 builds its self-attentions with its own width as the
-    context), when its keys are as wide as its queries, which also takes a cross-attention whose
-    text is exactly as wide (only in the tiny preset: 32 channels).
-    """
-    levels = len(getattr(denoiser, "down_blocks", ())) or 1
-    modules = {}
-    for name in denoiser.attn_processors:
-        path = name.removesuffix(".processor")
-        attn = denoiser.get_submodule(path)
-        if getattr(attn, "to_q", None) is not None and getattr(attn, "to_k", None) is not None:
-            modules[path] = attn
-    flags = any(not getattr(a, "is_cross_attention", False) for a in modules.values())
-    return tuple(
-        AttentionShape(
-            name=path, level=_level(path, levels), channels=int(a.to_q.in_features), inner=int(a.to_q.out_features),
-            heads=int(getattr(a, "heads", 1)),
-            self_attention=(not getattr(a, "is_cross_attention", False)) if flags
-            else int(a.to_k.in_features) == int(a.to_q.in_features),
-        )
-        for path, a in modules.items()
-    )
-
-
-def _level(path: str, levels: int) -> int:
-    match = re.match(r"(down_blocks|up_blocks)\.(\d+)\.", path)
-    if match:
-        i = int(match.group(2))
-        return min(i, levels - 1) if match.group(1) == "down_blocks" else max(0, levels - 1 - i)
-    return levels - 1 if path.startswith("mid_block.") else 0
 
 
 # ---- the arithmetic --------------------------------------------------------------------------------
@@ -371,9 +226,9 @@ class MemoryEstimate:
         return self.total - (self.weights if self.loaded else 0)
 
     def describe(self) -> str:
-        return (f"~{_gib(self.total)} (weights {_gib(self.weights)}{' already loaded' if self.loaded else ''}, "
-                f"activations {_gib(self.activations)}, anchor bundle {_gib(self.bundle)}, "
-                f"runtime {_gib(self.runtime)})")
+        return (f"~{format_bytes(self.total)} (weights {format_bytes(self.weights)}{' already loaded' if self.loaded else ''}, "
+                f"activations {format_bytes(self.activations)}, anchor bundle {format_bytes(self.bundle)}, "
+                f"runtime {format_bytes(self.runtime)})")
 
 
 @dataclass(frozen=True)
@@ -429,19 +284,9 @@ class JobShape:
         )
 
 
-def _gib(n: float) -> str:
-    if n >= GIB / 10:
-        return f"{n / GIB:.2f} GiB"
-    return f"{n / MIB:.0f} MiB" if n >= 10 * MIB else f"{n / MIB:.1f} MiB"
-
-
-def _device_type(device: str) -> str:
-    return device.split(":")[0]
-
-
 def estimate(shapes: ModelShapes, job: JobShape) -> MemoryEstimate:
     """The peak memory of one worker rendering ``job`` (see the module docstring for the phases)."""
-    kind = _device_type(job.device)
+    kind = device_type(job.device)
     grid = latent_grid(job.height, job.width, shapes)
     shared = shared_layers(shapes, job.share_layers) if job.shares else []
     step = bundle_step_bytes(shared, grid, anchors=job.anchors, branches=job.shared_branches,
@@ -495,126 +340,12 @@ def alternatives(shapes: ModelShapes, job: JobShape) -> list[tuple[str, MemoryEs
     variants = []
     if job.shares and job.bundle_on != "host":
         variants.append(("--bundle-on host", replace(job, bundle_on="host")))
-    if job.offload != "model" and _device_type(job.device) == "cuda":
+    if job.offload != "model" and device_type(job.device) == "cuda":
         variants.append(("--offload model", replace(job, offload="model")))
     if job.frame_batch > 1:
         variants.append((f"--frame-batch 1 (now {job.frame_batch})", replace(job, frame_batch=1)))
     base = estimate(shapes, job).needed
     return [(flag, e) for flag, e in ((f, estimate(shapes, j)) for f, j in variants) if e.needed < base]
-
-
-# ---- free memory ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FreeMemory:
-    """Free bytes of the device a worker renders on, where that was read, and whether
-    ``STORYSYNC_MEMORY_LIMIT`` capped it."""
-
-    bytes: int
-    where: str
-    capped: bool = False
-
-    def describe(self) -> str:
-        return f"{_gib(self.bytes)} free on {self.where}" + (f" ({MEMORY_LIMIT_ENV})" if self.capped else "")
-
-
-def memory_limit() -> int | None:
-    """``STORYSYNC_MEMORY_LIMIT`` in bytes (``8589934592``, ``8G``, ``512MiB``), or None when unset;
-    a value that is not a size is a one-line user error."""
-    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
-    if not text:
-        return None
-    try:
-        return parse_size(text)
-    except ValueError:
-        raise StorySyncUserError(f"{MEMORY_LIMIT_ENV}={text!r}: not a size in bytes (e.g. 8589934592, 8G, 512MiB)") from None
-
-
-def _cap(free: int | None, where: str) -> FreeMemory | None:
-    limit = memory_limit()
-    if limit is not None and (free is None or limit < free):
-        return FreeMemory(limit, where, capped=True)
-    return FreeMemory(free, where) if free is not None else None
-
-
-def host_available() -> int | None:
-    """Bytes of RAM available to a new allocation: ``MemAvailable`` of /proc/meminfo (Linux), else
-    free pages (``os.sysconf``), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def device_free(device: str) -> int | None:
-    """Free bytes of ``device`` as this process sees it (None where it cannot tell: MPS, ...)."""
-    kind = _device_type(device)
-    if kind == "cpu":
-        return host_available()
-    if kind == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    return None
-
-
-def free_memory(device: str) -> FreeMemory | None:
-    """The free memory of ``device`` in this process, capped by ``STORYSYNC_MEMORY_LIMIT``."""
-    return _cap(device_free(device), device)
-
-
-def _probe(device: str) -> tuple[str, int | None]:
-    import socket
-
-    return socket.gethostname(), device_free(device)
-
-
-def free_memory_on_workers(ray_options: dict[str, Any], device: str, workers: int,
-                           timeout: float = PROBE_TIMEOUT) -> FreeMemory | None:
-    """The free memory one worker will see, for a Ray pool that has not started yet.
-
-    On a GPU: a Ray task asking for what one worker asks (``ray_options``) reads
-    ``torch.cuda.mem_get_info`` of the GPU Ray gives it and exits (``max_calls=1``, so its CUDA
-    context is gone before the workers start). On a CPU: when every live node of the cluster is
-    this machine, its ``MemAvailable`` (capped by ``STORYSYNC_MEMORY_LIMIT``) shared by the
-    ``workers``, each of which loads its own pipeline; on a cluster of other machines, the same
-    probe as on a GPU. None when the probe is not placed within ``timeout`` seconds (the check
-    is then skipped, with a log line).
-    """
-    import ray
-
-    kind = _device_type(device)
-    if kind == "cpu" and _all_nodes_here():
-        machine = _cap(host_available(), "this machine")
-        if machine is None or workers <= 1:
-            return machine
-        return FreeMemory(machine.bytes // workers, f"this machine (1/{workers} of it per worker)", machine.capped)
-    task = ray.remote(max_calls=1, max_retries=0)(_probe).options(**ray_options)
-    ref = task.remote(device)
-    ready, _ = ray.wait([ref], timeout=timeout)
-    if not ready:
-        ray.cancel(ref, force=True)
-        log.warning("memory check skipped: a probe of the workers' free memory was not placed within %.0f s", timeout)
-        return None
-    host, free = ray.get(ref)
-    return _cap(free, f"{device} on {host}")
-
-
-def _all_nodes_here() -> bool:
-    import ray
-
-    here = ray.util.get_node_ip_address()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return bool(nodes) and all(n.get("NodeManagerAddress") == here for n in nodes)
 
 
 # ---- the checks -------------------------------------------------------------------------------------
@@ -643,7 +374,7 @@ def check_fits(estimate: MemoryEstimate, free: FreeMemory | None,
     free memory, and the options that would lower it (each with its estimate)."""
     if free is None or estimate.needed <= free.bytes:
         return
-    fixes = [f"{flag} (~{_gib(e.needed)})" for flag, e in options]
+    fixes = [f"{flag} (~{format_bytes(e.needed)})" for flag, e in options]
     raise StorySyncUserError(
         f"peak memory per worker is estimated at {estimate.describe()}, more than the {free.describe()}; "
         f"to fit, try {', '.join([*fixes, 'a smaller --height/--width'])}, or --force to render anyway "
@@ -669,7 +400,7 @@ def check_memory(plans: list[Any], info: Any, *, pipe: Any | None = None, execut
     Raises ``StorySyncUserError`` (one line) for the first story that does not fit, unless
     ``--force`` or ``--dry-run``. ``info`` is the model's ``ModelInfo``; ``pipe`` a pipeline the
     caller loaded (its weights are on the device already); ``executor`` a ``RayExecutor``, whose
-    workers' free memory is read by :func:`free_memory_on_workers` while its pool has not started
+    workers' free memory it reads (``worker_free_memory``) while its pool has not started
     (a running pool's devices already hold the weights: the comparison is skipped). Plans with
     nothing to render, and models whose components cannot be built from their configs, are not
     checked (the note says so).
@@ -718,25 +449,14 @@ def _note(est: MemoryEstimate, free: FreeMemory | None, where: str, fixes: list[
     line += free.describe()
     if est.needed <= free.bytes:
         return line
-    advice = ", ".join([*(f"{flag} (~{_gib(e.needed)})" for flag, e in fixes), "a smaller --height/--width"])
+    advice = ", ".join([*(f"{flag} (~{format_bytes(e.needed)})" for flag, e in fixes), "a smaller --height/--width"])
     return line + f": does not fit, a render would be refused (try {advice}, or --force)"
 
 
 def _free_for(options: Any, pipe: Any | None, executor: Any | None) -> tuple[FreeMemory | None, str]:
-    """The free memory one worker sees, and the device it renders on."""
+    """The free memory one worker sees, and the device it renders on: this process's, or what the
+    executor reads where its workers run (``RayExecutor.worker_free_memory``)."""
     if executor is None:
         device = local_device(options, pipe)
         return free_memory(device), device
-    import ray
-
-    device = str(executor.device)
-    if executor.live_workers():
-        return None, device
-    if _device_type(device) != "cpu" or not _all_nodes_here():
-        # The probe takes a worker's resources for a moment: only while the cluster has them free,
-        # so a busy cluster never waits on it (the pool's own --start-timeout rules that wait).
-        if not executor.resources.fits(ray.available_resources(), 1):
-            log.info("memory check skipped: no free worker slot to read the free memory of %s", device)
-            return None, device
-    timeout = min(PROBE_TIMEOUT, float(options.start_timeout))
-    return free_memory_on_workers(executor.resources.ray_options(), device, int(options.workers), timeout), device
+    return executor.worker_free_memory(), str(executor.device)

@@ -17,7 +17,7 @@ from ..core.config import StorySyncConfig
 from ..core.methods import uses_anchors
 from ..errors import StorySyncUserError, one_line
 from ..io.sink import ParquetFrameSink, StoredFrame
-from ..spec import StorySpec
+from ..story import StorySpec
 from .bundles import read_bundle_meta
 from .identity import RenderIdentity
 from .renderer import FrameJob, RenderSettings, bundle_meta

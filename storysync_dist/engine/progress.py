@@ -33,27 +33,10 @@ What the numbers mean (all times in seconds of ``clock``, ``time.monotonic`` by 
   at ``open_story``, when the story was added ahead of rendering) and stops at ``story_done`` (so a finished story's fps stays what it was when it finished);
   ``finished`` says whether ``story_done`` was called.
 
-Ray metrics (created once per process; exported when ``metrics`` is True, or when it is None and
-Ray is initialized):
-
-=================================  =======  ============  ==============================================
-name                               type     tags          description
-=================================  =======  ============  ==============================================
-``storysync_frames_done``          Counter  job, story    Frames rendered (a Prometheus counter, which
-                                                          may be listed with a ``_total`` suffix).
-``storysync_frames_total``         Gauge    job           Frames the job will render, over all its
-                                                          stories added so far.
-``storysync_frames_per_second``    Gauge    job           Frames rendered per second since the job
-                                                          started.
-``storysync_eta_seconds``          Gauge    job           Estimated seconds until the job has rendered
-                                                          all its frames (set once a frame is done).
-``storysync_story_frames_done``    Gauge    job, story    Frames of the story rendered so far by this
-                                                          job.
-=================================  =======  ============  ==============================================
-
-The gauges are updated on every ``add_story`` and ``frame_done``; the counter on every
-``frame_done``. Ray aggregates nothing across processes for a gauge: one driver should own a job's
-:class:`JobProgress`.
+Metrics: a ``JobProgress`` given a :class:`ProgressMetrics` (``metrics=``) reports the numbers
+above to it on every ``add_story`` and ``frame_done``. The engine knows no Ray: the caller passes
+``distributed.metrics.progress_metrics()``, the Ray metrics exported when Ray is up (their names
+and tags are listed there).
 """
 
 from __future__ import annotations
@@ -63,51 +46,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from tqdm.auto import tqdm
 
-__all__ = ["DEFAULT_LOG_EVERY", "METRIC_DESCRIPTIONS", "JobProgress", "format_seconds", "is_terminal"]
+__all__ = ["DEFAULT_LOG_EVERY", "JobProgress", "ProgressMetrics", "format_seconds", "is_terminal"]
 
 #: Seconds between two plain progress lines where the stream is not a terminal (``--log-every``).
 DEFAULT_LOG_EVERY = 10.0
 
-#: name -> (kind, tag keys, description) of every Ray metric a JobProgress exports.
-METRIC_DESCRIPTIONS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "storysync_frames_done": ("Counter", ("job", "story"), "Frames rendered."),
-    "storysync_frames_total": ("Gauge", ("job",),
-                               "Frames the job will render, over all its stories added so far."),
-    "storysync_frames_per_second": ("Gauge", ("job",), "Frames rendered per second since the job started."),
-    "storysync_eta_seconds": ("Gauge", ("job",),
-                              "Estimated seconds until the job has rendered all its frames."),
-    "storysync_story_frames_done": ("Gauge", ("job", "story"), "Frames of the story rendered so far."),
-}
+class ProgressMetrics(Protocol):
+    """Where a ``JobProgress`` reports its numbers (``distributed.metrics.RayProgressMetrics``)."""
 
-# Ray keeps one registration per metric name in a process: the metric objects are made once here.
-_METRICS: dict[str, Any] | None = None
-_METRICS_LOCK = threading.Lock()
-
-
-def _ray_metrics() -> dict[str, Any]:
-    """The process's Ray metric objects, by name (made on first use)."""
-    global _METRICS
-    with _METRICS_LOCK:
-        if _METRICS is None:
-            from ray.util import metrics as ray_metrics
-
-            made: dict[str, Any] = {}
-            for name, (kind, tag_keys, description) in METRIC_DESCRIPTIONS.items():
-                made[name] = getattr(ray_metrics, kind)(name, description=description, tag_keys=tag_keys)
-            _METRICS = made
-        return _METRICS
-
-
-def _ray_is_initialized() -> bool:
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - ray is a dependency
-        return False
-    return bool(ray.is_initialized())
+    def record(self, job: str, story: str, *, frames: int, story_frames_done: int, frames_total: int,
+               fps: float, eta: float | None) -> None:
+        """``frames`` of ``story`` were just done (0 when the story was only added); the rest are
+        the numbers after it (module docstring)."""
 
 
 def _rate(done: int, seconds: float) -> float:
@@ -149,10 +103,10 @@ class _Story:
 
 class JobProgress:
     """Frames rendered by a job over many stories: a tqdm bar on a terminal or plain lines elsewhere,
-    a line per finished story, Ray metrics.
+    a line per finished story, and metrics.
 
-    ``show`` turns the progress and the per-story lines on; ``metrics`` exports Ray metrics (None:
-    when Ray is initialized at construction); ``clock`` gives the time in seconds. ``stream`` (None:
+    ``show`` turns the progress and the per-story lines on; ``metrics`` gets the numbers (None:
+    none; ``distributed.metrics.progress_metrics()`` for Ray's); ``clock`` gives the time in seconds. ``stream`` (None:
     ``sys.stderr`` now) gets the bar when it is a terminal, else a plain line at most every
     ``log_every`` seconds and one at close; ``story_lines`` prints a line per finished story on
     stdout; ``unit`` names what is counted. The job's clock starts at construction; each story's
@@ -160,7 +114,7 @@ class JobProgress:
     methods may be called from several threads.
     """
 
-    def __init__(self, job_name: str, *, show: bool = True, metrics: bool | None = None,
+    def __init__(self, job_name: str, *, show: bool = True, metrics: ProgressMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic, log_every: float = DEFAULT_LOG_EVERY,
                  stream: IO[str] | None = None, unit: str = "frame", story_lines: bool = True) -> None:
         if not log_every > 0:
@@ -181,15 +135,13 @@ class JobProgress:
         self._stories: dict[str, _Story] = {}
         self._done = 0
         self._total = 0
-        if metrics is None:
-            metrics = _ray_is_initialized()
-        self._metrics: dict[str, Any] | None = _ray_metrics() if metrics else None
+        self._metrics = metrics
         self._bar = tqdm(total=0, desc=job_name, unit=unit, disable=not show or self.lines, file=self.stream,
                          dynamic_ncols=True)
 
     @property
     def metrics_enabled(self) -> bool:
-        """Whether this progress exports Ray metrics."""
+        """Whether this progress reports to a ``ProgressMetrics``."""
         return self._metrics is not None
 
     # -- recording ---------------------------------------------------------------------------------
@@ -381,14 +333,6 @@ class JobProgress:
     def _export(self, story_id: str, *, frame: int) -> None:
         if self._metrics is None:
             return
-        job = {"job": self.job_name}
-        story_tags = {"job": self.job_name, "story": story_id}
         fps = _rate(self._done, self._elapsed(self._clock()))
-        eta = _eta(self._done, self._total, fps)
-        if frame:
-            self._metrics["storysync_frames_done"].inc(frame, tags=story_tags)
-        self._metrics["storysync_story_frames_done"].set(self._stories[story_id].done, tags=story_tags)
-        self._metrics["storysync_frames_total"].set(self._total, tags=job)
-        self._metrics["storysync_frames_per_second"].set(fps, tags=job)
-        if eta is not None:
-            self._metrics["storysync_eta_seconds"].set(eta, tags=job)
+        self._metrics.record(self.job_name, story_id, frames=frame, story_frames_done=self._stories[story_id].done,
+                             frames_total=self._total, fps=fps, eta=_eta(self._done, self._total, fps))

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from storysync_dist.cache import cache_root
+from storysync_dist.errors import MissingWeightsError
 
 __all__ = [
     "BACKGROUND_COLOUR", "RANDOM_TINY_U2NET_SEED", "BackgroundRemover", "build_random_tiny_u2net", "find_u2net",
@@ -158,8 +159,6 @@ def load_background_remover(
         return _LOADED[key]
     path, looked = find_u2net(weights)
     if path is None:
-        from .encoders import MissingWeightsError
-
         raise MissingWeightsError(
             f"missing weights: background removal needs {looked} (rembg's u2net.onnx); pass --weights DIR with "
             f"DIR/{U2NET_FILE}, or --encoders random-tiny for a plumbing check; see docs/evaluation.md"

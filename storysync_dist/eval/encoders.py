@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..errors import StorySyncUserError, one_line
+from ..errors import MissingWeightsError, StorySyncUserError, one_line
 from .background import RANDOM_TINY_DESCRIPTION, BackgroundRemover, find_u2net, load_background_remover
 
 __all__ = [
@@ -74,10 +74,6 @@ RANDOM_TINY = "random-tiny"
 RANDOM_TINY_SEED = 0
 LPIPS_FILE = "lpips/lpips_alex.safetensors"
 _HOW = "pass --weights DIR (layout in docs/evaluation.md), or --encoders random-tiny for a plumbing check"
-
-
-class MissingWeightsError(StorySyncUserError):
-    """A metric's weights are not on this machine (nothing is ever downloaded); one line."""
 
 
 def validate_metrics(metrics: Sequence[str]) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ style, subjects, defaults, ...) is, in this order of preference:
 - a sidecar file ``<name>.header.json``, ``.header.yaml`` or ``.header.yml`` beside
   ``<name>.parquet``.
 
-This module reads the table and checks its columns; ``spec.loading`` validates the story and
+This module reads the table and checks its columns; ``story.loading`` validates the story and
 names a bad frame by its row (0-based, as pandas and pyarrow count, and the same as the frame's
 ``#index`` in the other errors).
 """

@@ -1,7 +1,7 @@
 """Toyworld stories: the quality instrument's benchmark suites, drawn from the world's grammar.
 
 A story follows one subject, a class noun (``ball``), through five frames. Every frame names the
-subject first, so the suite has the ConsiStory+ shape (``spec.load_benchmark``: the prompt is
+subject first, so the suite has the ConsiStory+ shape (``story.load_benchmark``: the prompt is
 "{subject} {setting}", the subject token is the noun): "a ball on the left in the forest", "a ball
 right of a tent on the beach". The frames vary what a story method must not copy from its anchors
 (the first two frames):

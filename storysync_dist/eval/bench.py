@@ -13,7 +13,7 @@ Layout of ``--out``::
     storyboards/<story>.png       one sheet per subject set, the methods as rows
 
 A rerun resumes: the renders skip the frames already present (the engine's fingerprints) and the
-scores keep the stories whose frames did not change (``evaluate``). The encoders are loaded before
+scores keep the stories whose frames did not change (``eval.run``). The encoders are loaded before
 anything renders, so missing weights fail at once, not after the renders.
 
 ``suite`` is a name of ``io.suites.SUITES`` (fetched once into the cache) or a file. Every subject
@@ -33,13 +33,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .core.methods import METHODS
-from .errors import StorySyncUserError
+from ..core.methods import METHODS
+from ..errors import StorySyncUserError
 
 if TYPE_CHECKING:
-    from .engine.job import RenderOptions
-    from .evaluate import EvalOptions, StoryImages
-    from .spec import StorySpec
+    from ..engine.job import RenderOptions
+    from ..story import StorySpec
+    from .run import EvalOptions, StoryImages
 
 __all__ = ["BenchOptions", "BenchResult", "print_bench_result", "run_benchmark"]
 
@@ -83,12 +83,12 @@ def _check_methods(methods: list[str]) -> list[str]:
 
 def run_benchmark(options: BenchOptions) -> BenchResult:
     """Render, score and report; see the module docstring."""
-    from .api import render_stories
-    from .eval.report import bench_rows, plot_adherence, table_markdown
-    from .evaluate import StoryImages, _load, check_eval_options, evaluate_dataset
-    from .io.storage import write_bytes
-    from .io.suites import resolve_suite
-    from .spec import load_benchmark
+    from ..api import render_stories
+    from ..io.storage import write_bytes
+    from ..io.suites import resolve_suite
+    from ..story import load_benchmark
+    from .report import bench_rows, plot_adherence, table_markdown
+    from .run import StoryImages, check_eval_options, evaluate_dataset, load_scorers
 
     started = time.perf_counter()
     methods = _check_methods(list(options.methods))
@@ -101,13 +101,13 @@ def run_benchmark(options: BenchOptions) -> BenchResult:
         raise StorySyncUserError(f"{options.suite}: no subject set matches --category/--limit")
     stories, skipped = _sets_that_fit(stories, options.render.model)
     metrics = check_eval_options(options.scoring)
-    loaded = _load(metrics, options.scoring)  # missing weights: exit 2 now, before any render
+    loaded = load_scorers(metrics, options.scoring)  # missing weights: exit 2 now, before any render
 
     rendered: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         executor = None
         if options.render.workers > 0:  # one pool of workers renders every method, then goes
-            from .distributed.executor import RayExecutor
+            from ..distributed.executor import RayExecutor
 
             executor = stack.enter_context(RayExecutor(options.render))
         for method in methods:
@@ -142,8 +142,8 @@ def _sets_that_fit(stories: list[StorySpec], model: str) -> tuple[list[StorySpec
     """The subject sets that fit ``model`` (``validate_for_model`` at the size the engine will use,
     without loading weights), and one line for each that does not, which is logged as a warning.
     Only when none fits is it an error: then the cause is the options (a size) or the model."""
-    from .models.info import load_model_info
-    from .spec import validate_for_model
+    from ..models.info import load_model_info
+    from ..story import validate_for_model
 
     try:
         info = load_model_info(model)
@@ -181,7 +181,7 @@ def _storyboard(story: StorySpec, methods: list[str], readers: dict[str, StoryIm
     """One sheet: a row per method, a column per frame of the story (same prompts and seeds)."""
     from PIL import Image
 
-    from .io.storyboard import make_storyboard, png_bytes
+    from ..io.storyboard import make_storyboard, png_bytes
 
     tiles = []
     for method in methods:
@@ -195,7 +195,7 @@ def _storyboard(story: StorySpec, methods: list[str], readers: dict[str, StoryIm
 
 def print_bench_result(result: BenchResult) -> None:
     """What ``storysync bench`` prints: the table, then where everything went."""
-    from .eval.report import table_markdown
+    from .report import table_markdown
 
     if result.plumbing_check:
         print("PLUMBING CHECK (random weights: random-tiny encoders or a tiny/random model preset): the numbers "

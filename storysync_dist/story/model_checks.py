@@ -106,7 +106,7 @@ def validate_for_model(
 
     Returns ``positions[frame][subject]``: sorted indices into the frame's input_ids (the same in the
     padded 77-long sequence; BOS is index 0) of every occurrence of every token word of the subject.
-    Frames and subjects are in ``spec.frames`` / ``spec.subjects`` order.
+    Frames and subjects are in ``story.frames`` / ``story.subjects`` order.
     """
     if size_factor < 1:
         raise ValueError(f"size_factor must be >= 1, got {size_factor}")

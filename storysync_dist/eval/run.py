@@ -27,36 +27,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import StorySyncUserError
-from .interrupts import note_written
+from ..errors import StorySyncUserError
+from ..interrupts import note_written
+from .story import RANDOM_TINY, EvalOptions, StoryFrames, check_eval_options, load_scorers, score_story_frames
 
-__all__ = ["EvalOptions", "EvalResult", "StoryFrames", "StoryImages", "evaluate_dataset", "read_story_index"]
+__all__ = ["RANDOM_TINY", "EvalOptions", "EvalResult", "StoryFrames", "StoryImages", "check_eval_options",
+           "evaluate_dataset", "load_scorers", "print_eval_result", "read_story_index", "score_story_frames"]
 
 log = logging.getLogger("storysync")
 
-RANDOM_TINY = "random-tiny"
 EVAL_DIR = "eval"
-
-
-@dataclass
-class EvalOptions:
-    """Options of ``storysync eval`` (and of the scoring half of ``storysync bench``)."""
-
-    dataset: str
-    out: str | None = None  # default: <dataset>/eval
-    # default: every encoder metric (eval.encoders.METRICS); "oracle" (toyworld renders only) only
-    # when named: eval.encoders.ALL_METRICS are the choices.
-    metrics: Sequence[str] | None = None
-    weights: str | None = None  # a folder of local weights (docs/evaluation.md); None: the HF cache
-    encoders: str | None = None  # "random-tiny": tiny random encoders, a plumbing check
-    workers: int = 0
-    address: str | None = None
-    device: str | None = None
-    storage_options: dict[str, Any] | None = None
-    # Images and stories scored so far (--no-progress turns it off): a bar on a terminal, else one
-    # plain line every log_every seconds (--log-every), as render's progress (engine.progress).
-    progress: bool = True
-    log_every: float = 10.0
 
 
 @dataclass
@@ -70,38 +50,6 @@ class EvalResult:
     summary: dict[str, Any]
     seconds: float
     story_rows: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class StoryFrames:
-    """One story's frames as plain data (what a Ray worker receives): ids, prompts, the dataset's
-    ``is_anchor`` flags (None where unknown; empty: all unknown), and their PNG bytes once read
-    (``with_images``; a story's images are read only when it is scored)."""
-
-    story_id: str
-    frame_ids: list[str]
-    prompts: list[str]
-    digest: str
-    images: list[bytes] = field(default_factory=list)
-    anchors: list[bool | None] = field(default_factory=list)
-
-
-def check_eval_options(options: EvalOptions) -> tuple[str, ...]:
-    """The metrics to compute (default: ``eval.encoders.METRICS``, every encoder metric; the
-    oracle only when named); one-line errors naming the option."""
-    from .eval.encoders import ALL_METRICS, METRICS
-
-    metrics = tuple(options.metrics) if options.metrics else METRICS
-    unknown = [m for m in metrics if m not in ALL_METRICS]
-    if unknown:
-        raise StorySyncUserError(f"--metrics {','.join(unknown)}: unknown metric (choose from {', '.join(ALL_METRICS)})")
-    if options.encoders not in (None, RANDOM_TINY):
-        raise StorySyncUserError(f"--encoders {options.encoders!r}: the only preset is {RANDOM_TINY}")
-    if options.encoders and options.weights:
-        raise StorySyncUserError("--encoders random-tiny and --weights: give one (random-tiny uses no weights)")
-    if isinstance(options.workers, bool) or not isinstance(options.workers, int) or options.workers < 0:
-        raise StorySyncUserError(f"--workers {options.workers!r}: must be an integer >= 0")
-    return metrics
 
 
 def _digest(frames: list[tuple[str, str | None]], metrics: Sequence[str], weights: dict[str, str],
@@ -122,7 +70,7 @@ INDEX_COLUMNS = ["story_id", "frame_id", "frame_index", "prompt", "fingerprint",
 def read_story_index(dataset: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, list[dict]]]:
     """Every story of the dataset as ``(story_id, rows in frame order)``, without the images (the
     small columns of every committed part); a one-line error when ``dataset`` holds no frame."""
-    from .io.layout import open_dataset
+    from ..io.layout import open_dataset
 
     try:
         table = open_dataset(dataset, storage_options).to_table(columns=INDEX_COLUMNS)
@@ -142,7 +90,7 @@ class StoryImages:
     memory holds the stories being scored, not the dataset."""
 
     def __init__(self, dataset: str, storage_options: dict[str, Any] | None = None) -> None:
-        from .io.sink import ParquetFrameSink
+        from ..io.sink import ParquetFrameSink
 
         self.sink = ParquetFrameSink(dataset, storage_options=storage_options, read_only=True)
 
@@ -156,38 +104,12 @@ class StoryImages:
         return dataclasses.replace(story, images=[images[f] for f in story.frame_ids])
 
 
-def score_story_frames(story: StoryFrames, encoders: Any, remover: Any, metrics: Sequence[str]) -> tuple[list, dict]:
-    """Decode one story's PNG frames and score them (``eval.scores.score_story``)."""
-    import io
-
-    from PIL import Image
-
-    from .eval.scores import FrameForEval, score_story
-
-    anchors = story.anchors or [None] * len(story.frame_ids)
-    frames = [FrameForEval(story.story_id, fid, prompt, Image.open(io.BytesIO(png)).convert("RGB"), anchor)
-              for fid, prompt, png, anchor in zip(story.frame_ids, story.prompts, story.images, anchors)]
-    return score_story(frames, encoders, remover, metrics)
-
-
-def _load(metrics: tuple[str, ...], options: EvalOptions) -> tuple[Any, Any]:
-    """The encoders of ``metrics`` and their background remover (None without a subject metric);
-    missing weights raise ``MissingWeightsError`` (one line, exit 2) before anything loads."""
-    import torch
-
-    from .eval.encoders import load_encoders
-
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoders = load_encoders(metrics, weights=options.weights, encoders=options.encoders, device=device)
-    return encoders, encoders.remover
-
-
 def evaluate_dataset(options: EvalOptions, *, loaded: tuple[Any, Any] | None = None) -> EvalResult:
     """Score every story of ``options.dataset`` and write the tables; see the module docstring.
 
     ``loaded``: the ``(encoders, background remover)`` of these options, loaded earlier (``bench``
     scores several datasets with one set)."""
-    from .io.scores import read_scores
+    from ..io.scores import read_scores
 
     started = time.perf_counter()
     metrics = check_eval_options(options)
@@ -195,13 +117,13 @@ def evaluate_dataset(options: EvalOptions, *, loaded: tuple[Any, Any] | None = N
     stories = read_story_index(options.dataset, options.storage_options)
     oracle = "oracle" in metrics
     if oracle:  # every prompt must be toyworld's: a one-line error (exit 2) before anything loads
-        from .eval.oracle import toyworld_scenes
+        from .oracle import toyworld_scenes
 
         for story_id, rows in stories:
             toyworld_scenes(story_id, [r["frame_id"] for r in rows], [r["prompt"] for r in rows])
     # The encoders load here first, in-process: missing weights fail at once (exit 2), before any
     # worker starts; their description of the weights is part of every story's digest.
-    encoders, remover = loaded if loaded is not None else _load(metrics, options)
+    encoders, remover = loaded if loaded is not None else load_scorers(metrics, options)
     weights = dict(encoders.weights)  # each metric's, and "background"
     # Random weights anywhere make the numbers a plumbing check: the encoders (random-tiny), or the
     # model that rendered the frames (the offline presets built from configs, tiny-* and random-*;
@@ -232,7 +154,7 @@ def evaluate_dataset(options: EvalOptions, *, loaded: tuple[Any, Any] | None = N
     with _EvalProgress(options, todo) as progress:
         try:
             if todo and options.workers > 0:
-                from .distributed.evaluator import score_on_ray
+                from ..distributed.evaluator import score_on_ray
 
                 score_on_ray(loading, len(todo), metrics, options, on_scored=progress.scored, into=results)
             else:
@@ -259,8 +181,8 @@ def _write_tables(out: str, work: list[StoryFrames], kept: dict[str, dict], resu
                   complete: bool) -> tuple[dict[str, str], dict[str, Any], list[dict[str, Any]]]:
     """Write the score tables of the stories scored (``kept`` from earlier runs, ``results`` now);
     an interrupted run writes what it has with ``complete`` False, and its rerun reuses them."""
-    from .eval.scores import score_names
-    from .io.scores import write_scores
+    from ..io.scores import write_scores
+    from .scores import score_names
 
     frame_rows: list[dict[str, Any]] = [r for r in previous_frames if r["story_id"] in kept]
     story_rows: list[dict[str, Any]] = []
@@ -293,10 +215,10 @@ class _EvalProgress:
     images, without Ray metrics (those are render's) or a line per story."""
 
     def __init__(self, options: EvalOptions, todo: list[StoryFrames]) -> None:
-        from .engine.progress import JobProgress
+        from ..engine.progress import JobProgress
 
         self.job = JobProgress(f"scoring {options.dataset}", show=options.progress and bool(todo),
-                               log_every=options.log_every, metrics=False, unit="image", story_lines=False)
+                               log_every=options.log_every, unit="image", story_lines=False)
         for story in todo:
             self.job.add_story(story.story_id, len(story.frame_ids))
 
@@ -317,7 +239,7 @@ class _EvalProgress:
 def random_weight_models(models: set[str] | Sequence[str]) -> list[str]:
     """The ``models`` that are offline presets with random weights (every preset built from
     configs: ``Preset.folder is None``), sorted; a trained preset (``toyworld``) is not one."""
-    from .models.presets import PRESETS
+    from ..models.presets import PRESETS
 
     return sorted({m for m in models if m in PRESETS and PRESETS[m].folder is None})
 

@@ -4,7 +4,7 @@
 YAML keys refused; YAML with libyaml's C parser when there is one; JSON Lines line by line; Parquet
 through ``io.story_table``), validates it against the raw schema, and ``_build`` resolves ids, seeds and
 anchors, renders the prompts (``_render``) and checks the ``storysync:`` section. Every problem is
-one ``StorySpecError`` line naming the file. ``spec.benchmark`` reuses ``_read_document`` and
+one ``StorySpecError`` line naming the file. ``story.benchmark`` reuses ``_read_document`` and
 ``_build`` for benchmark prompt files.
 """
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from storysync_dist.errors import StorySpecError, StorySyncUserError
-from storysync_dist.spec import (
+from storysync_dist.story import (
     MAX_SEED,
     Defaults,
     StorySpec,
@@ -403,7 +403,7 @@ def test_storysync_section_must_be_a_mapping(tmp_path: pathlib.Path, section: st
 
 def test_spec_does_not_import_heavy_libraries() -> None:
     # The CLI validates a story before it starts anything heavy; the storysync: check must not change that.
-    code = "import sys, storysync_dist.spec; print(sorted(m for m in ('torch', 'diffusers', 'ray') if m in sys.modules))"
+    code = "import sys, storysync_dist.story; print(sorted(m for m in ('torch', 'diffusers', 'ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -559,3 +559,16 @@ def test_validate_without_negative_prompt(tmp_path: pathlib.Path, clip_tokenizer
     assert spec.defaults.negative_prompt is None
     assert validate_for_model(spec, clip_tokenizer, 8) == validate_for_model(load_story(write(tmp_path, BASE)),
                                                                              clip_tokenizer, 8)
+
+
+def test_the_old_package_name_is_a_deprecated_alias() -> None:
+    """``storysync_dist.spec`` was renamed ``storysync_dist.story``; the old name works for one release."""
+    import importlib
+    import sys
+
+    import storysync_dist.story as story
+
+    sys.modules.pop("storysync_dist.spec", None)
+    with pytest.warns(DeprecationWarning, match="renamed storysync_dist.story"):
+        old = importlib.import_module("storysync_dist.spec")
+    assert old.load_story is story.load_story and old.StorySpec is story.StorySpec
