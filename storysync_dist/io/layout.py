@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from ..story import ID_PATTERN, is_valid_id
+from ..core.ids import ID_PATTERN, is_valid_id
 from .schema import FRAME_SCHEMA
 from .storage import is_local, resolve
 
