@@ -72,6 +72,18 @@ def aggregate_subject_maps(layer_maps: list[torch.Tensor]) -> torch.Tensor:
     return mean_over_layers.sum(dim=-1)  # Eq. 4
 
 
+def latent_token_counts(latent_hw: tuple[int, int], levels: int = 6) -> list[int]:
+    """The token counts N of the resolutions a latent of ``latent_hw`` tiles into by halving, finest
+    first: the resolutions a self-attention layer can have (each a valid ``token_grid``)."""
+    lat_h, lat_w = latent_hw
+    counts = []
+    for k in range(levels):
+        if lat_h % 2**k or lat_w % 2**k:
+            break
+        counts.append((lat_h >> k) * (lat_w >> k))
+    return counts
+
+
 def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     """(h, w) of a layer with ``num_tokens`` patches in a UNet whose latent is ``latent_hw``."""
     lat_h, lat_w = latent_hw

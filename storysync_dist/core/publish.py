@@ -1,7 +1,8 @@
 """How the anchors' published tensors leave the device without stalling the render (issue 23).
 
 - :class:`SubjectIndex`: the flat subject-token index of the anchors' masks, found once per step
-  for every resolution at once (one host copy per step; the first step learns the resolutions);
+  for every resolution at once (one host copy per step; the first step, which does not know yet
+  which resolutions the shared layers have, copies every resolution the latent tiles into);
 - :class:`HostCopies`: device tensors copied into page-locked host memory on a side CUDA stream,
   waited for once per step (``wait``) before the step leaves the process.
 """
@@ -12,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from .masks import latent_token_counts
 from .transfer import to_device
 
 
@@ -19,20 +21,26 @@ class SubjectIndex:
     """The flat subject-token index (anchor * N + position) of the anchors' (A, N) masks at each
     resolution N of a step, on the host and on the device."""
 
-    def __init__(self, num_images: int) -> None:
+    def __init__(self, num_images: int, latent_hw: tuple[int, int] | None = None) -> None:
         self.num_images = num_images
         self._found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._sizes: list[int] = []  # the N of every shared layer that published so far
+        # The N a shared layer may have (every resolution the latent tiles into), until a step has
+        # learned which ones the shared layers have.
+        self._guesses = latent_token_counts(latent_hw) if latent_hw is not None else []
+        self._learned = False
 
     def get(self, num_tokens: int, masks: torch.Tensor,
             masks_at: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(host index, device index) of ``masks`` (A, N); ``masks_at(n)`` gives this step's masks
-        at another resolution n, so every resolution published so far is found with one copy."""
+        at another resolution n, so every resolution published so far (at the first step: every
+        guess) is found with one copy."""
+        if num_tokens not in self._sizes:
+            self._sizes.append(num_tokens)
         found = self._found.get(num_tokens)
         if found is None:
-            sizes = [num_tokens, *(n for n in self._sizes if n != num_tokens)]
-            if num_tokens not in self._sizes:
-                self._sizes.append(num_tokens)
+            others = self._sizes if self._learned else [*self._sizes, *self._guesses]
+            sizes = list(dict.fromkeys([num_tokens, *others]))
             flat = torch.cat([masks.reshape(-1), *(masks_at(n).reshape(-1) for n in sizes[1:])]).cpu()
             for n, part in zip(sizes, flat.split([self.num_images * n for n in sizes]), strict=True):
                 host = part.nonzero(as_tuple=True)[0]
@@ -41,8 +49,9 @@ class SubjectIndex:
         return found
 
     def clear(self) -> None:
-        """A new step: new masks."""
+        """A new step: new masks (and, after a step that published, the resolutions are known)."""
         self._found = {}
+        self._learned = self._learned or bool(self._sizes)
 
 
 class HostCopies:

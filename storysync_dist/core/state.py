@@ -116,7 +116,7 @@ class StorySyncState:
         self._anchor_cache: dict[str, SharedLayerState | None] = {}
         # Anchors: the subject-token index of this step's masks, and the bundle's host copies
         # (core/publish.py; waited for once per step, ``take_published``).
-        self._subject_index = SubjectIndex(self.num_images)
+        self._subject_index = SubjectIndex(self.num_images, latent_hw)
         self._copies = HostCopies()
         # mask_source "window": the per-subject maps (F, n, S), averaged over layers, of the last
         # mask_window steps.
