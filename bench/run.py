@@ -46,8 +46,6 @@ __all__ = ["END_MARK", "FULL", "PAPER_STEPS", "QUICK", "START_MARK", "Plan", "Re
 RESULT_PREFIX = "BENCH_RESULT "
 
 
-
-
 # ---------------------------------------------------------------------------------------- helpers
 def write_story(
     folder: pathlib.Path, frames: int, *, size: int, steps: int, guidance: float, story_id: str | None = None
@@ -83,8 +81,6 @@ def peak_rss() -> int:
     from storysync_dist.resident import peak_resident_bytes
 
     return peak_resident_bytes()
-
-
 
 
 def bundle_stats(bundle: Any, guidance: bool) -> dict[str, Any]:
@@ -340,16 +336,6 @@ def _pool_runs(
 def _plain(value: Any) -> Any:
     """JSON-safe copy of a stats dict."""
     return json.loads(json.dumps(value, default=str))
-
-
-
-
-
-
-
-
-
-
 
 
 CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {

@@ -52,6 +52,7 @@ QUICK = Plan(
     warmup=False,
 )
 
+
 @dataclass
 class Report:
     """What one run measured, and the markdown it turns into."""
@@ -435,6 +436,7 @@ def section_def(report: Report, out: list[str], budget: list[str]) -> None:
                 "as fast as starting actors per story.")
     out += [f"\nnot measured: {r['mode']}: {r['error']}" for r in pool if "error" in r]
     out.append("")
+
 
 def render_markdown(report: Report) -> str:
     """The generated section (between the markers): a header, one block per section, then where

@@ -34,8 +34,6 @@ from tests.test_core_math import make_attention
 RTOL, ATOL = 1e-4, 1e-4
 
 
-
-
 @pytest.fixture(scope="module", autouse=True)
 def no_grad() -> Iterator[None]:
     with torch.no_grad():

@@ -72,7 +72,6 @@ __all__ = [
 log = logging.getLogger("storysync")
 
 
-
 @dataclass
 class JobResult:
     """What a job did (or, for a dry run, would do) to the story's frames in the dataset."""

@@ -55,6 +55,7 @@ __all__ = ["DEFAULT_LOG_EVERY", "JobProgress", "ProgressMetrics", "format_second
 #: Seconds between two plain progress lines where the stream is not a terminal (``--log-every``).
 DEFAULT_LOG_EVERY = 10.0
 
+
 class ProgressMetrics(Protocol):
     """Where a ``JobProgress`` reports its numbers (``distributed.metrics.RayProgressMetrics``)."""
 

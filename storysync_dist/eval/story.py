@@ -35,6 +35,7 @@ class EvalOptions:
     progress: bool = True
     log_every: float = 10.0
 
+
 @dataclass
 class StoryFrames:
     """One story's frames as plain data (what a Ray worker receives): ids, prompts, the dataset's
@@ -47,6 +48,7 @@ class StoryFrames:
     digest: str
     images: list[bytes] = field(default_factory=list)
     anchors: list[bool | None] = field(default_factory=list)
+
 
 def check_eval_options(options: EvalOptions) -> tuple[str, ...]:
     """The metrics to compute (default: ``eval.encoders.METRICS``, every encoder metric; the
@@ -65,6 +67,7 @@ def check_eval_options(options: EvalOptions) -> tuple[str, ...]:
         raise StorySyncUserError(f"--workers {options.workers!r}: must be an integer >= 0")
     return metrics
 
+
 def score_story_frames(story: StoryFrames, encoders: Any, remover: Any, metrics: Sequence[str]) -> tuple[list, dict]:
     """Decode one story's PNG frames and score them (``eval.scores.score_story``)."""
     import io
@@ -77,6 +80,7 @@ def score_story_frames(story: StoryFrames, encoders: Any, remover: Any, metrics:
     frames = [FrameForEval(story.story_id, fid, prompt, Image.open(io.BytesIO(png)).convert("RGB"), anchor)
               for fid, prompt, png, anchor in zip(story.frame_ids, story.prompts, story.images, anchors)]
     return score_story(frames, encoders, remover, metrics)
+
 
 def load_scorers(metrics: tuple[str, ...], options: EvalOptions) -> tuple[Any, Any]:
     """The encoders of ``metrics`` and their background remover (None without a subject metric);

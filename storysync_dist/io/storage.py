@@ -42,6 +42,8 @@ _REL_COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # whose rename is a copy: they commit with one ``pipe_file``. Every other non-local filesystem
 # (SFTP, HDFS, SMB, ...) commits by writing a hidden temporary and renaming it.
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2", "memory"})
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 

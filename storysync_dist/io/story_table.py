@@ -32,6 +32,8 @@ __all__ = ["HEADER_KEY", "SIDECAR_SUFFIXES", "read_story_table", "sidecar_path",
 
 HEADER_KEY = b"storysync.story"
 SIDECAR_SUFFIXES = (".header.json", ".header.yaml", ".header.yml")
+
+
 def _is_text(kind: pa.DataType) -> bool:
     return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
