@@ -43,9 +43,10 @@ import diffusers
 import torch
 
 from ..errors import StorySyncUserError, one_line
+from .family import UnknownModelError
+from .hub import class_of
 from .info import meta_components
-from .loading import _class_of
-from .presets import UnknownModelError, _quiet_progress_bars
+from .preset_build import quiet_progress_bars
 
 __all__ = [
     "LoraFile", "ModelSetup", "apply_model_setup", "compatible_schedulers", "lora_mismatch", "resolve_model_setup",
@@ -92,7 +93,7 @@ def _folder_scheduler(folder: pathlib.Path) -> Any:
     except (OSError, ValueError) as exc:
         raise UnknownModelError(f"{folder}: cannot read {SCHEDULER_CONFIG} ({one_line(exc)})") from None
     name = config.get("_class_name") if isinstance(config, dict) else None
-    cls = _class_of(diffusers, name) if isinstance(name, str) else None
+    cls = class_of(diffusers, name) if isinstance(name, str) else None
     if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
         raise UnknownModelError(f"{path}: _class_name {name!r} is not a diffusers scheduler")
     return cls.from_config(config)
@@ -109,7 +110,7 @@ def _check_scheduler(name: str, own: Any, model: str, where: str, steps: int | N
     """
     compatible = compatible_schedulers(own)
     if name not in compatible:
-        found = _class_of(diffusers, name) if name.isidentifier() else None
+        found = class_of(diffusers, name) if name.isidentifier() else None
         what = ("is not compatible with" if found is not None and issubclass(found, diffusers.SchedulerMixin)
                 else "is not a diffusers scheduler class usable with")
         raise StorySyncUserError(
@@ -311,7 +312,7 @@ def lora_mismatch(
 def _folder_mismatch(model: str, folder: str, path: str, sha256: str) -> str | None:
     root = pathlib.Path(folder)
     index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
-    pipeline_class = _class_of(diffusers, str(index.get("_class_name")))
+    pipeline_class = class_of(diffusers, str(index.get("_class_name")))
     if pipeline_class is None:
         return f"--model {model} names no diffusers pipeline class"
     components = meta_components(folder)
@@ -505,7 +506,7 @@ def _quiet_loading() -> Iterator[None]:
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with _quiet_progress_bars():
+        with quiet_progress_bars():
             yield
     finally:
         for logger, level in zip(loggers, levels):

@@ -28,9 +28,14 @@ if TYPE_CHECKING:
 
     from ..core.config import StorySyncConfig
     from ..core.state import StorySyncState
-    from .presets import Preset
+    from .preset_build import Preset
 
-__all__ = ["Adapter", "ModelFamily", "ModelInfo", "RenderResult", "SamplingDefaults"]
+__all__ = ["Adapter", "ModelFamily", "ModelInfo", "RenderResult", "SamplingDefaults", "UnknownModelError"]
+
+
+class UnknownModelError(ValueError):
+    """A model string that is neither a preset, a local pipeline folder, nor a hub id; or a pipeline
+    no registered family renders (one line, for the user)."""
 
 
 @dataclass(frozen=True)

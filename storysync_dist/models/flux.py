@@ -45,7 +45,7 @@ from ..core.state import COND, CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState
 from ..core.transfer import to_device
 from .attention import other_rows
 from .denoise import BranchLatents, check_finite, decode_each, end_step
-from .family import ModelFamily, ModelInfo, RenderResult
+from .family import ModelFamily, ModelInfo, RenderResult, UnknownModelError
 from .offload import offload_idle
 
 DUAL, SINGLE = "transformer_blocks", "single_transformer_blocks"
@@ -474,8 +474,6 @@ class FluxFamily(ModelFamily):
         return _flux_info(tokenizer, transformer, vae)
 
     def info_from_pipeline(self, pipe: Any) -> ModelInfo:
-        from .presets import UnknownModelError
-
         parts = [getattr(pipe, name, None) for name in ("transformer", "vae", "tokenizer_2")]
         if any(p is None for p in parts):
             raise UnknownModelError(f"{type(pipe).__name__} has no transformer, vae or tokenizer_2")

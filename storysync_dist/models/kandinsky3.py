@@ -46,8 +46,9 @@ from diffusers.pipelines.kandinsky3.pipeline_kandinsky3 import downscale_height_
 from ..core.state import CONSISTENT, StorySyncState
 from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
 from .denoise import BranchLatents, check_finite, decode_each, end_step
-from .family import ModelFamily, ModelInfo, RenderResult
+from .family import ModelFamily, ModelInfo, RenderResult, UnknownModelError
 from .offload import offload_idle
+from .preset_build import Preset
 
 __all__ = [
     "Kandinsky3Adapter", "Kandinsky3Family", "Kandinsky3SelfAttnProcessor",
@@ -300,8 +301,6 @@ def _with_text_len(tokenizer: Any) -> Any:
 
 
 def _k3_info(tokenizer: Any, unet: Mapping[str, Any], movq: Mapping[str, Any]) -> ModelInfo:
-    from .presets import UnknownModelError
-
     if _movq_factor(movq) != MOVQ_FACTOR:
         raise UnknownModelError(
             f"Kandinsky3Pipeline assumes a MoVQ that upsamples by {MOVQ_FACTOR}; this one upsamples by "
@@ -340,8 +339,6 @@ class Kandinsky3Family(ModelFamily):
         return _k3_info(tokenizer, unet, movq)
 
     def info_from_pipeline(self, pipe: Any) -> ModelInfo:
-        from .presets import UnknownModelError
-
         if not isinstance(pipe, Kandinsky3Pipeline):
             raise UnknownModelError(f"{type(pipe).__name__} is not a Kandinsky3Pipeline")
         unet, movq, tokenizer = (getattr(pipe, name, None) for name in ("unet", "movq", "tokenizer"))
@@ -410,6 +407,7 @@ def _build_tokenizer(cfg: dict[str, Any]) -> Any:
     return build_t5_tokenizer(**cfg)
 
 
+# Kandinsky 3's components: its UNet, a MoVQ decoder, a T5 text encoder and tokenizer.
 _BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "unet": lambda cfg: Kandinsky3UNet(**cfg),
     "movq": lambda cfg: VQModel(**cfg),
@@ -423,8 +421,6 @@ _PRESETS: dict[str, Any] | None = None
 def _presets() -> Mapping[str, Any]:
     global _PRESETS
     if _PRESETS is None:
-        from .presets import Preset
-
         _PRESETS = {
             "tiny-kandinsky3": Preset(
                 name="tiny-kandinsky3",

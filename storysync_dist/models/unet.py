@@ -32,7 +32,7 @@ from ..core.consistory import dift_step
 from ..core.state import COND, CONSISTENT, StorySyncState
 from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
 from .denoise import BranchLatents, check_finite, decode_each, end_step
-from .family import ModelFamily, ModelInfo, RenderResult, SamplingDefaults
+from .family import ModelFamily, ModelInfo, RenderResult, SamplingDefaults, UnknownModelError
 from .offload import offload_idle
 
 SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
@@ -325,8 +325,6 @@ def _vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
 
 def _class_key(pipeline_class: str | type) -> str:
     """The ``FAMILY_SAMPLING_DEFAULTS`` key of a pipeline class (a subclass counts as its base)."""
-    from .presets import UnknownModelError
-
     if isinstance(pipeline_class, str):
         if pipeline_class in FAMILY_SAMPLING_DEFAULTS:
             return pipeline_class
@@ -401,8 +399,6 @@ class UNetFamily(ModelFamily):
         return _unet_info(tokenizer, str(model_index.get("_class_name")), unet, vae)
 
     def info_from_pipeline(self, pipe: Any) -> ModelInfo:
-        from .presets import UnknownModelError
-
         key = _class_key(type(pipe))  # refuses an unsupported pipeline before reading its parts
         unet, vae, tokenizer = (getattr(pipe, name, None) for name in ("unet", "vae", "tokenizer"))
         if unet is None or vae is None or tokenizer is None:
