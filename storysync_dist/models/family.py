@@ -104,7 +104,8 @@ class RenderResult:
 
 
 class Adapter(Protocol):
-    """One loaded pipeline of a family, ready to render StorySync batches."""
+    """One loaded pipeline of a family, ready to render StorySync batches (every family's subclasses
+    ``models/adapter_base.py``'s ``AdapterBase``, which writes most of this once)."""
 
     family: str
 
