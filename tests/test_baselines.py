@@ -24,8 +24,9 @@ from storysync_dist.core.storydiffusion import (
     story_sample,
 )
 from storysync_dist.engine.renderer import RenderSettings, StoryRenderer
+from storysync_dist.models.attention import StorySyncSelfAttnProcessor
 from storysync_dist.models.presets import load_pipeline
-from storysync_dist.models.unet import StorySyncSelfAttnProcessor, UNetAdapter
+from storysync_dist.models.unet import UNetAdapter
 from tests.test_core_math import make_attention, reference_self_attention
 
 torch.set_grad_enabled(False)

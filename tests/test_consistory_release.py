@@ -43,11 +43,11 @@ from storysync_dist.engine.job import prepare_job
 from storysync_dist.engine.renderer import BundleMismatchError, RenderSettings, StoryRenderer, bundle_meta
 from storysync_dist.errors import StorySyncUserError
 from storysync_dist.io.sink import open_dataset
+from storysync_dist.models.attention import StorySyncSelfAttnProcessor
 from storysync_dist.models.customize import apply_model_setup
 from storysync_dist.models.denoise import BranchLatents
 from storysync_dist.models.loading import load_pipeline
 from storysync_dist.models.registry import adapter_for
-from storysync_dist.models.unet import StorySyncSelfAttnProcessor
 from tests.test_core_math import make_attention, reference_self_attention
 
 torch.set_grad_enabled(False)

@@ -34,7 +34,7 @@ from storysync_dist.core.sharing import (
     shared_attention,
 )
 from storysync_dist.core.state import CONSISTENT, ROLE_ANCHORS, ROLE_FRAMES, VANILLA, StorySyncState
-from storysync_dist.models.unet import StorySyncSelfAttnProcessor
+from storysync_dist.models.attention import StorySyncSelfAttnProcessor
 
 torch.set_grad_enabled(False)
 

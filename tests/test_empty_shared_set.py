@@ -22,7 +22,7 @@ from storysync_dist.core.config import StorySyncConfig
 from storysync_dist.core.sharing import pad_token_sets, shared_attention
 from storysync_dist.core.state import ROLE_ANCHORS, ROLE_FRAMES, StorySyncState
 from storysync_dist.io.sink import FRAME_SCHEMA
-from storysync_dist.models.unet import StorySyncSelfAttnProcessor
+from storysync_dist.models.attention import StorySyncSelfAttnProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "story.yaml"

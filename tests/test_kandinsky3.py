@@ -32,13 +32,13 @@ from storysync_dist.core.state import ROLE_ANCHORS, StorySyncState
 from storysync_dist.engine.job import prepare_job
 from storysync_dist.engine.renderer import StoryRenderer
 from storysync_dist.io.sink import open_dataset
+from storysync_dist.models.attention import StorySyncSelfAttnProcessor as Kandinsky3SelfAttnProcessor
 from storysync_dist.models.attention import SubjectMapProcessor
 from storysync_dist.models.kandinsky3 import (
     DEFAULT_GUIDANCE,
     DEFAULT_SIZE,
     DEFAULT_STEPS,
     Kandinsky3Family,
-    Kandinsky3SelfAttnProcessor,
     is_cross_attention,
     is_self_attention,
 )

@@ -17,7 +17,7 @@ from diffusers import (
 from PIL import Image
 from safetensors.torch import load_file
 
-from storysync_dist.models import presets
+from storysync_dist.models import preset_build, presets
 from storysync_dist.models.info import load_model_info
 from storysync_dist.models.presets import PRESETS, UnknownModelError, load_pipeline, preset_path
 from storysync_dist.models.tokenizer import build_clip_tokenizer
@@ -106,7 +106,7 @@ def test_losing_a_build_race_keeps_the_winner(
     target = preset_path("tiny-sd")
     before = (target / "model_index.json").stat().st_mtime_ns
     # A second process that finishes after the first renamed its copy into place.
-    presets._build_into(PRESETS["tiny-sd"], target)
+    preset_build.build_into(PRESETS["tiny-sd"], target)
     assert (target / "model_index.json").stat().st_mtime_ns == before
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
 

@@ -28,9 +28,14 @@ if TYPE_CHECKING:
 
     from ..core.config import StorySyncConfig
     from ..core.state import StorySyncState
-    from .presets import Preset
+    from .preset_build import Preset
 
-__all__ = ["Adapter", "ModelFamily", "ModelInfo", "RenderResult", "SamplingDefaults"]
+__all__ = ["Adapter", "ModelFamily", "ModelInfo", "RenderResult", "SamplingDefaults", "UnknownModelError"]
+
+
+class UnknownModelError(ValueError):
+    """A model string that is neither a preset, a local pipeline folder, nor a hub id; or a pipeline
+    no registered family renders (one line, for the user)."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,8 @@ class RenderResult:
 
 
 class Adapter(Protocol):
-    """One loaded pipeline of a family, ready to render StorySync batches."""
+    """One loaded pipeline of a family, ready to render StorySync batches (every family's subclasses
+    ``models/adapter_base.py``'s ``AdapterBase``, which writes most of this once)."""
 
     family: str
 

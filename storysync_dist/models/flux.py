@@ -15,14 +15,16 @@ A layer with nothing to do runs diffusers' own ``FluxAttnProcessor``, so with ev
 the pipeline is bit-for-bit stock. FLUX has no classifier-free-guidance batch (``true_cfg_scale``
 is never used): the render's state has the cond guidance branch only.
 
-The loop follows ``FluxPipeline.__call__`` step for step, with one scheduler copy per branch.
+The loop (``AdapterBase.generate``, with :class:`FluxAdapter`'s ``prepare_run``, ``predict_noise`` and
+``decode``) follows ``FluxPipeline.__call__`` step for step, with one scheduler copy per branch.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,21 +33,17 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from PIL import Image
 
-from ..core.layout import interpolate_layout
 from ..core.masks import subject_attention
 from ..core.sharing import (
-    anchor_admitted,
-    every_anchor_token,
-    gather_shared_tokens,
-    masked_shared_attention,
     shared_attention,
 )
-from ..core.state import COND, CONSISTENT, ROLE_ANCHORS, VANILLA, StorySyncState, layer_id
-from ..core.transfer import to_device
-from .attention import other_rows
-from .denoise import BranchLatents, check_finite, decode_each, end_step
-from .family import ModelFamily, ModelInfo, RenderResult
+from ..core.state import COND, CONSISTENT, ROLE_ANCHORS, StorySyncState
+from .adapter_base import AdapterBase, Run
+from .attention import Gathered, StorySyncProcessor, other_rows
+from .denoise import BranchLatents, decode_each
+from .family import ModelFamily, ModelInfo, UnknownModelError
 from .offload import offload_idle
 
 DUAL, SINGLE = "transformer_blocks", "single_transformer_blocks"
@@ -83,7 +81,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Any = No
     return dispatch_attention_fn(q, k, v, backend=backend)
 
 
-def image_rope(rotary: tuple[torch.Tensor, torch.Tensor], text_len: int, positions: torch.Tensor):
+def image_rope(
+    rotary: tuple[torch.Tensor, torch.Tensor], text_len: int, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The (cos, sin) rows of image tokens at grid ``positions`` (M,) from the joint (T+N, D) tables."""
     cos, sin = rotary
     return cos[text_len + positions], sin[text_len + positions]
@@ -94,7 +94,7 @@ def rope_keys(key: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> t
     return apply_rotary_emb(key, rotary, sequence_dim=1)
 
 
-class FluxStorySyncProcessor:
+class FluxStorySyncProcessor(StorySyncProcessor):
     """Joint attention with StorySync on the image tokens (see the module docstring).
 
     ``shares``: sharing (Eq. 5-8, 13) and RFH (Eq. 9-11) here; ``maps``: this layer records subject
@@ -102,7 +102,7 @@ class FluxStorySyncProcessor:
 
     ``_attention_backend`` is diffusers' attention backend of this layer, as on ``FluxAttnProcessor``
     (``FluxTransformer2DModel.set_attention_backend`` sets it on every processor that has the
-    attribute; ``FluxAdapter.install`` copies the stock processor's). The joint attention of every
+    attribute; ``FluxAdapter.processor`` copies the stock processor's). The joint attention of every
     row goes through ``dispatch_attention_fn`` with it, and so does a layer with nothing to do (the
     stock processor); the attention of the consistent rows over the shared tokens (with its padding
     bias) and the subject maps (which need the probabilities) stay on torch's SDPA and matmuls
@@ -113,12 +113,9 @@ class FluxStorySyncProcessor:
 
     def __init__(self, name: str, state: StorySyncState, shares: bool, maps: bool, text_len: int,
                  backend: Any = None) -> None:
-        self.name = name
+        super().__init__(name, state, shares)
         self.text_len = text_len  # T, the encoded text length (single-stream blocks: text first)
-        self.state = state
-        self.shares = shares
         self.maps = maps
-        self.layer = layer_id(name)
         self.stock = FluxAttnProcessor()
         self._attention_backend = backend
 
@@ -130,10 +127,6 @@ class FluxStorySyncProcessor:
     def _attention_backend(self, backend: Any) -> None:
         self.stock._attention_backend = backend  # one backend for both paths of the layer
 
-    def _sharing(self) -> bool:
-        st, cfg = self.state, self.state.config
-        return self.shares and st.sharing_ready and (cfg.share_attention or cfg.harmonize)
-
     def __call__(
         self,
         attn: Any,
@@ -143,8 +136,7 @@ class FluxStorySyncProcessor:
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Any:
         st = self.state
-        if self.shares:
-            st.enter_shared_layer(self.name)  # current masks are fixed at the first one
+        self._enter()
         dual = encoder_hidden_states is not None
         text_len = encoder_hidden_states.shape[1] if dual else self.text_len
         num_img = hidden_states.shape[1] - (0 if dual else text_len)
@@ -152,8 +144,7 @@ class FluxStorySyncProcessor:
         blends = st.bli_weight(self.shares) is not None
         if attention_mask is not None or image_rotary_emb is None or not (blends or wants or self._sharing()):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if hidden_states.shape[0] != st.batch_size:
-            raise RuntimeError(f"{self.name}: batch {hidden_states.shape[0]} != planned {st.batch_size}")
+        self._check_batch(hidden_states.shape[0])
         return self._storysync(attn, hidden_states, encoder_hidden_states, image_rotary_emb, text_len, wants)
 
     def _project(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
@@ -173,9 +164,7 @@ class FluxStorySyncProcessor:
         query, key, value = self._project(attn, hidden_states, encoder_hidden_states)
         lam = st.bli_weight(self.shares)  # None: no BLI in this layer at this step
         if lam is not None and cfg.bli_target == "query":
-            for g in st.guidance_branches:  # Eq. 12 on the image queries
-                c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
-                query[c, text_len:] = interpolate_layout(query[c, text_len:], query[v, text_len:], lam)
+            self._blend(query, lam, slice(text_len, None))  # Eq. 12 on the image queries
         query, key = apply_rotary_emb(query, rotary, sequence_dim=1), apply_rotary_emb(key, rotary, sequence_dim=1)
         num_img = query.shape[1] - text_len
         if wants:
@@ -190,13 +179,15 @@ class FluxStorySyncProcessor:
         shared: list[tuple[slice, torch.Tensor]] = []
         if sharing and cfg.share_attention and st.role == ROLE_ANCHORS:
             if st.num_images > 1:
-                shared = self._share_among_anchors(query, key, value, shared_rows, masks, text_len)
+                # Post-RoPE keys of the other anchors' image tokens, as their own attention computed them.
+                shared = [(rows, out.transpose(1, 2)) for rows, out in self._share_among_anchors(
+                    query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), shared_rows, masks, text_len)]
         elif sharing and cfg.share_attention:
             for branch, rows in enumerate(shared_rows):
-                k_sh, v_sh, valid, lengths = self._shared_tokens(attn, hidden_states, key, value, rows, branch,
-                                                                 masks, rotary, text_len)
-                if k_sh is None:
+                gathered = self._shared_tokens(attn, hidden_states, branch, rotary, text_len)
+                if gathered is None:
                     continue
+                k_sh, v_sh, valid, lengths = gathered
                 # Eq. 7-8 for the image queries; the text queries keep the stock joint attention.
                 q_r = query[rows, text_len:].transpose(1, 2)
                 k_r, v_r = key[rows].transpose(1, 2), value[rows].transpose(1, 2)
@@ -221,12 +212,8 @@ class FluxStorySyncProcessor:
                 out[rows, text_len:] = image_out.to(out.dtype)
         out = out.flatten(2, 3).to(query.dtype)
         features = out[:, text_len:]  # R, the image tokens' RFH features
-        if sharing and st.role == ROLE_ANCHORS and st.step < st.num_steps:
-            img_hidden = hidden_states if dual else hidden_states[:, text_len:]
-            st.record_anchor_layer(
-                self.name, num_img, torch.stack([img_hidden[r] for r in shared_rows]),
-                torch.stack([features[r] for r in shared_rows]), masks,
-            )
+        if sharing:
+            self._publish(num_img, hidden_states if dual else hidden_states[:, text_len:], features, shared_rows, masks)
         if sharing and cfg.harmonize:
             out = torch.cat([out[:, :text_len], self._harmonize(features, shared_rows, masks)], dim=1)
         if dual:
@@ -237,54 +224,30 @@ class FluxStorySyncProcessor:
             text_out, img_out = None, out[:, text_len:]
         if lam is not None and cfg.bli_target == "output":
             img_out = img_out.clone()
-            for g in st.guidance_branches:  # Eq. 12 on the image outputs
-                c, v = st.rows(g, CONSISTENT), st.rows(g, VANILLA)
-                img_out[c] = interpolate_layout(img_out[c], img_out[v], lam)
+            self._blend(img_out, lam)  # Eq. 12 on the image outputs
         if dual:
             return img_out, text_out
         return torch.cat([out[:, :text_len], img_out], dim=1)
 
-    def _share_among_anchors(self, query, key, value, shared_rows: list[slice], masks: torch.Tensor, text_len: int):
-        """Eq. 5-8 for the anchors' image queries, dense: each attends to its own joint tokens and
-        to the other anchors' subject image tokens (post-RoPE, as their own attention computed
-        them) that its share dropout keeps, by a log-mask over all of their image tokens.
-        Returns (rows, (A, N, H, d) image output) per shared guidance branch."""
-        keeps = torch.stack(self.state.anchor_share_keeps(self.layer, masks.shape[1]))  # (A, A, N), on the host
-        if not bool(keeps.any()):  # the dropout kept no token (a host value): stock attention
-            return []
-        admitted = anchor_admitted(masks, to_device(keeps, masks.device))
-        shared = []
-        for rows in shared_rows:
-            q_r = query[rows, text_len:].transpose(1, 2)
-            k_r, v_r = key[rows].transpose(1, 2), value[rows].transpose(1, 2)
-            k_img, v_img = k_r[:, :, text_len:], v_r[:, :, text_len:]  # (A, H, N, d)
-            out = masked_shared_attention(q_r, k_r, v_r, every_anchor_token(k_img), every_anchor_token(v_img), admitted)
-            shared.append((rows, out.transpose(1, 2)))
-        return shared
-
-    def _shared_tokens(self, attn, hidden_states, key, value, rows, branch, masks, rotary, text_len):
-        """Keys/values each frame shares with (padded), Eq. 13: ``(B, H, M, d)`` keys and values,
-        post-RoPE at each shared token's own grid position, the ``(B, M)`` validity of each slot
-        (None when none is padding) and the B host-side lengths, or three Nones (and the lengths)
-        when nothing is shared. Frames rebuild the anchors' keys from the published pre-RoPE image
-        hidden states with their own ``to_k``, ``norm_k`` and the RoPE of the anchor token's grid
-        position (same size: same grid).
+    def _shared_tokens(self, attn: Any, hidden_states: torch.Tensor, branch: int,
+                       rotary: tuple[torch.Tensor, torch.Tensor], text_len: int) -> Gathered | None:
+        """Keys/values each frame of guidance branch ``branch`` shares with (padded), Eq. 13:
+        ``(B, H, M, d)`` keys and values, post-RoPE at each shared token's own grid position, the
+        ``(B, M)`` validity of each slot (None when none is padding) and the B host-side lengths;
+        None when nothing is shared. Frames rebuild the anchors' keys from the published pre-RoPE
+        image hidden states with their own ``to_k``, ``norm_k`` and the RoPE of the anchor token's
+        grid position (same size: same grid).
         """
-        st = self.state
-        anchor = st.anchor_layer(self.name)
-        if anchor is None or anchor.index.numel() == 0:
-            return None, None, None, []
-        k_all, v_all = self.anchor_keys(attn, anchor.hidden[branch].to(hidden_states.dtype),
-                                        anchor.index % anchor.num_tokens, rotary, text_len)
-        keeps = st.frame_share_keeps(self.name, self.layer, anchor)
-        k_pad, v_pad, valid, lengths = gather_shared_tokens(k_all, v_all, keeps)
-        if k_pad is None or v_pad is None:
-            return None, None, None, lengths
-        return (_heads(k_pad, attn.head_dim).transpose(1, 2), _heads(v_pad, attn.head_dim).transpose(1, 2), valid,
-                lengths)
+        gathered = self._anchor_tokens(lambda anchor: self.anchor_keys(
+            attn, anchor.hidden[branch].to(hidden_states.dtype), anchor.index % anchor.num_tokens, rotary, text_len))
+        if gathered is None:
+            return None
+        k_pad, v_pad, valid, lengths = gathered
+        return _heads(k_pad, attn.head_dim).transpose(1, 2), _heads(v_pad, attn.head_dim).transpose(1, 2), valid, lengths
 
     @staticmethod
-    def anchor_keys(attn, hidden: torch.Tensor, positions: torch.Tensor, rotary, text_len: int):
+    def anchor_keys(attn: Any, hidden: torch.Tensor, positions: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                    text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, C) anchor image hidden states at grid ``positions`` (M,) -> post-RoPE (M, H*d) keys
         and (M, H*d) values, with this layer's image projections (``to_k``/``to_v``, ``norm_k``)."""
         k = attn.norm_k(_heads(attn.to_k(hidden[None]), attn.head_dim))  # (1, M, H, d)
@@ -292,143 +255,19 @@ class FluxStorySyncProcessor:
         k = rope_keys(k, image_rope(rotary, text_len, positions.to(k.device)))
         return k[0].flatten(1), v[0]
 
-    def _harmonize(self, features: torch.Tensor, shared_rows: list[slice], masks: torch.Tensor) -> torch.Tensor:
-        """Eq. 9-11 for every consistent image in the shared guidance branches (``StorySyncState.harmonize``)."""
-        return self.state.harmonize(self.name, features, shared_rows, masks)
 
+@dataclass
+class FluxRun(Run):
+    """A FLUX render's loop: the T5 and pooled CLIP embeddings, the text and image position ids,
+    the guidance scale (the guidance embedding's input) and the size (to unpack the latents)."""
 
-class FluxAdapter:
-    """Runs StorySync renders on a diffusers ``FluxPipeline``."""
-
-    family = "flux"
-
-    def __init__(self, pipe: Any) -> None:
-        from diffusers import FluxPipeline
-
-        if not isinstance(pipe, FluxPipeline):
-            raise TypeError(f"{type(pipe).__name__} is not a FluxPipeline")
-        self.pipe = pipe
-        self._stock_processors = dict(pipe.transformer.attn_processors)
-        self._info: ModelInfo | None = None
-
-    @property
-    def info(self) -> ModelInfo:
-        if self._info is None:
-            self._info = FluxFamily().info_from_pipeline(self.pipe)
-        return self._info
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.pipe.tokenizer_2
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe._execution_device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
-
-    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
-        """The packed token grid: one token per 2x2 latent patch."""
-        factor = int(self.pipe.vae_scale_factor) * 2
-        return height // factor, width // factor
-
-    def install(self, state: StorySyncState) -> None:
-        """Install StorySync processors for one render. FLUX has no CFG batch
-        (``ModelInfo.cfg_batch`` is False): the guidance scale feeds the guidance embedding."""
-        cfg = state.config
-        if cfg.share_layers is None or cfg.mask_layers is None:
-            raise ValueError("install a config whose layers are resolved (StorySyncConfig.with_layers)")
-        processors: dict[str, Any] = {}
-        current = self.pipe.transformer.attn_processors
-        for name in self._stock_processors:
-            maps = cfg.needs_masks and name.startswith(cfg.mask_layers)
-            # The attention backend set on the transformer (set_attention_backend) is kept.
-            backend = getattr(current[name], "_attention_backend", None)
-            if cfg.any_mechanism:
-                processors[name] = FluxStorySyncProcessor(
-                    name, state, name.startswith(cfg.share_layers), maps, state.text_len, backend
-                )
-            else:
-                processors[name] = FluxAttnProcessor()
-                processors[name]._attention_backend = backend
-        self.pipe.transformer.set_attn_processor(processors)
-
-    def uninstall(self) -> None:
-        self.pipe.transformer.set_attn_processor(dict(self._stock_processors))
-
-    # ---- the denoising loop, step by step as FluxPipeline.__call__ ---------------------------
-    def _timesteps(self, num_steps: int, image_seq_len: int, device: torch.device) -> torch.Tensor:
-        """Sigmas linspace(1, 1/n), resolution shift mu, as ``__call__``."""
-        sched = self.pipe.scheduler
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        if getattr(sched.config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = calculate_shift(
-            image_seq_len, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
-            sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15),
-        )
-        timesteps, _ = retrieve_timesteps(sched, num_steps, device, sigmas=sigmas, mu=mu)
-        return timesteps
-
-    def _decode(self, latents: torch.Tensor, height: int, width: int) -> list:
-        pipe = self.pipe
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        image = decode_each(lambda x, _: pipe.vae.decode(x, return_dict=False)[0], latents)
-        return pipe.image_processor.postprocess(image, output_type="pil")
-
-    @torch.no_grad()
-    def generate(
-        self, state: StorySyncState, prompts: list[str], negative_prompts: list[str] | None, seeds: list[int],
-        *, num_steps: int, height: int, width: int, guidance_scale: float,
-        on_step: Callable[[int], None] | None = None,
-    ) -> RenderResult:
-        """Render ``prompts`` (one image each) as ``FluxPipeline.__call__`` with
-        ``max_sequence_length = state.text_len`` (the job's: the model's ``info.text_len`` unless the
-        story asks for another), one CPU generator per seed; no negative prompt."""
-        if negative_prompts is not None:
-            raise ValueError("FluxPipeline takes no negative prompt (true CFG is not supported)")
-        if state.guidance:
-            raise ValueError("FLUX renders have no CFG batch (ModelInfo.cfg_batch is False)")
-        pipe = self.pipe
-        device = pipe._execution_device
-        pipe._guidance_scale, pipe._joint_attention_kwargs = guidance_scale, {}
-        pipe._current_timestep, pipe._interrupt = None, False
-        embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
-            max_sequence_length=state.text_len,
-        )
-        offload_idle(pipe)  # --offload model: the text encoders leave the device, the transformer stays
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        latents, image_ids = pipe.prepare_latents(
-            len(seeds), pipe.transformer.config.in_channels // 4, height, width, embeds.dtype, device, generators
-        )
-        timesteps = self._timesteps(num_steps, latents.shape[1], device)
-        branch_latents = BranchLatents(pipe.scheduler, latents, state.bli_steps > 0, {}, scale_input=False,
-                                       mirror_vanilla=state.config.bli_latents == "consistent")
-        for i, t in enumerate(timesteps):
-            branches = state.branches
-            reps = len(branches)
-            model_in = branch_latents.model_input(branches, t)
-            guidance = None
-            if pipe.transformer.config.guidance_embeds:
-                guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
-                guidance = guidance.expand(model_in.shape[0])
-            timestep = t.expand(model_in.shape[0]).to(model_in.dtype)
-            noise = pipe.transformer(
-                hidden_states=model_in, timestep=timestep / 1000, guidance=guidance,
-                pooled_projections=torch.cat([pooled] * reps), encoder_hidden_states=torch.cat([embeds] * reps),
-                txt_ids=text_ids, img_ids=image_ids, joint_attention_kwargs={}, return_dict=False,
-            )[0]
-            branch_latents.step(branches, noise.chunk(reps), t)
-            end_step(state, branch_latents, i, on_step)
-        final = branch_latents.latents[CONSISTENT]
-        check_finite(final)
-        images = self._decode(final, height, width)
-        offload_idle(pipe)  # and the VAE
-        return RenderResult(images=images, masks=state.final_masks())
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+    image_ids: torch.Tensor
+    guidance_scale: float
+    height: int
+    width: int
 
 
 # ---- the family ---------------------------------------------------------------------------------
@@ -474,8 +313,6 @@ class FluxFamily(ModelFamily):
         return _flux_info(tokenizer, transformer, vae)
 
     def info_from_pipeline(self, pipe: Any) -> ModelInfo:
-        from .presets import UnknownModelError
-
         parts = [getattr(pipe, name, None) for name in ("transformer", "vae", "tokenizer_2")]
         if any(p is None for p in parts):
             raise UnknownModelError(f"{type(pipe).__name__} has no transformer, vae or tokenizer_2")
@@ -489,3 +326,92 @@ class FluxFamily(ModelFamily):
         from .flux_presets import FLUX_PRESETS
 
         return FLUX_PRESETS
+
+
+# ---- the adapter: the denoising loop, step by step as FluxPipeline.__call__ ----------------------
+class FluxAdapter(AdapterBase):
+    """Runs StorySync renders on a diffusers ``FluxPipeline``: :class:`FluxStorySyncProcessor` on
+    every joint attention of its transformer while any mechanism is on."""
+
+    family_type = FluxFamily
+    denoiser_role = "transformer"
+
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        """The packed token grid: one token per 2x2 latent patch."""
+        factor = int(self.pipe.vae_scale_factor) * 2
+        return height // factor, width // factor
+
+    def processor(self, name: str, state: StorySyncState, shares: bool, maps: bool, current: Any) -> Any:
+        """FLUX has no CFG batch (``ModelInfo.cfg_batch`` is False): the guidance scale feeds the
+        guidance embedding. The attention backend set on the transformer (``set_attention_backend``)
+        is kept."""
+        backend = getattr(current, "_attention_backend", None)
+        if state.config.any_mechanism:
+            return FluxStorySyncProcessor(name, state, shares, maps, state.text_len, backend)
+        stock = FluxAttnProcessor()
+        stock._attention_backend = backend
+        return stock
+
+    def _timesteps(self, num_steps: int, image_seq_len: int, device: torch.device) -> torch.Tensor:
+        """Sigmas linspace(1, 1/n), resolution shift mu, as ``__call__``."""
+        sched = self.pipe.scheduler
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if getattr(sched.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(
+            image_seq_len, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
+            sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(sched, num_steps, device, sigmas=sigmas, mu=mu)
+        return timesteps
+
+    def prepare_run(
+        self, state: StorySyncState, prompts: list[str], negative_prompts: list[str] | None, seeds: list[int],
+        num_steps: int, height: int, width: int, guidance_scale: float,
+    ) -> FluxRun:
+        """As ``FluxPipeline.__call__`` starts, with ``max_sequence_length = state.text_len`` (the
+        job's: the model's ``info.text_len`` unless the story asks for another); no negative prompt."""
+        if negative_prompts is not None:
+            raise ValueError("FluxPipeline takes no negative prompt (true CFG is not supported)")
+        if state.guidance:
+            raise ValueError("FLUX renders have no CFG batch (ModelInfo.cfg_batch is False)")
+        pipe = self.pipe
+        device = pipe._execution_device
+        pipe._guidance_scale, pipe._joint_attention_kwargs = guidance_scale, {}
+        pipe._current_timestep, pipe._interrupt = None, False
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+            max_sequence_length=state.text_len,
+        )
+        offload_idle(pipe)  # --offload model: the text encoders leave the device, the transformer stays
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        latents, image_ids = pipe.prepare_latents(
+            len(seeds), pipe.transformer.config.in_channels // 4, height, width, embeds.dtype, device, generators
+        )
+        timesteps = self._timesteps(num_steps, latents.shape[1], device)
+        branch_latents = BranchLatents(pipe.scheduler, latents, state.bli_steps > 0, {}, scale_input=False,
+                                       mirror_vanilla=state.config.bli_latents == "consistent")
+        return FluxRun(timesteps, branch_latents, embeds, pooled, text_ids, image_ids, guidance_scale, height, width)
+
+    def predict_noise(self, run: FluxRun, branches: tuple[str, ...], t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One transformer call on the batch of ``branches`` (cond only: no CFG batch)."""
+        pipe, reps = self.pipe, len(branches)
+        model_in = run.latents.model_input(branches, t)
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance = torch.full([1], run.guidance_scale, device=pipe._execution_device, dtype=torch.float32)
+            guidance = guidance.expand(model_in.shape[0])
+        timestep = t.expand(model_in.shape[0]).to(model_in.dtype)
+        noise = pipe.transformer(
+            hidden_states=model_in, timestep=timestep / 1000, guidance=guidance,
+            pooled_projections=torch.cat([run.pooled] * reps), encoder_hidden_states=torch.cat([run.embeds] * reps),
+            txt_ids=run.text_ids, img_ids=run.image_ids, joint_attention_kwargs={}, return_dict=False,
+        )[0]
+        return noise.chunk(reps)
+
+    def decode(self, run: FluxRun, latents: torch.Tensor) -> list[Image.Image]:
+        pipe = self.pipe
+        latents = pipe._unpack_latents(latents, run.height, run.width, pipe.vae_scale_factor)
+        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        image = decode_each(lambda x, _: pipe.vae.decode(x, return_dict=False)[0], latents)
+        return pipe.image_processor.postprocess(image, output_type="pil")

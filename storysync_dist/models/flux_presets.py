@@ -7,24 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import T5Config, T5EncoderModel
 
-from .presets import Preset
-from .tokenizer import (
-    CLIP_MAX_LENGTH,
-    CLIP_VOCAB_SIZE,
-    build_clip_tokenizer,
-    build_t5_tokenizer,
-    t5_vocab_size,
-)
+from .preset_build import COMMON_BUILDERS, Preset
+from .tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_t5_tokenizer, t5_vocab_size
 
+# FLUX's components: a transformer, a VAE, CLIP's text encoder and T5's.
 _BUILDERS = {
+    **COMMON_BUILDERS,
     "transformer": lambda cfg: FluxTransformer2DModel(**cfg),
-    "vae": lambda cfg: AutoencoderKL(**cfg),
-    "text_encoder": lambda cfg: CLIPTextModel(CLIPTextConfig(**cfg)),
     "text_encoder_2": lambda cfg: T5EncoderModel(T5Config(**cfg)),
-    "tokenizer": lambda cfg: build_clip_tokenizer(**cfg),
     "tokenizer_2": lambda cfg: build_t5_tokenizer(**cfg),
 }
 

@@ -7,9 +7,9 @@ and up block ``attentions.0`` is the block's self-attention (run first in a down
 up block) and ``attentions.1..`` are the text cross-attentions (one per resnet pair);
 ``add_time_condition.attention`` pools the text into the time embedding. So, by module name:
 
-  - :class:`Kandinsky3SelfAttnProcessor` (the UNet family's :class:`StorySyncSelfAttnProcessor`,
-    told that the context is its own input) on every ``*.attentions.0.attention``: BLI (Eq. 12),
-    and sharing (Eq. 5-8, 13) + RFH (Eq. 9-11) on the shared layers;
+  - the UNet family's :class:`~.attention.StorySyncSelfAttnProcessor` (which reads a context that
+    is the layer's own input as a self-attention) on every ``*.attentions.0.attention``: BLI
+    (Eq. 12), and sharing (Eq. 5-8, 13) + RFH (Eq. 9-11) on the shared layers;
   - :class:`~.attention.SubjectMapProcessor` on the cross-attentions of the mask layers: the stock
     output plus the subject maps of Eq. 2, with the text padding masked as the layer masks it;
   - :class:`PerImagePoolingProcessor` on ``add_time_condition.attention`` during a render (below).
@@ -22,7 +22,8 @@ the stock pipeline encodes it alone, pads the batch with masked zero tokens, and
 over its own length. Every image is then, pixel for pixel, what stock ``pipe(prompt=[p])`` gives;
 for a batch whose prompts have the same token count that is also what the stock batch call gives.
 
-The denoising loop follows ``Kandinsky3Pipeline.__call__`` step for step (DDPM by default, the
+The denoising loop (``AdapterBase.generate``, with :class:`Kandinsky3Adapter`'s ``prepare_run``,
+``predict_noise`` and ``decode``) follows ``Kandinsky3Pipeline.__call__`` step for step (DDPM by default, the
 guided noise ``(g + 1) * cond - g * uncond``, MoVQ decode without quantization), with a scheduler
 copy and a copy of the per-image generators per branch: DDPM draws variance noise at every step,
 and the vanilla branch of BLI must not take the consistent branch's draws.
@@ -30,28 +31,32 @@ and the vanilla branch of BLI must not take the consistent branch's draws.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import pathlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, Kandinsky3Pipeline, Kandinsky3UNet, VQModel
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 from diffusers.pipelines.kandinsky3.pipeline_kandinsky3 import downscale_height_and_width
+from PIL import Image
 
-from ..core.state import CONSISTENT, StorySyncState
-from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
-from .denoise import BranchLatents, check_finite, decode_each, end_step
-from .family import ModelFamily, ModelInfo, RenderResult
+from ..core.state import StorySyncState
+from .adapter_base import AdapterBase, Run
+from .attention import AttnProcessorCall
+from .denoise import BranchLatents, decode_each
+from .family import ModelFamily, ModelInfo, UnknownModelError
 from .offload import offload_idle
+from .preset_build import Preset
 
 __all__ = [
-    "Kandinsky3Adapter", "Kandinsky3Family", "Kandinsky3SelfAttnProcessor",
-    "PerImagePoolingProcessor", "is_cross_attention", "is_self_attention",
+    "Kandinsky3Adapter", "Kandinsky3Family", "PerImagePoolingProcessor", "is_cross_attention", "is_self_attention",
 ]
 
 # ``Kandinsky3Pipeline.__call__``'s defaults (tests/test_kandinsky3.py checks them against its signature).
@@ -85,44 +90,17 @@ def is_cross_attention(name: str) -> bool:
     return bool(_CROSS.match(name))
 
 
-class Kandinsky3SelfAttnProcessor(StorySyncSelfAttnProcessor):
-    """The UNet family's self-attention processor; ``Kandinsky3AttentionBlock`` passes the layer's
-    own input as its context, which is what ``encoder_hidden_states=None`` means to it."""
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: object,
-        **kwargs: object,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is hidden_states:
-            encoder_hidden_states = None
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-
-
-class PerImagePoolingProcessor:
+class PerImagePoolingProcessor(AttnProcessorCall):
     """``add_time_condition``'s attention with each row's query averaged over that row's own text
     length (what the stock pipeline averages over when the prompt is rendered alone) instead of the
     batch's padded length. Rows whose length is the full context run exactly as stock."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.lengths: list[int] | None = None
-        self.stock = AttnProcessor2_0()
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: object,
-        **kwargs: object,
-    ) -> torch.Tensor:
+    def attend(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+               attention_mask: torch.Tensor | None, temb: torch.Tensor | None) -> torch.Tensor:
         lengths = self.lengths
         if encoder_hidden_states is not None and lengths is not None:
             if len(lengths) != encoder_hidden_states.shape[0]:
@@ -136,6 +114,19 @@ class PerImagePoolingProcessor:
         return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+@dataclass
+class Kandinsky3Run(Run):
+    """A Kandinsky 3 render's loop: the T5 text of each image padded with masked zero tokens (and
+    its unconditional one with guidance), each prompt's own length, the guidance scale."""
+
+    cond: torch.Tensor
+    cond_mask: torch.Tensor
+    uncond: torch.Tensor | None
+    uncond_mask: torch.Tensor | None
+    lengths: list[int]
+    guidance_scale: float
+
+
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
     """Zero-pad dim 1 of (1, L) or (1, L, C) to ``length``."""
     extra = length - x.shape[1]
@@ -144,55 +135,87 @@ def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, extra)) if x.ndim == 3 else F.pad(x, (0, extra))
 
 
-class Kandinsky3Adapter:
-    """Runs StorySync renders on a ``Kandinsky3Pipeline``."""
+# ---- the family: what the driver needs without weights -----------------------------------------
+def _movq_factor(movq_config: Mapping[str, Any]) -> int:
+    return 2 ** (len(movq_config["block_out_channels"]) - 1)
 
-    family = "kandinsky3"
+
+def _with_text_len(tokenizer: Any) -> Any:
+    """The pipeline truncates at 128 tokens whatever the tokenizer says (real T5 tokenizers say 512)."""
+    if getattr(tokenizer, "model_max_length", None) == TEXT_LEN:
+        return tokenizer
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.model_max_length = TEXT_LEN
+    return tokenizer
+
+
+def _k3_info(tokenizer: Any, unet: Mapping[str, Any], movq: Mapping[str, Any]) -> ModelInfo:
+    if _movq_factor(movq) != MOVQ_FACTOR:
+        raise UnknownModelError(
+            f"Kandinsky3Pipeline assumes a MoVQ that upsamples by {MOVQ_FACTOR}; this one upsamples by "
+            f"{_movq_factor(movq)}, so its images would not have the size asked for"
+        )
+    if len(unet["block_out_channels"]) > 4:
+        raise UnknownModelError("Kandinsky3UNet has at most 4 levels")
+    return ModelInfo(
+        family=Kandinsky3Family.name, tokenizer=_with_text_len(tokenizer), size_factor=SIZE_FACTOR,
+        text_len=TEXT_LEN, default_height=DEFAULT_SIZE, default_width=DEFAULT_SIZE, default_steps=DEFAULT_STEPS,
+        default_guidance_scale=DEFAULT_GUIDANCE, share_layers=SHARE_LAYERS, mask_layers=MASK_LAYERS,
+        negative_prompt=True,
+    )
+
+
+class Kandinsky3Family(ModelFamily):
+    """Kandinsky 3: ``Kandinsky3UNet`` (self-attention ``attentions.0``, text cross-attention
+    ``attentions.1..`` per block), a T5 encoder with 128 masked tokens, a MoVQ decoder."""
+
+    name = "kandinsky3"
+    pipeline_classes = ("Kandinsky3Pipeline",)
+    info_files = ("model_index.json", "tokenizer/*", "unet/config.json", "movq/config.json")
+
+    def shares_at(self, processor: str) -> bool:
+        return is_self_attention(processor)
+
+    def maps_at(self, processor: str) -> bool:
+        return is_cross_attention(processor)
+
+    def info_from_folder(self, folder: pathlib.Path, model_index: Mapping[str, Any]) -> ModelInfo:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", model_max_length=TEXT_LEN)
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        movq = json.loads((folder / "movq" / "config.json").read_text())
+        return _k3_info(tokenizer, unet, movq)
+
+    def info_from_pipeline(self, pipe: Any) -> ModelInfo:
+        if not isinstance(pipe, Kandinsky3Pipeline):
+            raise UnknownModelError(f"{type(pipe).__name__} is not a Kandinsky3Pipeline")
+        unet, movq, tokenizer = (getattr(pipe, name, None) for name in ("unet", "movq", "tokenizer"))
+        if unet is None or movq is None or tokenizer is None:
+            raise UnknownModelError(f"{type(pipe).__name__} has no unet, movq or tokenizer")
+        return _k3_info(tokenizer, dict(unet.config), dict(movq.config))
+
+    def adapter(self, pipe: Any) -> Kandinsky3Adapter:
+        return Kandinsky3Adapter(pipe)
+
+    def presets(self) -> Mapping[str, Any]:
+        return _presets()
+
+
+# ---- the adapter: the denoising loop, step by step as Kandinsky3Pipeline.__call__ ------------
+class Kandinsky3Adapter(AdapterBase):
+    """Runs StorySync renders on a ``Kandinsky3Pipeline``; the processors are the base's, by module
+    name (``Kandinsky3Family.shares_at``/``maps_at``: see the module docstring)."""
+
+    family_type = Kandinsky3Family
 
     def __init__(self, pipe: Kandinsky3Pipeline) -> None:
-        if not isinstance(pipe, Kandinsky3Pipeline):
-            raise TypeError(f"{type(pipe).__name__} is not a Kandinsky3Pipeline")
-        self.pipe = pipe
-        self._stock_processors = dict(pipe.unet.attn_processors)
-        self._info: ModelInfo | None = None
+        super().__init__(pipe)
         self._pooling = PerImagePoolingProcessor()
-
-    @property
-    def info(self) -> ModelInfo:
-        if self._info is None:
-            self._info = Kandinsky3Family().info_from_pipeline(self.pipe)
-        return self._info
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe._execution_device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
 
     def latent_hw(self, height: int, width: int) -> tuple[int, int]:
         return downscale_height_and_width(height, width, MOVQ_FACTOR)
 
-    def install(self, state: StorySyncState) -> None:
-        """Install StorySync processors for one render (by module name: see the module docstring)."""
-        cfg = state.config
-        if cfg.share_layers is None or cfg.mask_layers is None:
-            raise ValueError("install a config whose layers are resolved (StorySyncConfig.with_layers)")
-        processors: dict[str, Any] = {}
-        for name in self._stock_processors:
-            if is_self_attention(name) and cfg.any_mechanism:
-                processors[name] = Kandinsky3SelfAttnProcessor(name, state, name.startswith(cfg.share_layers))
-            elif is_cross_attention(name) and cfg.needs_masks and name.startswith(cfg.mask_layers):
-                processors[name] = SubjectMapProcessor(name, state)
-            else:
-                processors[name] = AttnProcessor2_0()
-        self.pipe.unet.set_attn_processor(processors)
-
-    def uninstall(self) -> None:
-        self.pipe.unet.set_attn_processor(dict(self._stock_processors))
-
-    # ---- the denoising loop, step by step as Kandinsky3Pipeline.__call__ ----------------------
     def _encode(
         self, prompts: list[str], negatives: list[str] | None, guidance: bool, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[int]]:
@@ -215,25 +238,13 @@ class Kandinsky3Adapter:
         uncond_mask = torch.cat([_pad(p[3], longest) for p in parts]).bool()
         return cond, cond_mask, uncond, uncond_mask, lengths
 
-    @torch.no_grad()
-    def generate(
-        self,
-        state: StorySyncState,
-        prompts: list[str],
-        negative_prompts: list[str] | None,
-        seeds: list[int],
-        *,
-        num_steps: int,
-        height: int,
-        width: int,
-        guidance_scale: float,
-        on_step: Callable[[int], None] | None = None,
-    ) -> RenderResult:
-        """Render ``prompts`` (one image each) with the StorySync state installed.
-
+    def prepare_run(
+        self, state: StorySyncState, prompts: list[str], negative_prompts: list[str] | None, seeds: list[int],
+        num_steps: int, height: int, width: int, guidance_scale: float,
+    ) -> Kandinsky3Run:
+        """As ``Kandinsky3Pipeline.__call__`` starts, each prompt encoded alone (``_encode``).
         ``negative_prompts=None`` is stock ``pipe(prompt)`` without a negative prompt: zero
-        unconditional embeddings with an all-zero attention mask (an explicit ``""`` differs).
-        """
+        unconditional embeddings with an all-zero attention mask (an explicit ``""`` differs)."""
         pipe = self.pipe
         device = pipe._execution_device
         pipe._guidance_scale = guidance_scale
@@ -252,108 +263,44 @@ class Kandinsky3Adapter:
         # Each branch draws DDPM's variance noise from its own copy of the per-image generators.
         branch_latents = BranchLatents(pipe.scheduler, latents, state.bli_steps > 0, {"generator": generators},
                                        scale_input=False, mirror_vanilla=state.config.bli_latents == "consistent")
-        pooling_module = pipe.unet.add_time_condition.attention
+        return Kandinsky3Run(timesteps, branch_latents, cond, cond_mask, uncond, uncond_mask, lengths, guidance_scale)
+
+    @contextlib.contextmanager
+    def render_context(self, state: StorySyncState, run: Run) -> Iterator[None]:
+        """``add_time_condition`` pools each row over its own text length while the loop runs."""
+        pooling_module = self.pipe.unet.add_time_condition.attention
         previous = pooling_module.processor
         pooling_module.set_processor(self._pooling)
         try:
-            for i, t in enumerate(timesteps):
-                branches = state.branches
-                reps = len(branches)
-                model_in = branch_latents.model_input(branches, t)
-                text, mask = torch.cat([cond] * reps), torch.cat([cond_mask] * reps)
-                if uncond is not None:
-                    model_in = torch.cat([model_in, model_in])
-                    text = torch.cat([torch.cat([uncond] * reps), text])
-                    mask = torch.cat([torch.cat([uncond_mask] * reps), mask])
-                self._pooling.lengths = lengths * (model_in.shape[0] // len(lengths))
-                noise = pipe.unet(model_in, t, encoder_hidden_states=text, encoder_attention_mask=mask,
-                                  return_dict=False)[0]
-                if uncond is not None:
-                    noise_uncond, noise_text = noise.chunk(2)
-                    noise = (guidance_scale + 1.0) * noise_text - guidance_scale * noise_uncond
-                branch_latents.step(branches, noise.chunk(reps), t)
-                end_step(state, branch_latents, i, on_step)
+            yield
         finally:
             self._pooling.lengths = None
             pooling_module.set_processor(previous)
-        final = branch_latents.latents[CONSISTENT]
-        check_finite(final)
-        image = decode_each(lambda x, _: pipe.movq.decode(x, force_not_quantize=True)["sample"], final)
-        offload_idle(pipe)  # and the MoVQ decoder
+
+    def predict_noise(self, run: Kandinsky3Run, branches: tuple[str, ...], t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One UNet call on the batch [uncond | cond] x branches, guided ``(g + 1) * cond - g * uncond``."""
+        reps, g = len(branches), run.guidance_scale
+        model_in = run.latents.model_input(branches, t)
+        text, mask = torch.cat([run.cond] * reps), torch.cat([run.cond_mask] * reps)
+        if run.uncond is not None:
+            model_in = torch.cat([model_in, model_in])
+            text = torch.cat([torch.cat([run.uncond] * reps), text])
+            mask = torch.cat([torch.cat([run.uncond_mask] * reps), mask])
+        self._pooling.lengths = run.lengths * (model_in.shape[0] // len(run.lengths))
+        noise = self.pipe.unet(model_in, t, encoder_hidden_states=text, encoder_attention_mask=mask,
+                               return_dict=False)[0]
+        if run.uncond is not None:
+            noise_uncond, noise_text = noise.chunk(2)
+            noise = (g + 1.0) * noise_text - g * noise_uncond
+        return noise.chunk(reps)
+
+    def decode(self, run: Kandinsky3Run, latents: torch.Tensor) -> list[Image.Image]:
+        """The MoVQ decode without quantization, as the stock ``__call__``."""
+        pipe = self.pipe
+        image = decode_each(lambda x, _: pipe.movq.decode(x, force_not_quantize=True)["sample"], latents)
         image = (image * 0.5 + 0.5).clamp(0, 1)
         array = image.cpu().permute(0, 2, 3, 1).float().numpy()
-        return RenderResult(images=pipe.numpy_to_pil(array), masks=state.final_masks())
-
-
-# ---- the family: what the driver needs without weights, and the adapter ------------------------
-def _movq_factor(movq_config: Mapping[str, Any]) -> int:
-    return 2 ** (len(movq_config["block_out_channels"]) - 1)
-
-
-def _with_text_len(tokenizer: Any) -> Any:
-    """The pipeline truncates at 128 tokens whatever the tokenizer says (real T5 tokenizers say 512)."""
-    if getattr(tokenizer, "model_max_length", None) == TEXT_LEN:
-        return tokenizer
-    tokenizer = copy.copy(tokenizer)
-    tokenizer.model_max_length = TEXT_LEN
-    return tokenizer
-
-
-def _k3_info(tokenizer: Any, unet: Mapping[str, Any], movq: Mapping[str, Any]) -> ModelInfo:
-    from .presets import UnknownModelError
-
-    if _movq_factor(movq) != MOVQ_FACTOR:
-        raise UnknownModelError(
-            f"Kandinsky3Pipeline assumes a MoVQ that upsamples by {MOVQ_FACTOR}; this one upsamples by "
-            f"{_movq_factor(movq)}, so its images would not have the size asked for"
-        )
-    if len(unet["block_out_channels"]) > 4:
-        raise UnknownModelError("Kandinsky3UNet has at most 4 levels")
-    return ModelInfo(
-        family=Kandinsky3Family.name, tokenizer=_with_text_len(tokenizer), size_factor=SIZE_FACTOR,
-        text_len=TEXT_LEN, default_height=DEFAULT_SIZE, default_width=DEFAULT_SIZE, default_steps=DEFAULT_STEPS,
-        default_guidance_scale=DEFAULT_GUIDANCE, share_layers=SHARE_LAYERS, mask_layers=MASK_LAYERS,
-        negative_prompt=True,
-    )
-
-
-class Kandinsky3Family(ModelFamily):
-    """Kandinsky 3: ``Kandinsky3UNet`` (self-attention ``attentions.0``, text cross-attention
-    ``attentions.1..`` per block), a T5 encoder with 128 masked tokens, a MoVQ decoder."""
-
-    name = "kandinsky3"
-    pipeline_classes = ("Kandinsky3Pipeline",)
-
-    def shares_at(self, processor: str) -> bool:
-        return is_self_attention(processor)
-
-    def maps_at(self, processor: str) -> bool:
-        return is_cross_attention(processor)
-    info_files = ("model_index.json", "tokenizer/*", "unet/config.json", "movq/config.json")
-
-    def info_from_folder(self, folder: pathlib.Path, model_index: Mapping[str, Any]) -> ModelInfo:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", model_max_length=TEXT_LEN)
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        movq = json.loads((folder / "movq" / "config.json").read_text())
-        return _k3_info(tokenizer, unet, movq)
-
-    def info_from_pipeline(self, pipe: Any) -> ModelInfo:
-        from .presets import UnknownModelError
-
-        if not isinstance(pipe, Kandinsky3Pipeline):
-            raise UnknownModelError(f"{type(pipe).__name__} is not a Kandinsky3Pipeline")
-        unet, movq, tokenizer = (getattr(pipe, name, None) for name in ("unet", "movq", "tokenizer"))
-        if unet is None or movq is None or tokenizer is None:
-            raise UnknownModelError(f"{type(pipe).__name__} has no unet, movq or tokenizer")
-        return _k3_info(tokenizer, dict(unet.config), dict(movq.config))
-
-    def adapter(self, pipe: Any) -> Kandinsky3Adapter:
-        return Kandinsky3Adapter(pipe)
-
-    def presets(self) -> Mapping[str, Any]:
-        return _presets()
+        return pipe.numpy_to_pil(array)
 
 
 # ---- the offline preset --------------------------------------------------------------------------
@@ -410,6 +357,7 @@ def _build_tokenizer(cfg: dict[str, Any]) -> Any:
     return build_t5_tokenizer(**cfg)
 
 
+# Kandinsky 3's components: its UNet, a MoVQ decoder, a T5 text encoder and tokenizer.
 _BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "unet": lambda cfg: Kandinsky3UNet(**cfg),
     "movq": lambda cfg: VQModel(**cfg),
@@ -423,8 +371,6 @@ _PRESETS: dict[str, Any] | None = None
 def _presets() -> Mapping[str, Any]:
     global _PRESETS
     if _PRESETS is None:
-        from .presets import Preset
-
         _PRESETS = {
             "tiny-kandinsky3": Preset(
                 name="tiny-kandinsky3",

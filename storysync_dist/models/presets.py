@@ -1,384 +1,40 @@
-"""Offline model presets: their configs, how they are built, and their on-disk cache.
+"""The offline presets, by name: the public names of ``storysync_dist.models`` for them and for loading.
 
-The presets (`tiny-sd`, `tiny-sdxl`) are the real diffusers pipeline classes with tiny configs and
-seeded random weights. They exist so that tests, CI and laptops exercise exactly the code paths a real
-checkpoint goes through (attention processors at two decoder resolutions, SDXL's text_time conditioning,
-two text encoders, `vae_scale_factor == 8`) without network access or a GPU. Each preset is built once,
-written with `save_pretrained` and always loaded back with `from_pretrained`, so the real loading path
-runs every time.
+The presets (`tiny-sd`, `tiny-sdxl`, `tiny-flux`, `tiny-kandinsky3`) are the real diffusers pipeline
+classes with tiny configs and seeded random weights. They exist so that tests, CI and laptops exercise
+exactly the code paths a real checkpoint goes through (attention processors at two decoder resolutions,
+SDXL's text_time conditioning, two text encoders, `vae_scale_factor == 8`) without network access or a
+GPU. Each preset is built once, written with `save_pretrained` and always loaded back with
+`from_pretrained`, so the real loading path runs every time.
 
 `toyworld` is a trained model, not random weights: the quality instrument's
 ``StableDiffusionPipeline`` (issue 21, ``docs/quality.md``), trained by ``train/train_toyworld.py``
 and shipped as a pipeline folder (``Preset.folder``), which loads like any local folder.
 
-`random-sdxl` is the other exception: the full-size SDXL base architecture with seeded random weights, for
-benchmarks (real compute, noise pictures). At ~3.5B parameters (14 GB in float32) saving it would cost
-more than building it, so `load_pipeline` builds it in memory, directly in the requested dtype and on
-the requested device; only its configs and tokenizers are written to disk (for `load_model_info`).
+`random-sdxl` and `random-flux` are the other exception: full-size architectures with seeded random
+weights, for benchmarks (real compute, noise pictures). Saving them would cost more than building them,
+so `loading.load_pipeline` builds them in memory, directly in the requested dtype and on the requested
+device; only their configs and tokenizers are written to disk (for `load_model_info`).
 
-`load_pipeline`, which turns any model string (preset, local folder, cached hub id) into a pipeline, and
-the safety checks it runs live in `storysync_dist.models.loading`; they stay importable from here.
+Where each piece lives (this module imports them all; nothing in ``models/`` imports this one):
+each family defines its presets (``ModelFamily.presets``: ``unet_presets``, ``flux_presets``,
+``kandinsky3``); what a preset is and how it is built is ``preset_build``; the table of every
+family's presets (``PRESETS``) and their on-disk cache (``preset_path``) are the registry's
+(``registry``); `load_pipeline`, which turns any model string (preset, local folder, cached hub id)
+into a pipeline, is ``loading``, and the folder and hub-id checks it runs are ``hub``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import pathlib
-import shutil
-import tempfile
-import threading
-import zlib
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import accelerate
-import diffusers
-import diffusers.utils.logging
-import huggingface_hub.utils
-import torch
-import transformers
-import transformers.utils.logging
-from diffusers import (
-    AutoencoderKL,
-    DiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
 from storysync_dist.cache import cache_root
-from storysync_dist.models.tokenizer import build_clip_tokenizer
 
-if TYPE_CHECKING:
-    from storysync_dist.models.loading import (
-        cached_snapshot,
-        check_model_index,
-        load_pipeline,
-        looks_like_hub_id,
-    )
+from .family import UnknownModelError
+from .hub import cached_snapshot, check_model_index, looks_like_hub_id
+from .loading import load_pipeline
+from .preset_build import PRESET_VERSION, Preset
+from .registry import PRESETS, preset_path
 
 __all__ = [
     "PRESETS", "PRESET_VERSION", "Preset", "UnknownModelError", "cache_root", "cached_snapshot",
     "check_model_index", "load_pipeline", "looks_like_hub_id", "preset_path",
 ]
-
-# Bump when a preset changes in a way its config dicts do not capture (e.g. how weights are seeded).
-PRESET_VERSION = 1
-_MANIFEST = "storysync_preset.json"
-_BUILD_LOCK = threading.Lock()
-
-
-class UnknownModelError(ValueError):
-    """A model string that is neither a preset, a local pipeline folder, nor a hub id."""
-
-
-# ------------------------------------------------------------------------------------------------ presets
-
-_COMPONENT_BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "unet": lambda cfg: UNet2DConditionModel(**cfg),
-    "vae": lambda cfg: AutoencoderKL(**cfg),
-    "text_encoder": lambda cfg: CLIPTextModel(CLIPTextConfig(**cfg)),
-    "text_encoder_2": lambda cfg: CLIPTextModelWithProjection(CLIPTextConfig(**cfg)),
-    "tokenizer": lambda cfg: build_clip_tokenizer(**cfg),
-    "tokenizer_2": lambda cfg: build_clip_tokenizer(**cfg),
-}
-
-
-_SEEDS = {
-    "unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "tokenizer": 4, "tokenizer_2": 5,
-    "scheduler": 6,
-}
-
-
-def component_seed(role: str) -> int:
-    """The weight seed of one pipeline component: fixed per role, so each component's weights are
-    independent of build order (roles of other families get a stable hash of their name)."""
-    return _SEEDS[role] if role in _SEEDS else zlib.crc32(role.encode()) % 2**31
-
-
-@dataclass(frozen=True)
-class Preset:
-    """An offline, deterministic stand-in for a real checkpoint of `pipeline_class`.
-
-    ``in_memory`` presets are never saved with their weights: :func:`load_pipeline` builds them in
-    memory with :meth:`build_in_memory` (see ``random-sdxl``).
-    """
-
-    name: str
-    pipeline_class: type[DiffusionPipeline]
-    scheduler_class: type
-    components: Mapping[str, Mapping[str, Any]]
-    pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    in_memory: bool = False
-    # A trained pipeline folder shipped with the package (``toyworld``): ``path()`` is this folder,
-    # called at each use (the folder may be moved by an environment variable); nothing is built.
-    folder: Callable[[], pathlib.Path] | None = None
-    # role -> builder of that component from its config dict; None: the UNet families' builders.
-    # A family whose components differ (FLUX's T5 text_encoder_2, a transformer) brings its own.
-    builders: Mapping[str, Callable[[dict[str, Any]], Any]] | None = None
-
-    def builder(self, role: str) -> Callable[[dict[str, Any]], Any]:
-        return (self.builders or _COMPONENT_BUILDERS)[role]
-
-    def cache_key(self) -> str:
-        """Short hash of everything that determines the saved weights and configs."""
-        payload = json.dumps(self._manifest(), sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-    def _manifest(self) -> dict[str, Any]:
-        return {
-            "preset": self.name,
-            "preset_version": PRESET_VERSION,
-            "pipeline_class": self.pipeline_class.__name__,
-            "scheduler_class": self.scheduler_class.__name__,
-            "components": self.components,
-            "pipeline_kwargs": self.pipeline_kwargs,
-            "versions": {
-                "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__,
-                "torch": torch.__version__,
-            },
-        }
-
-    def build(self) -> DiffusionPipeline:
-        """Instantiate the pipeline with seeded random weights (in memory; nothing is saved)."""
-        parts: dict[str, Any] = {}
-        # The cache key promises identical weights everywhere, so pin what a caller may have changed
-        # globally (default dtype/device), and leave the caller's RNG stream as it was.
-        caller_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32)
-        try:
-            with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-                for role, cfg in self.components.items():
-                    # A fixed seed per role makes each component's weights independent of build order
-                    # and of the other components, and keeps SDXL's two text encoders distinct.
-                    torch.manual_seed(component_seed(role))
-                    if role == "scheduler":
-                        parts[role] = self.scheduler_class(**cfg)
-                    else:
-                        parts[role] = self.builder(role)(dict(cfg))
-        finally:
-            torch.set_default_dtype(caller_dtype)
-        pipe = self.pipeline_class(**parts, **self.pipeline_kwargs)
-        # Inference mode, as from_pretrained leaves models (T5's dropout would make stock calls on a
-        # freshly built pipeline differ from one call to the next).
-        for part in pipe.components.values():
-            if isinstance(part, torch.nn.Module):
-                part.eval()
-        return pipe
-
-    def build_in_memory(
-        self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-    ) -> DiffusionPipeline:
-        """Build the pipeline with seeded random weights, allocated on ``device`` in ``dtype``.
-
-        Each model is constructed on the meta device (no memory, no init work) and then gets its
-        parameters one tensor at a time from a per-component CPU generator: normal(0, 1/sqrt(fan_in))
-        for matrices and kernels, ones for norm scales, zeros for biases. The draws happen in float32
-        on the CPU, so the weights are the same on every device and differ across dtypes only by
-        rounding; the host never holds more than one float32 tensor besides the weights.
-        """
-        parts: dict[str, Any] = {}
-        caller_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32)
-        try:
-            for role, cfg in self.components.items():
-                if role == "scheduler":
-                    parts[role] = self.scheduler_class(**cfg)
-                elif role.startswith("tokenizer"):
-                    parts[role] = self.builder(role)(dict(cfg))
-                else:
-                    # Buffers stay real (CLIP's position ids are computed at construction).
-                    with accelerate.init_empty_weights(include_buffers=False):
-                        model = self.builder(role)(dict(cfg))
-                    parts[role] = _materialize(model, component_seed(role), device, dtype)
-        finally:
-            torch.set_default_dtype(caller_dtype)
-        return self.pipeline_class(**parts, **self.pipeline_kwargs)
-
-    def path(self) -> pathlib.Path:
-        """Folder this preset is (or will be) saved to; a shipped folder for a trained preset."""
-        if self.folder is not None:
-            return self.folder()
-        return cache_root() / "presets" / f"{self.name}-{self.cache_key()}"
-
-
-def _materialize(model: torch.nn.Module, seed: int, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Replace every meta parameter of ``model`` by a seeded random one on ``device`` in ``dtype``."""
-    generator = torch.Generator().manual_seed(seed)
-    done: dict[int, torch.nn.Parameter] = {}  # tied parameters stay tied
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is None:
-                continue
-            if id(param) not in done:
-                values = torch.empty(param.shape, dtype=torch.float32)
-                if values.ndim >= 2:
-                    # Unit-variance activations through each layer, so 70 transformer blocks of
-                    # random weights still give finite, unsaturated numbers in half precision.
-                    values.normal_(0.0, (values[0].numel()) ** -0.5, generator=generator)
-                elif name == "weight":
-                    values.fill_(1.0)  # norm scales
-                else:
-                    values.zero_()
-                done[id(param)] = torch.nn.Parameter(values.to(device=device, dtype=dtype), requires_grad=False)
-            module._parameters[name] = done[id(param)]
-    return model.eval()
-
-
-
-class _PresetTable(Mapping[str, "Preset"]):
-    """Every family's presets (``ModelFamily.presets``), gathered on first use: the UNet presets
-    above, and those each registered family module defines (``models/registry.py``)."""
-
-    def __init__(self) -> None:
-        self._table: dict[str, Preset] | None = None
-
-    def _all(self) -> dict[str, Preset]:
-        if self._table is None:
-            from .registry import families
-
-            table: dict[str, Preset] = {}
-            for family in families():
-                table.update(family.presets())
-            self._table = table
-        return self._table
-
-    def __getitem__(self, name: str) -> Preset:
-        return self._all()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._all())
-
-    def __len__(self) -> int:
-        return len(self._all())
-
-
-PRESETS: Mapping[str, Preset] = _PresetTable()
-
-
-@contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    # Local loads/saves take well under a second; their per-component bars only clutter worker logs.
-    # These switches are process-global, so restore whatever the caller had.
-    # transformers' switch also flips huggingface_hub's, so that one is saved and restored too.
-    diffusers_on = diffusers.utils.logging.is_progress_bar_enabled()
-    transformers_on = transformers.utils.logging.is_progress_bar_enabled()
-    hub_off = huggingface_hub.utils.are_progress_bars_disabled()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if diffusers_on:
-            diffusers.utils.logging.enable_progress_bar()
-        if transformers_on:
-            transformers.utils.logging.enable_progress_bar()
-        if hub_off:
-            huggingface_hub.utils.disable_progress_bars()
-        else:
-            huggingface_hub.utils.enable_progress_bars()
-
-
-def _get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise _unknown(name) from None
-
-
-def _unknown(model: str) -> UnknownModelError:
-    names = ", ".join(sorted(PRESETS))
-    return UnknownModelError(
-        f"unknown model or preset {model!r}: not a local folder, not a hub id, and not one of the presets: {names}"
-    )
-
-
-def preset_path(name: str) -> pathlib.Path:
-    """Return the saved folder of preset `name`, building and saving it first if needed.
-
-    For an ``in_memory`` preset the folder holds the configs and tokenizers only (what
-    ``load_model_info`` reads), no weights: load it with ``load_pipeline(name)``, not from the folder.
-
-    The build happens in a temporary sibling folder that is atomically renamed into place, so
-    concurrent processes (Ray workers on one node) never see a half-written preset; a process that
-    loses the race just discards its own copy.
-    """
-    preset = _get_preset(name)
-    target = preset.path()
-    if (target / "model_index.json").is_file():
-        return target
-    if preset.folder is not None:  # trained weights cannot be built: say where they come from
-        raise UnknownModelError(
-            f"preset {name!r}: no trained pipeline at {target} (model_index.json missing); its weights are "
-            f"made by train/train_toyworld.py --export (docs/quality.md)")
-    # Threads share torch's global RNG, so two concurrent in-process builds would interleave their
-    # seeding; processes are kept apart by the atomic rename below instead.
-    with _BUILD_LOCK:
-        if not (target / "model_index.json").is_file():
-            _build_into(preset, target)
-    return target
-
-
-def _build_into(preset: Preset, target: pathlib.Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        # mkdtemp makes the folder 0700; a shared cache must stay readable by other users.
-        tmp.chmod(0o755)
-        with _quiet_progress_bars():
-            if preset.in_memory:
-                _save_configs(preset, tmp)
-            else:
-                pipe = preset.build()
-                pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / _MANIFEST).write_text(json.dumps(preset._manifest(), indent=2, sort_keys=True, default=str))
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process renamed its copy in first (the target is then a non-empty directory).
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _save_configs(preset: Preset, folder: pathlib.Path) -> None:
-    """Write a pipeline folder without weights: model_index.json, every config, the tokenizers."""
-    parts: dict[str, Any] = {}
-    for role, cfg in preset.components.items():
-        if role == "scheduler":
-            parts[role] = preset.scheduler_class(**cfg)
-        else:
-            with torch.device("meta"):  # structure only: nothing is allocated or initialized
-                parts[role] = preset.builder(role)(dict(cfg))
-    pipe = preset.pipeline_class(**parts, **preset.pipeline_kwargs)
-    pipe.save_config(folder)  # model_index.json
-    for role, part in parts.items():
-        if role.startswith("tokenizer"):
-            part.save_pretrained(folder / role)
-        elif hasattr(part, "save_config"):  # diffusers models and schedulers
-            part.save_config(folder / role)
-        else:  # transformers models
-            part.config.save_pretrained(folder / role)
-
-
-# The loading entry point and its safety checks moved to `loading`, which imports this module; they are
-# re-exported on first access, so that neither module imports the other while it is being loaded.
-_MOVED_TO_LOADING = frozenset({
-    "load_pipeline", "check_model_index", "cached_snapshot", "looks_like_hub_id", "_HUB_ID",
-    "_COMPONENT_LIBRARIES", "_DTYPE_KWARG", "_entry_text", "_library_module", "_class_of", "_not_cached",
-    "_first_line",
-})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_LOADING:
-        from storysync_dist.models import loading
-
-        return getattr(loading, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

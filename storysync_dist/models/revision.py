@@ -14,8 +14,9 @@ import hashlib
 import os
 import pathlib
 
-from .loading import looks_like_hub_id
-from .presets import PRESET_VERSION, PRESETS
+from .hub import looks_like_hub_id
+from .preset_build import PRESET_VERSION
+from .registry import PRESETS, model_folder
 
 __all__ = ["model_revision"]
 
@@ -53,8 +54,6 @@ def model_revision(model: str) -> str | None:
     if local.is_dir():
         return _folder_digest(local)
     if looks_like_hub_id(model):
-        from .info import model_folder
-
         try:
             folder = model_folder(model)
         except Exception:

@@ -1,7 +1,7 @@
 """StorySync on diffusers UNet pipelines (SDXL, SD 1.x/2.x).
 
-Two attention processors (``models/attention.py``) are installed with ``unet.set_attn_processor``;
-no UNet class is copied:
+Two attention processors (``models/attention.py``) are installed with ``unet.set_attn_processor`` (by
+``AdapterBase``, the UNet-style default); no UNet class is copied:
   - :class:`StorySyncSelfAttnProcessor` on every self-attention (``attn1``): BLI (Eq. 12) on all of
     them, masked cross-image sharing (Eq. 5-8, 13) and RFH (Eq. 9-11) on the shared layers;
   - :class:`SubjectMapProcessor` on the cross-attentions (``attn2``) of the mask layers: the stock
@@ -9,7 +9,8 @@ no UNet class is copied:
 A layer with nothing to do at a step runs diffusers' own ``AttnProcessor2_0``, so with every
 mechanism off the pipeline is bit-for-bit stock.
 
-The denoising loop below follows ``StableDiffusionXLPipeline.__call__`` /
+The denoising loop (``AdapterBase.generate``, with :class:`UNetAdapter`'s ``prepare_run``,
+``predict_noise`` and ``decode``) follows ``StableDiffusionXLPipeline.__call__`` /
 ``StableDiffusionPipeline.__call__`` step for step, with two changes: each (branch) has its own
 scheduler copy, so the vanilla branch can leave the batch after T steps with any scheduler, and
 the shared state advances after every step.
@@ -17,25 +18,23 @@ the shared state advances after every step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from ..core.consistory import dift_step
 from ..core.state import COND, CONSISTENT, StorySyncState
-from .attention import StorySyncSelfAttnProcessor, SubjectMapProcessor
-from .denoise import BranchLatents, check_finite, decode_each, end_step
-from .family import ModelFamily, ModelInfo, RenderResult, SamplingDefaults
+from .adapter_base import AdapterBase, Run
+from .denoise import BranchLatents, decode_each
+from .family import ModelFamily, ModelInfo, SamplingDefaults, UnknownModelError
 from .offload import offload_idle
-
-SUPPORTED_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionPipeline)
 
 
 @dataclass
@@ -48,6 +47,16 @@ class PromptEmbeds:
     pooled: torch.Tensor | None = None
     uncond_pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+
+
+@dataclass
+class UNetRun(Run):
+    """A UNet render's loop: the text conditioning, the per-image generators (the SD VAE decode
+    draws from them), the guidance scale."""
+
+    embeds: PromptEmbeds
+    generators: list[torch.Generator]
+    guidance_scale: float
 
 
 def _rows(cond: torch.Tensor, uncond: torch.Tensor | None, reps: int) -> torch.Tensor:
@@ -130,175 +139,7 @@ class SDXLConditioning(SDConditioning):
         return pipe.image_processor.postprocess(image, output_type="pil")
 
 
-class UNetAdapter:
-    """Runs StorySync renders on a diffusers UNet pipeline (SDXL or SD 1.x/2.x)."""
-
-    family = "unet"
-
-    def __init__(self, pipe: DiffusionPipeline) -> None:
-        if not isinstance(pipe, SUPPORTED_PIPELINES):
-            raise TypeError(f"{type(pipe).__name__} is not a supported UNet pipeline")
-        self.pipe = pipe
-        self.conditioning = SDXLConditioning() if isinstance(pipe, StableDiffusionXLPipeline) else SDConditioning()
-        self._stock_processors = dict(pipe.unet.attn_processors)
-        self._info: ModelInfo | None = None
-
-    @property
-    def info(self) -> ModelInfo:
-        if self._info is None:
-            self._info = UNetFamily().info_from_pipeline(self.pipe)
-        return self._info
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.pipe.tokenizer
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe._execution_device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
-
-    @property
-    def size_factor(self) -> int:
-        """Height and width must be multiples of this (VAE factor x UNet downsamplings)."""
-        down = sum(1 for block in self.pipe.unet.down_blocks if getattr(block, "downsamplers", None))
-        return int(self.pipe.vae_scale_factor) * (2**down)
-
-    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
-        factor = int(self.pipe.vae_scale_factor)
-        return height // factor, width // factor
-
-    def install(self, state: StorySyncState) -> None:
-        """Install StorySync processors for one render."""
-        cfg = state.config
-        if cfg.share_layers is None or cfg.mask_layers is None:
-            raise ValueError("install a config whose layers are resolved (StorySyncConfig.with_layers)")
-        processors = {}
-        for name in self._stock_processors:
-            if name.endswith("attn1.processor") and (cfg.any_mechanism):
-                shares = name.startswith(cfg.share_layers)
-                processors[name] = StorySyncSelfAttnProcessor(name, state, shares)
-            elif name.endswith("attn2.processor") and cfg.needs_masks and name.startswith(cfg.mask_layers):
-                processors[name] = SubjectMapProcessor(name, state)
-            else:
-                processors[name] = AttnProcessor2_0()
-        self.pipe.unet.set_attn_processor(processors)
-
-    def uninstall(self) -> None:
-        self.pipe.unet.set_attn_processor(dict(self._stock_processors))
-
-    def _record_dift(self, state: StorySyncState, timesteps: torch.Tensor) -> Any:
-        """ConsiStory's pass 1: a hook that hands the first decoder block's output (DIFT features,
-        ``up_blocks[0]``) of the conditional images at the DIFT step to ``state.injection``; None
-        when there is nothing to record."""
-        if state.injection is None or state.pass_index != 0:
-            return None
-        at = dift_step([int(t) for t in timesteps])
-
-        def record(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
-            if state.step == at:
-                state.injection.record_dift(output[state.rows(COND, CONSISTENT)].detach())
-
-        return self.pipe.unet.up_blocks[0].register_forward_hook(record)
-
-    # ---- the denoising loop, step by step as the stock pipelines' __call__ ---------------
-    def _begin_call(self, guidance_scale: float) -> bool:
-        """The pipeline's per-call attributes, as ``__call__`` sets them; returns whether
-        classifier-free guidance runs."""
-        pipe = self.pipe
-        pipe._guidance_scale = guidance_scale
-        pipe._guidance_rescale = 0.0
-        pipe._clip_skip = None
-        pipe._cross_attention_kwargs = None
-        pipe._interrupt = False
-        return guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-
-    def _prepare_latents(
-        self, seeds: list[int], height: int, width: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """One CPU generator per image, so an image's noise depends only on its seed."""
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        latents = self.pipe.prepare_latents(
-            len(seeds), self.pipe.unet.config.in_channels, height, width, dtype, device, generators
-        )
-        return latents, generators
-
-    def _predict_noise(
-        self, branches: tuple[str, ...], latents: BranchLatents, embeds: PromptEmbeds, t: torch.Tensor,
-        guidance_scale: float,
-    ) -> tuple[torch.Tensor, ...]:
-        """One UNet call on the batch [uncond | cond] x branches; the guided noise per branch."""
-        reps = len(branches)
-        model_in = latents.model_input(branches, t)
-        if embeds.uncond is not None:
-            model_in = torch.cat([model_in, model_in])
-        noise = self.pipe.unet(
-            model_in, t, encoder_hidden_states=_rows(embeds.cond, embeds.uncond, reps), timestep_cond=None,
-            cross_attention_kwargs=None,
-            added_cond_kwargs=self.conditioning.added_cond_kwargs(embeds, reps, model_in.shape[0]),
-            return_dict=False,
-        )[0]
-        if embeds.uncond is not None:
-            uncond, cond = noise.chunk(2)
-            noise = uncond + guidance_scale * (cond - uncond)
-        return noise.chunk(reps)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        state: StorySyncState,
-        prompts: list[str],
-        negative_prompts: list[str] | None,
-        seeds: list[int],
-        *,
-        num_steps: int,
-        height: int,
-        width: int,
-        guidance_scale: float,
-        on_step: Callable[[int], None] | None = None,
-    ) -> RenderResult:
-        """Render ``prompts`` (one image each) with the StorySync state installed.
-
-        Mirrors the stock pipeline's ``__call__``; ``on_step(i)`` is called after each step.
-        ``negative_prompts=None`` is stock ``pipe(prompt)`` without a negative prompt (SDXL:
-        zero unconditional embeddings where ``force_zeros_for_empty_prompt``; SD: the empty
-        string's), which differs from an explicit ``""``.
-        """
-        pipe = self.pipe
-        device = pipe._execution_device
-        guidance = self._begin_call(guidance_scale)
-        if guidance != state.guidance:
-            raise ValueError("state.guidance does not match guidance_scale")
-        embeds = self.conditioning.encode_prompt(pipe, prompts, negative_prompts, guidance, device, height, width)
-        offload_idle(pipe)  # --offload model: the text encoders leave the device, the denoiser stays
-        pipe.scheduler.set_timesteps(num_steps, device=device)
-        timesteps = pipe.scheduler.timesteps
-        latents, generators = self._prepare_latents(seeds, height, width, embeds.cond.dtype, device)
-        branch_latents = BranchLatents(
-            pipe.scheduler, latents, state.bli_steps > 0, pipe.prepare_extra_step_kwargs(generators, 0.0),
-            mirror_vanilla=state.config.bli_latents == "consistent",
-        )
-        hook = self._record_dift(state, timesteps)
-        try:
-            for i, t in enumerate(timesteps):
-                branches = state.branches
-                noise = self._predict_noise(branches, branch_latents, embeds, t, guidance_scale)
-                branch_latents.step(branches, noise, t)
-                end_step(state, branch_latents, i, on_step)
-        finally:
-            if hook is not None:
-                hook.remove()
-        final = branch_latents.latents[CONSISTENT]
-        check_finite(final)
-        images = self.conditioning.decode(pipe, final, generators)
-        offload_idle(pipe)  # and the VAE
-        return RenderResult(images=images, masks=state.final_masks())
-
-
-# ---- the family: what the driver needs without weights, and the adapter ------------------------
+# ---- the family: what the driver needs without weights -----------------------------------------
 # The stock ``__call__`` defaults of the pipeline classes of this family: (num_inference_steps,
 # guidance_scale), as in diffusers' pipeline_stable_diffusion_xl.py and pipeline_stable_diffusion.py
 # (tests/test_native_defaults.py checks them against the installed diffusers). The default size comes
@@ -325,8 +166,6 @@ def _vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
 
 def _class_key(pipeline_class: str | type) -> str:
     """The ``FAMILY_SAMPLING_DEFAULTS`` key of a pipeline class (a subclass counts as its base)."""
-    from .presets import UnknownModelError
-
     if isinstance(pipeline_class, str):
         if pipeline_class in FAMILY_SAMPLING_DEFAULTS:
             return pipeline_class
@@ -401,8 +240,6 @@ class UNetFamily(ModelFamily):
         return _unet_info(tokenizer, str(model_index.get("_class_name")), unet, vae)
 
     def info_from_pipeline(self, pipe: Any) -> ModelInfo:
-        from .presets import UnknownModelError
-
         key = _class_key(type(pipe))  # refuses an unsupported pipeline before reading its parts
         unet, vae, tokenizer = (getattr(pipe, name, None) for name in ("unet", "vae", "tokenizer"))
         if unet is None or vae is None or tokenizer is None:
@@ -416,3 +253,102 @@ class UNetFamily(ModelFamily):
         from .unet_presets import UNET_PRESETS
 
         return UNET_PRESETS
+
+
+# ---- the adapter: the denoising loop, step by step as the stock pipelines' __call__ -------------
+class UNetAdapter(AdapterBase):
+    """Runs StorySync renders on a diffusers UNet pipeline (SDXL or SD 1.x/2.x); the processors
+    are the base's (``AdapterBase.processor``: ``attn1`` self-attentions, ``attn2`` maps)."""
+
+    family_type = UNetFamily
+
+    def __init__(self, pipe: DiffusionPipeline) -> None:
+        super().__init__(pipe)
+        self.conditioning = SDXLConditioning() if isinstance(pipe, StableDiffusionXLPipeline) else SDConditioning()
+
+    @property
+    def size_factor(self) -> int:
+        """Height and width must be multiples of this (VAE factor x UNet downsamplings)."""
+        down = sum(1 for block in self.pipe.unet.down_blocks if getattr(block, "downsamplers", None))
+        return int(self.pipe.vae_scale_factor) * (2**down)
+
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        factor = int(self.pipe.vae_scale_factor)
+        return height // factor, width // factor
+
+    @contextlib.contextmanager
+    def render_context(self, state: StorySyncState, run: Run) -> Iterator[None]:
+        """ConsiStory's pass 1: a hook that hands the first decoder block's output (DIFT features,
+        ``up_blocks[0]``) of the conditional images at the DIFT step to ``state.injection``, while
+        the loop runs; nothing when there is nothing to record."""
+        if state.injection is None or state.pass_index != 0:
+            yield
+            return
+        at = dift_step([int(t) for t in run.timesteps])
+
+        def record(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+            if state.step == at:
+                state.injection.record_dift(output[state.rows(COND, CONSISTENT)].detach())
+
+        hook = self.pipe.unet.up_blocks[0].register_forward_hook(record)
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    def _begin_call(self, guidance_scale: float) -> bool:
+        """The pipeline's per-call attributes, as ``__call__`` sets them; returns whether
+        classifier-free guidance runs."""
+        pipe = self.pipe
+        pipe._guidance_scale = guidance_scale
+        pipe._guidance_rescale = 0.0
+        pipe._clip_skip = None
+        pipe._cross_attention_kwargs = None
+        pipe._interrupt = False
+        return guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+
+    def prepare_run(
+        self, state: StorySyncState, prompts: list[str], negative_prompts: list[str] | None, seeds: list[int],
+        num_steps: int, height: int, width: int, guidance_scale: float,
+    ) -> UNetRun:
+        """As ``__call__`` starts. ``negative_prompts=None`` is stock ``pipe(prompt)`` without a
+        negative prompt (SDXL: zero unconditional embeddings where ``force_zeros_for_empty_prompt``;
+        SD: the empty string's), which differs from an explicit ``""``."""
+        pipe = self.pipe
+        device = pipe._execution_device
+        guidance = self._begin_call(guidance_scale)
+        if guidance != state.guidance:
+            raise ValueError("state.guidance does not match guidance_scale")
+        embeds = self.conditioning.encode_prompt(pipe, prompts, negative_prompts, guidance, device, height, width)
+        offload_idle(pipe)  # --offload model: the text encoders leave the device, the denoiser stays
+        pipe.scheduler.set_timesteps(num_steps, device=device)
+        timesteps = pipe.scheduler.timesteps
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        latents = pipe.prepare_latents(
+            len(seeds), pipe.unet.config.in_channels, height, width, embeds.cond.dtype, device, generators
+        )
+        branch_latents = BranchLatents(
+            pipe.scheduler, latents, state.bli_steps > 0, pipe.prepare_extra_step_kwargs(generators, 0.0),
+            mirror_vanilla=state.config.bli_latents == "consistent",
+        )
+        return UNetRun(timesteps, branch_latents, embeds, generators, guidance_scale)
+
+    def predict_noise(self, run: UNetRun, branches: tuple[str, ...], t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One UNet call on the batch [uncond | cond] x branches; the guided noise per branch."""
+        reps, embeds = len(branches), run.embeds
+        model_in = run.latents.model_input(branches, t)
+        if embeds.uncond is not None:
+            model_in = torch.cat([model_in, model_in])
+        noise = self.pipe.unet(
+            model_in, t, encoder_hidden_states=_rows(embeds.cond, embeds.uncond, reps), timestep_cond=None,
+            cross_attention_kwargs=None,
+            added_cond_kwargs=self.conditioning.added_cond_kwargs(embeds, reps, model_in.shape[0]),
+            return_dict=False,
+        )[0]
+        if embeds.uncond is not None:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + run.guidance_scale * (cond - uncond)
+        return noise.chunk(reps)
+
+    def decode(self, run: UNetRun, latents: torch.Tensor) -> list[Image.Image]:
+        return self.conditioning.decode(self.pipe, latents, run.generators)

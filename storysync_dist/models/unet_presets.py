@@ -1,6 +1,7 @@
 """The UNet family's offline presets: `tiny-sd` and `tiny-sdxl` (the real pipeline classes with tiny
-configs and seeded random weights), `toyworld` (the trained quality instrument) and `random-sdxl` (SDXL base 1.0's full architecture with random
-weights, built in memory, for benchmarks). How presets are built, saved and loaded is `presets.py`."""
+configs and seeded random weights), `toyworld` (the trained quality instrument) and `random-sdxl` (SDXL base
+1.0's full architecture with random weights, built in memory, for benchmarks). What a preset is and how
+it is built is `preset_build.py`; the table of every family's presets and their cache, `presets.py`."""
 
 from __future__ import annotations
 
@@ -12,10 +13,20 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from .presets import Preset
-from .tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE
+from .preset_build import COMMON_BUILDERS, Preset
+from .tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
+
+# SD's and SDXL's components: a UNet, a VAE, CLIP text encoders (SDXL's second with a projection).
+_BUILDERS = {
+    **COMMON_BUILDERS,
+    "unet": lambda cfg: UNet2DConditionModel(**cfg),
+    "text_encoder_2": lambda cfg: CLIPTextModelWithProjection(CLIPTextConfig(**cfg)),
+    "tokenizer_2": lambda cfg: build_clip_tokenizer(**cfg),
+}
 
 # ----------------------------------------------------------------------------------------------- configs
 
@@ -153,8 +164,6 @@ def _sdxl_base_components() -> dict[str, dict[str, Any]]:
     }
 
 
-
-
 def _toyworld_folder() -> pathlib.Path:
     from ..toyworld import model_folder
 
@@ -168,6 +177,7 @@ UNET_PRESETS: dict[str, Preset] = {
         scheduler_class=PNDMScheduler,
         components=_sd_components(),
         pipeline_kwargs={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+        builders=_BUILDERS,
     ),
     "tiny-sdxl": Preset(
         name="tiny-sdxl",
@@ -175,6 +185,7 @@ UNET_PRESETS: dict[str, Preset] = {
         scheduler_class=EulerDiscreteScheduler,
         components=_sdxl_components(),
         pipeline_kwargs={"image_encoder": None, "feature_extractor": None},
+        builders=_BUILDERS,
     ),
     # For benchmarks: SDXL base 1.0's architecture and compute (UNet 2.57B, VAE, CLIP ViT-L and
     # OpenCLIP bigG text towers, 3.47B parameters), seeded random weights, so its pictures are noise.
@@ -186,6 +197,7 @@ UNET_PRESETS: dict[str, Preset] = {
         components=_sdxl_base_components(),
         pipeline_kwargs={"image_encoder": None, "feature_extractor": None},
         in_memory=True,
+        builders=_BUILDERS,
     ),
     # The quality instrument (issue 21): a small StableDiffusionPipeline trained on toyworld's
     # pictures, shipped as a folder (``toyworld.model_folder``); loaded like any local folder.
