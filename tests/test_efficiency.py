@@ -429,3 +429,32 @@ def test_gathered_shared_tokens_equal_boolean_indexing_and_padding(rate: float) 
     with_lengths = shared_attention(q, own_k, own_v, heads(k), heads(v), valid, lengths)
     asked = shared_attention(q, own_k, own_v, heads(ref_k), heads(ref_v), ref_valid)
     assert torch.allclose(with_lengths, asked, atol=1e-6)
+
+
+def test_the_subject_index_finds_every_resolution_of_a_step_with_one_copy() -> None:
+    """``core.publish.SubjectIndex``: the index of each resolution is the plain ``nonzero`` of its
+    masks; the first step copies every resolution the latent tiles into at its first layer (the
+    shared layers' resolutions are not known yet), later steps only those the layers asked for."""
+    from storysync_dist.core.masks import latent_token_counts
+    from storysync_dist.core.publish import SubjectIndex
+
+    latent = (16, 24)
+    assert latent_token_counts(latent) == [384, 96, 24, 6]  # 16x24, 8x12, 4x6, 2x3 (1.5 rows: no more)
+    generator = torch.Generator().manual_seed(0)
+    step_masks = [{n: torch.rand(2, n, generator=generator) > 0.5 for n in latent_token_counts(latent)}
+                  for _ in range(2)]
+    index = SubjectIndex(2, latent)
+    for step, masks in enumerate(step_masks):
+        asked: list[int] = []
+
+        def masks_at(n: int, masks: dict = masks, asked: list = asked) -> torch.Tensor:
+            asked.append(n)
+            return masks[n]
+
+        for n in (96, 24):  # the shared layers' resolutions, in the order they run
+            host, device = index.get(n, masks[n], masks_at)
+            want = masks[n].reshape(-1).nonzero(as_tuple=True)[0]
+            assert torch.equal(host, want) and torch.equal(device, want)
+        # One copy per step: every other resolution came with the first layer's.
+        assert asked == ([384, 24, 6] if step == 0 else [24]), (step, asked)
+        index.clear()
