@@ -141,8 +141,9 @@ def _reset_hwm() -> None:
 
 def estimate(model: str, story_path: str, out: str, frame_batch: int, device: str = "cpu") -> dict[str, Any]:
     """What ``check_memory`` estimates for the same job on ``device``."""
+    from storysync_dist.engine.free_memory import device_free
     from storysync_dist.engine.job import RenderOptions, model_info, prepare_job
-    from storysync_dist.engine.memory import JobShape, device_free, estimate, model_shapes
+    from storysync_dist.engine.memory import JobShape, estimate, model_shapes
 
     options = RenderOptions(model=model, out=out, progress=False, frame_batch=frame_batch, device=device,
                             dtype="float32" if device == "cpu" else None)
