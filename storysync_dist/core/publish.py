@@ -30,16 +30,17 @@ class SubjectIndex:
         self._guesses = latent_token_counts(latent_hw) if latent_hw is not None else []
         self._learned = False
 
-    def get(self, num_tokens: int, masks: torch.Tensor,
-            masks_at: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, num_tokens: int, masks: torch.Tensor, masks_at: Callable[[int], torch.Tensor],
+            guess: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(host index, device index) of ``masks`` (A, N); ``masks_at(n)`` gives this step's masks
         at another resolution n, so every resolution published so far (at the first step: every
-        guess) is found with one copy."""
+        guess, unless ``guess`` is False: ``masks_at`` cannot make masks at other resolutions) is
+        found with one copy."""
         if num_tokens not in self._sizes:
             self._sizes.append(num_tokens)
         found = self._found.get(num_tokens)
         if found is None:
-            others = self._sizes if self._learned else [*self._sizes, *self._guesses]
+            others = self._sizes if self._learned or not guess else [*self._sizes, *self._guesses]
             sizes = list(dict.fromkeys([num_tokens, *others]))
             flat = torch.cat([masks.reshape(-1), *(masks_at(n).reshape(-1) for n in sizes[1:])]).cpu()
             for n, part in zip(sizes, flat.split([self.num_images * n for n in sizes]), strict=True):

@@ -312,7 +312,8 @@ class StorySyncState:
             host_index = masks.reshape(-1).cpu().nonzero(as_tuple=True)[0]  # drawn on the host
             index = to_device(host_index, hidden.device)
         else:
-            host_index, index = self._subject_index.get(num_tokens, masks, self.masks)
+            host_index, index = self._subject_index.get(  # guesses only where this state makes the masks
+                num_tokens, masks, self.masks, guess=self._mask_map is not None or not self.config.use_masks)
         g = hidden.shape[0]
         layer = SharedLayerState(
             index=host_index.clone(),  # each layer's own (a bundle file stores tensors apart)
