@@ -57,14 +57,6 @@ def story(frames: int, size: int) -> dict[str, Any]:
     }
 
 
-def _rss(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def child(model: str, story_path: str, out: str, frame_batch: int, device: str = "cpu") -> dict[str, Any]:
     """Measure one render in this (fresh) process."""
     if device.startswith("cuda"):
@@ -74,6 +66,7 @@ def child(model: str, story_path: str, out: str, frame_batch: int, device: str =
 
     from storysync_dist.api import RenderOptions, render_story
     from storysync_dist.models.registry import families
+    from storysync_dist.resident import peak_resident_bytes, resident_bytes
 
     families()  # every family's module and pipeline classes
     decodes: list[dict[str, int]] = []
@@ -82,11 +75,11 @@ def child(model: str, story_path: str, out: str, frame_batch: int, device: str =
         original = cls.decode
 
         def decode(self: Any, *args: Any, **kwargs: Any) -> Any:
-            before = _rss("VmHWM")
+            before = peak_resident_bytes()
             _reset_hwm()
-            start = _rss()
+            start = resident_bytes()
             result = original(self, *args, **kwargs)
-            decodes.append({"peak_before": before, "start": start, "peak": _rss("VmHWM")})
+            decodes.append({"peak_before": before, "start": start, "peak": peak_resident_bytes()})
             _reset_hwm()
             return result
 
@@ -94,12 +87,12 @@ def child(model: str, story_path: str, out: str, frame_batch: int, device: str =
 
     measured(AutoencoderKL)
     measured(VQModel)
-    base = _rss()
+    base = resident_bytes()
     t0 = time.perf_counter()
     render_story(story_path, RenderOptions(model=model, out=out, progress=False, frame_batch=frame_batch,
                                            device="cpu", dtype="float32"))
     # VmHWM is reset around each decode, so the peak is the largest of every reading.
-    peak = max([_rss("VmHWM"), *(d["peak_before"] for d in decodes), *(d["peak"] for d in decodes)])
+    peak = max([peak_resident_bytes(), *(d["peak_before"] for d in decodes), *(d["peak"] for d in decodes)])
     return {"base": base, "peak": peak, "growth": peak - base, "seconds": time.perf_counter() - t0,
             "before_first_decode": decodes[0]["peak_before"] - base if decodes else None,
             "decode_growth": max((d["peak"] - d["start"] for d in decodes), default=None)}

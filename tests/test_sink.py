@@ -431,24 +431,6 @@ def test_manifest_and_bytes(root: str) -> None:
         write_bytes(root, "../evil.png", b"x")
 
 
-def test_storyboard_layout() -> None:
-    tiles = [
-        (
-            f"#{i} frame-{i:04d} " + "a very long label that must be wrapped and cut " * 3,
-            Image.new("RGB", (64, 64)),
-            None,
-        )
-        for i in range(5)
-    ]
-    board = make_storyboard(tiles)
-    # Five tiles -> three columns, two rows; labels add height below each row.
-    assert board.width == 3 * 64 + 4 * 8
-    assert board.height > 2 * 64
-    assert make_storyboard(tiles, columns=5).width == 5 * 64 + 6 * 8
-    big = make_storyboard([("big", Image.new("RGB", (2048, 1024)), None)], max_tile_side=256)
-    assert big.width == 256 + 2 * 8
-
-
 def test_other_filesystems_commit_through_a_hidden_temporary_and_a_rename(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

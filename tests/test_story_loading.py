@@ -6,9 +6,9 @@ import json
 import pathlib
 import subprocess
 import sys
-import textwrap
 
 import pytest
+from _stories import CAT_STORY, write_story_text
 
 from storysync_dist.errors import StorySpecError, StorySyncUserError
 from storysync_dist.story import (
@@ -18,33 +18,9 @@ from storysync_dist.story import (
     check_seed,
     load_benchmark,
     load_story,
-    validate_for_model,
 )
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "story.yaml"
-
-BASE = """\
-id: ginger-cat
-style: "A watercolor illustration of"
-subjects:
-  - name: cat
-    description: "a ginger cat with a blue scarf"
-    tokens: ["cat"]
-defaults: {steps: 20, height: 256, width: 256, guidance_scale: 5.0, seed: 0, negative_prompt: ""}
-frames:
-  - id: beach
-    prompt: "{cat} running on a beach at sunset"
-    seed: 7
-  - prompt: "{cat} reading a book in a kitchen"
-  - id: garden
-    prompt: "{cat} in a garden"
-"""
-
-
-def write(tmp_path: pathlib.Path, text: str, name: str = "story.yaml") -> pathlib.Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return path
 
 
 def error_of(path: pathlib.Path) -> str:
@@ -54,13 +30,6 @@ def error_of(path: pathlib.Path) -> str:
     assert "\n" not in message, message
     assert path.name in message, message
     return message
-
-
-@pytest.fixture(scope="module")
-def clip_tokenizer():
-    from storysync_dist.models.tokenizer import build_clip_tokenizer
-
-    return build_clip_tokenizer()
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -83,7 +52,7 @@ def test_example_story_loads() -> None:
 
 
 def test_rendering_defaults_and_seeds(tmp_path: pathlib.Path) -> None:
-    spec = load_story(write(tmp_path, BASE))
+    spec = load_story(write_story_text(tmp_path, CAT_STORY))
     beach, second, garden = spec.frames
     assert (
         beach.prompt
@@ -102,7 +71,7 @@ def test_rendering_defaults_and_seeds(tmp_path: pathlib.Path) -> None:
 
 
 def test_single_frame_is_its_own_anchor_and_defaults_apply(tmp_path: pathlib.Path) -> None:
-    path = write(
+    path = write_story_text(
         tmp_path,
         """\
         id: solo
@@ -125,16 +94,16 @@ def test_single_frame_is_its_own_anchor_and_defaults_apply(tmp_path: pathlib.Pat
 
 def test_explicit_negative_prompt_and_guidance(tmp_path: pathlib.Path) -> None:
     # An explicit empty negative prompt is kept as "" (encoded as given), unlike a left-out one (None).
-    spec = load_story(write(tmp_path, BASE))
+    spec = load_story(write_story_text(tmp_path, CAT_STORY))
     assert spec.defaults.negative_prompt == ""
     assert (spec.defaults.steps, spec.defaults.height, spec.defaults.width) == (20, 256, 256)
-    text = BASE.replace('negative_prompt: ""', 'negative_prompt: "  blurry,   ugly "').replace("5.0", "5")
-    spec = load_story(write(tmp_path, text))
+    text = CAT_STORY.replace('negative_prompt: ""', 'negative_prompt: "  blurry,   ugly "').replace("5.0", "5")
+    spec = load_story(write_story_text(tmp_path, text))
     assert spec.defaults.negative_prompt == "blurry, ugly"
     # A whole number is a valid guidance scale, stored as a float.
     assert spec.defaults.guidance_scale == 5.0 and isinstance(spec.defaults.guidance_scale, float)
     # Only some defaults given: the others stay the model's.
-    spec = load_story(write(tmp_path, BASE.replace(
+    spec = load_story(write_story_text(tmp_path, CAT_STORY.replace(
         "defaults: {steps: 20, height: 256, width: 256, guidance_scale: 5.0, seed: 0, negative_prompt: \"\"}",
         "defaults: {height: 128}",
     )))
@@ -143,7 +112,7 @@ def test_explicit_negative_prompt_and_guidance(tmp_path: pathlib.Path) -> None:
 
 
 def test_placeholders_literal_braces_and_multiple_subjects(tmp_path: pathlib.Path) -> None:
-    path = write(
+    path = write_story_text(
         tmp_path,
         """\
         id: duo
@@ -162,7 +131,7 @@ def test_placeholders_literal_braces_and_multiple_subjects(tmp_path: pathlib.Pat
 
 
 def test_explicit_anchors_are_stored_in_frame_order(tmp_path: pathlib.Path) -> None:
-    spec = load_story(write(tmp_path, BASE + "anchors: [garden, beach]\n"))
+    spec = load_story(write_story_text(tmp_path, CAT_STORY + "anchors: [garden, beach]\n"))
     assert spec.anchors == ["beach", "garden"]
     assert [frame.id for frame in spec.non_anchor_frames()] == ["frame-0001"]
 
@@ -170,14 +139,14 @@ def test_explicit_anchors_are_stored_in_frame_order(tmp_path: pathlib.Path) -> N
 def test_json_story(tmp_path: pathlib.Path) -> None:
     import yaml
 
-    document = yaml.safe_load(BASE)
+    document = yaml.safe_load(CAT_STORY)
     path = tmp_path / "story.json"
     path.write_text(json.dumps(document), encoding="utf-8")
-    assert load_story(path).frames == load_story(write(tmp_path, BASE)).frames[:3]
+    assert load_story(path).frames == load_story(write_story_text(tmp_path, CAT_STORY)).frames[:3]
 
 
 def test_with_overrides(tmp_path: pathlib.Path) -> None:
-    spec = load_story(write(tmp_path, BASE))
+    spec = load_story(write_story_text(tmp_path, CAT_STORY))
     assert spec.with_overrides() is spec
     changed = spec.with_overrides(steps=4, height=128, width=64, seed=100)
     assert (changed.defaults.steps, changed.defaults.height, changed.defaults.width) == (4, 128, 64)
@@ -195,7 +164,7 @@ def test_with_overrides(tmp_path: pathlib.Path) -> None:
 
 
 def test_with_overrides_keeps_model_defaults(tmp_path: pathlib.Path) -> None:
-    spec = load_story(write(tmp_path, BASE.replace(
+    spec = load_story(write_story_text(tmp_path, CAT_STORY.replace(
         "defaults: {steps: 20, height: 256, width: 256, guidance_scale: 5.0, seed: 0, negative_prompt: \"\"}\n", ""
     )))
     changed = spec.with_overrides(steps=4, width=64)
@@ -219,17 +188,17 @@ def test_missing_file(tmp_path: pathlib.Path) -> None:
 
 
 def test_unsupported_extension(tmp_path: pathlib.Path) -> None:
-    assert "extension" in error_of(write(tmp_path, BASE, name="story.txt"))
+    assert "extension" in error_of(write_story_text(tmp_path, CAT_STORY, name="story.txt"))
 
 
 def test_invalid_yaml_gives_line_number(tmp_path: pathlib.Path) -> None:
-    path = write(tmp_path, "id: x\nsubjects: [\nframes: {a: b\n")
+    path = write_story_text(tmp_path, "id: x\nsubjects: [\nframes: {a: b\n")
     message = error_of(path)
     assert "invalid YAML" in message and "line " in message
 
 
 def test_duplicate_yaml_key(tmp_path: pathlib.Path) -> None:
-    message = error_of(write(tmp_path, BASE + "id: other\n"))
+    message = error_of(write_story_text(tmp_path, CAT_STORY + "id: other\n"))
     assert "duplicate key 'id'" in message and "line 15, column 1" in message
 
 
@@ -241,63 +210,63 @@ def test_invalid_json(tmp_path: pathlib.Path) -> None:
 
 
 def test_empty_and_non_mapping(tmp_path: pathlib.Path) -> None:
-    assert "empty" in error_of(write(tmp_path, ""))
-    assert "mapping" in error_of(write(tmp_path, "- a\n- b\n"))
+    assert "empty" in error_of(write_story_text(tmp_path, ""))
+    assert "mapping" in error_of(write_story_text(tmp_path, "- a\n- b\n"))
 
 
 def test_schema_error_names_the_field(tmp_path: pathlib.Path) -> None:
-    text = BASE.replace('prompt: "{cat} in a garden"', 'prompt: "{cat} in a garden"\n    seed: seven')
+    text = CAT_STORY.replace('prompt: "{cat} in a garden"', 'prompt: "{cat} in a garden"\n    seed: seven')
     assert (
-        error_of(write(tmp_path, text))
+        error_of(write_story_text(tmp_path, text))
         == f"{tmp_path / 'story.yaml'}: frames[2].seed: Input should be a valid integer"
     )
 
 
 def test_unknown_key_and_missing_field(tmp_path: pathlib.Path) -> None:
-    message = error_of(write(tmp_path, BASE.replace("    seed: 7\n", "    sed: 7\n")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("    seed: 7\n", "    sed: 7\n")))
     assert "frames[0].sed: Extra inputs are not permitted" in message
-    message = error_of(write(tmp_path, BASE.replace('    tokens: ["cat"]\n', "")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace('    tokens: ["cat"]\n', "")))
     assert "subjects[0].tokens: Field required" in message
-    message = error_of(write(tmp_path, BASE.replace('tokens: ["cat"]', "tokens: []")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace('tokens: ["cat"]', "tokens: []")))
     assert "subjects[0].tokens" in message
 
 
 def test_no_frames_and_no_subjects(tmp_path: pathlib.Path) -> None:
     text = "id: x\nsubjects: [{name: cat, description: a cat, tokens: [cat]}]\nframes: []\n"
-    assert "no frames" in error_of(write(tmp_path, text))
+    assert "no frames" in error_of(write_story_text(tmp_path, text))
     text = "id: x\nsubjects: []\nframes: [{prompt: a cat}]\n"
-    assert "at least one subject" in error_of(write(tmp_path, text))
+    assert "at least one subject" in error_of(write_story_text(tmp_path, text))
 
 
 def test_duplicate_frame_id(tmp_path: pathlib.Path) -> None:
-    text = BASE + '  - id: beach\n    prompt: "{cat} on the beach again"\n'
-    message = error_of(write(tmp_path, text))
+    text = CAT_STORY + '  - id: beach\n    prompt: "{cat} on the beach again"\n'
+    message = error_of(write_story_text(tmp_path, text))
     assert message.endswith("story.yaml: frame 'beach' (#3): duplicate id, first used by frame #0")
 
 
 def test_bad_ids(tmp_path: pathlib.Path) -> None:
-    message = error_of(write(tmp_path, BASE.replace("id: ginger-cat", "id: Ginger Cat")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("id: ginger-cat", "id: Ginger Cat")))
     assert "'Ginger Cat'" in message and "must match" in message
-    message = error_of(write(tmp_path, BASE.replace("id: garden", "id: ../garden")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("id: garden", "id: ../garden")))
     assert "frame '../garden' (#2)" in message and "must match" in message
 
 
 def test_bad_defaults(tmp_path: pathlib.Path) -> None:
-    message = error_of(write(tmp_path, BASE.replace("steps: 20", "steps: -3")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("steps: 20", "steps: -3")))
     assert message.endswith("story.yaml: defaults.steps must be >= 1, got -3")
-    message = error_of(write(tmp_path, BASE.replace("height: 256", "height: 0")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("height: 256", "height: 0")))
     assert "defaults.height must be a positive number of pixels, got 0" in message
-    message = error_of(write(tmp_path, BASE.replace("width: 256", "width: -8")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("width: 256", "width: -8")))
     assert "defaults.width" in message
-    message = error_of(write(tmp_path, BASE.replace("seed: 0,", "seed: -1,")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("seed: 0,", "seed: -1,")))
     assert "defaults.seed" in message
     # YAML booleans are not integers.
-    message = error_of(write(tmp_path, BASE.replace("steps: 20", "steps: yes")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("steps: 20", "steps: yes")))
     assert "defaults.steps: Input should be a valid integer" in message
 
 
 def test_negative_frame_seed(tmp_path: pathlib.Path) -> None:
-    message = error_of(write(tmp_path, BASE.replace("seed: 7", "seed: -7")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("seed: 7", "seed: -7")))
     assert "frame 'beach' (#0): seed must be within" in message and "-7" in message
 
 
@@ -322,16 +291,16 @@ def test_seed_range_is_checked_at_every_entry_point(tmp_path: pathlib.Path) -> N
     too_big = MAX_SEED + 1
     # defaults.seed
     for bad in (-1, too_big):
-        message = error_of(write(tmp_path, BASE.replace("seed: 0,", f"seed: {bad},")))
+        message = error_of(write_story_text(tmp_path, CAT_STORY.replace("seed: 0,", f"seed: {bad},")))
         assert message == f"{path}: defaults.seed {RANGE} {bad}"
     # A frame's own seed.
-    message = error_of(write(tmp_path, BASE.replace("seed: 7", f"seed: {too_big}")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("seed: 7", f"seed: {too_big}")))
     assert message == f"{path}: frame 'beach' (#0): seed {RANGE} {too_big}"
     # Derived seeds: defaults.seed + index (frame #0 has its own seed, #1 is MAX_SEED, #2 is beyond).
-    message = error_of(write(tmp_path, BASE.replace("seed: 0,", f"seed: {MAX_SEED - 1},")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("seed: 0,", f"seed: {MAX_SEED - 1},")))
     assert message == f"{path}: frame 'garden' (#2): seed (defaults.seed + index) {RANGE} {too_big}"
     # --seed overrides: the base seed itself, and the seeds derived from it.
-    spec = load_story(write(tmp_path, BASE))
+    spec = load_story(write_story_text(tmp_path, CAT_STORY))
     with pytest.raises(StorySpecError) as info:
         spec.with_overrides(seed=-1)
     assert str(info.value) == f"{path}: override seed {RANGE} -1"
@@ -342,11 +311,11 @@ def test_seed_range_is_checked_at_every_entry_point(tmp_path: pathlib.Path) -> N
     )
     # The largest seed is fine where nothing derived goes beyond it.
     assert spec.with_overrides(seed=MAX_SEED - 2).frames[2].seed == MAX_SEED
-    assert load_story(write(tmp_path, BASE.replace("seed: 7", f"seed: {MAX_SEED}"))).frames[0].seed == MAX_SEED
+    assert load_story(write_story_text(tmp_path, CAT_STORY.replace("seed: 7", f"seed: {MAX_SEED}"))).frames[0].seed == MAX_SEED
 
 
 def test_benchmark_seed_range(tmp_path: pathlib.Path) -> None:
-    path = write(tmp_path, "animals:\n  - {concept_token: fox, subject: A fox, settings: [a, b]}\n", "bench.yaml")
+    path = write_story_text(tmp_path, "animals:\n  - {concept_token: fox, subject: A fox, settings: [a, b]}\n", "bench.yaml")
     with pytest.raises(StorySpecError) as info:
         load_benchmark(path, defaults={"seed": MAX_SEED})
     message = str(info.value)
@@ -359,17 +328,17 @@ def test_benchmark_seed_range(tmp_path: pathlib.Path) -> None:
 
 def test_storysync_section_is_stored(tmp_path: pathlib.Path) -> None:
     section = "storysync:\n  rfh_gamma: 0.5\n  use_masks: false\n  share_layers: [up_blocks]\n"
-    spec = load_story(write(tmp_path, BASE + section))
+    spec = load_story(write_story_text(tmp_path, CAT_STORY + section))
     assert spec.storysync == {"rfh_gamma": 0.5, "use_masks": False, "share_layers": ["up_blocks"]}
     assert json.loads(json.dumps(spec.storysync)) == spec.storysync
     # The same in a JSON story file.
     import yaml
 
-    document = yaml.safe_load(BASE + section)
+    document = yaml.safe_load(CAT_STORY + section)
     json_path = tmp_path / "story.json"
     json_path.write_text(json.dumps(document), encoding="utf-8")
     assert load_story(json_path).storysync == spec.storysync
-    assert load_story(write(tmp_path, BASE + "storysync: {}\n")).storysync == {}
+    assert load_story(write_story_text(tmp_path, CAT_STORY + "storysync: {}\n")).storysync == {}
 
 
 @pytest.mark.parametrize(
@@ -383,12 +352,12 @@ def test_storysync_section_is_stored(tmp_path: pathlib.Path) -> None:
     ],
 )
 def test_storysync_section_errors_name_the_option(tmp_path: pathlib.Path, section: str, expected: str) -> None:
-    message = error_of(write(tmp_path, BASE + section + "\n"))
+    message = error_of(write_story_text(tmp_path, CAT_STORY + section + "\n"))
     assert message.startswith(f"{tmp_path / 'story.yaml'}: {expected}"), message
 
 
 def test_storysync_section_out_of_range_exact(tmp_path: pathlib.Path) -> None:
-    message = error_of(write(tmp_path, BASE + "storysync:\n  rfh_gamma: 2.0\n"))
+    message = error_of(write_story_text(tmp_path, CAT_STORY + "storysync:\n  rfh_gamma: 2.0\n"))
     assert message == f"{tmp_path / 'story.yaml'}: storysync.rfh_gamma: must be within [0, 1], got 2.0"
 
 
@@ -396,7 +365,7 @@ def test_storysync_section_out_of_range_exact(tmp_path: pathlib.Path) -> None:
     ("section", "got"), [("storysync: [rfh_gamma]", "list"), ("storysync: 0.5", "float"), ("storysync:", "null")]
 )
 def test_storysync_section_must_be_a_mapping(tmp_path: pathlib.Path, section: str, got: str) -> None:
-    message = error_of(write(tmp_path, BASE + section + "\n"))
+    message = error_of(write_story_text(tmp_path, CAT_STORY + section + "\n"))
     assert message.startswith(f"{tmp_path / 'story.yaml'}: storysync: must be a mapping"), message
     assert message.endswith(f"got {got}")
 
@@ -409,156 +378,20 @@ def test_spec_does_not_import_heavy_libraries() -> None:
 
 
 def test_anchor_errors(tmp_path: pathlib.Path) -> None:
-    message = error_of(write(tmp_path, BASE + "anchors: [beach, kitchn]\n"))
+    message = error_of(write_story_text(tmp_path, CAT_STORY + "anchors: [beach, kitchn]\n"))
     assert "anchors[1]: no frame has id 'kitchn'" in message
-    message = error_of(write(tmp_path, BASE + "anchors: [beach, garden, frame-0001, garden2]\n"))
+    message = error_of(write_story_text(tmp_path, CAT_STORY + "anchors: [beach, garden, frame-0001, garden2]\n"))
     assert "4 anchors but the story has only 3 frame(s)" in message
-    message = error_of(write(tmp_path, BASE + "anchors: [beach, beach]\n"))
+    message = error_of(write_story_text(tmp_path, CAT_STORY + "anchors: [beach, beach]\n"))
     assert "anchors[1]" in message and "twice" in message
-    assert "empty" in error_of(write(tmp_path, BASE + "anchors: []\n"))
+    assert "empty" in error_of(write_story_text(tmp_path, CAT_STORY + "anchors: []\n"))
 
 
 def test_unknown_placeholder(tmp_path: pathlib.Path) -> None:
-    message = error_of(write(tmp_path, BASE.replace("{cat} in a garden", "{cat} and {dog} in a garden")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("{cat} in a garden", "{cat} and {dog} in a garden")))
     assert "frame 'garden' (#2)" in message and "unknown placeholder {dog}" in message
-    message = error_of(write(tmp_path, BASE.replace("{cat} in a garden", "{cat} in a garden }")))
+    message = error_of(write_story_text(tmp_path, CAT_STORY.replace("{cat} in a garden", "{cat} in a garden }")))
     assert "frame 'garden' (#2)" in message and "braces" in message
-
-
-# ------------------------------------------------------------------------------- model validation
-
-
-def test_validate_for_model_returns_token_positions(tmp_path: pathlib.Path, clip_tokenizer) -> None:
-    spec = load_story(write(tmp_path, BASE))
-    positions = validate_for_model(spec, clip_tokenizer, 8)
-    assert len(positions) == 3 and all(len(per_frame) == 1 for per_frame in positions)
-    cat_id = clip_tokenizer("cat", add_special_tokens=False).input_ids
-    for frame, per_frame in zip(spec.frames, positions):
-        padded = clip_tokenizer(frame.prompt, padding="max_length", max_length=77).input_ids
-        assert padded[0] == clip_tokenizer.bos_token_id
-        assert per_frame[0], frame.id
-        assert all(padded[p] == cat_id[0] for p in per_frame[0])
-    # "A watercolor illustration of a ginger cat": BOS a watercolor illustration of a ginger cat -> 7.
-    assert positions[0] == [[7]]
-
-
-def test_validate_every_occurrence_and_multi_token_words(tmp_path: pathlib.Path, clip_tokenizer) -> None:
-    path = write(
-        tmp_path,
-        """\
-        id: robo
-        subjects: [{name: bot, description: "a shiny robot", tokens: [robot, "shiny robot"]}]
-        frames: [{prompt: "{bot} next to another robot"}]
-        """,
-    )
-    spec = load_story(path)
-    tokens = clip_tokenizer.convert_ids_to_tokens(clip_tokenizer(spec.frames[0].prompt).input_ids)
-    assert tokens[:8] == [
-        "<|startoftext|>",
-        "a</w>",
-        "shiny</w>",
-        "robot</w>",
-        "next</w>",
-        "to</w>",
-        "another</w>",
-        "robot</w>",
-    ]
-    # "robot" at 3 and 7, "shiny robot" at 2-3: every occurrence of every word, sorted, no duplicates.
-    assert validate_for_model(spec, clip_tokenizer, 8) == [[[2, 3, 7]]]
-
-
-def test_validate_missing_subject_token(tmp_path: pathlib.Path, clip_tokenizer) -> None:
-    spec = load_story(write(tmp_path, BASE.replace("{cat} reading a book", "a dog reading a book")))
-    with pytest.raises(StorySpecError) as info:
-        validate_for_model(spec, clip_tokenizer, 8)
-    message = str(info.value)
-    assert (
-        "story.yaml: frame 'frame-0001' (#1): subject 'cat' token 'cat' does not occur in the tokenized prompt"
-        in message
-    )
-    assert '"A watercolor illustration of a dog reading a book in a kitchen"' in message
-
-
-def test_validate_prompt_too_long(tmp_path: pathlib.Path, clip_tokenizer) -> None:
-    long_prompt = "{cat} " + "very " * 80 + "happy"
-    spec = load_story(write(tmp_path, BASE.replace("{cat} in a garden", long_prompt)))
-    with pytest.raises(StorySpecError) as info:
-        validate_for_model(spec, clip_tokenizer, 8)
-    message = str(info.value)
-    count = len(clip_tokenizer(spec.frames[2].prompt, truncation=False).input_ids)
-    assert "story.yaml: frame 'garden' (#2)" in message
-    assert f"{count} tokens" in message and "at most 77" in message
-
-
-def test_validate_negative_prompt_too_long(tmp_path: pathlib.Path, clip_tokenizer) -> None:
-    spec = load_story(
-        write(tmp_path, BASE.replace('negative_prompt: ""', 'negative_prompt: "' + "ugly " * 90 + '"'))
-    )
-    with pytest.raises(StorySpecError, match=r"defaults\.negative_prompt is \d+ tokens long.*at most 77"):
-        validate_for_model(spec, clip_tokenizer, 8)
-
-
-def test_validate_size_factor(tmp_path: pathlib.Path, clip_tokenizer) -> None:
-    spec = load_story(write(tmp_path, BASE.replace("height: 256", "height: 250")))
-    with pytest.raises(StorySpecError) as info:
-        validate_for_model(spec, clip_tokenizer, 8)
-    assert str(info.value).endswith(
-        "story.yaml: defaults.height=250 is not a multiple of 8 required by the model"
-    )
-    # 256 is a multiple of 16 but not of 96.
-    spec = load_story(write(tmp_path, BASE))
-    validate_for_model(spec, clip_tokenizer, 16)
-    with pytest.raises(StorySpecError, match=r"defaults\.height=256 is not a multiple of 96"):
-        validate_for_model(spec, clip_tokenizer, 96)
-
-
-NO_SIZE = BASE.replace("height: 256, width: 256, ", "")
-
-
-def test_validate_size_left_to_the_model(tmp_path: pathlib.Path, clip_tokenizer) -> None:
-    spec = load_story(write(tmp_path, NO_SIZE))
-    assert (spec.defaults.height, spec.defaults.width) == (None, None)
-    # Nothing given, nothing to check: the model's own default size is its business.
-    validate_for_model(spec, clip_tokenizer, 96)
-    # ... unless the caller says what the job will use.
-    validate_for_model(spec, clip_tokenizer, 8, size=(1024, 768))
-    with pytest.raises(StorySpecError) as info:
-        validate_for_model(spec, clip_tokenizer, 8, size=(1000, 1020))
-    # 1000 is a multiple of 8, 1020 is not.
-    assert str(info.value) == (
-        f"{tmp_path / 'story.yaml'}: the model's default width (1020) is not a multiple of 8 required by the model"
-    )
-    with pytest.raises(StorySpecError) as info:
-        validate_for_model(spec, clip_tokenizer, 8, size=(1001, 1024))
-    assert str(info.value) == (
-        f"{tmp_path / 'story.yaml'}: the model's default height (1001) is not a multiple of 8 required by the model"
-    )
-
-
-def test_validate_resolved_size(tmp_path: pathlib.Path, clip_tokenizer) -> None:
-    # Height set by the story, width left to the model: each is named after where it came from.
-    spec = load_story(write(tmp_path, BASE.replace("width: 256, ", "")))
-    with pytest.raises(StorySpecError) as info:
-        validate_for_model(spec, clip_tokenizer, 96, size=(250, 960))
-    assert str(info.value).endswith("story.yaml: defaults.height=250 is not a multiple of 96 required by the model")
-    with pytest.raises(StorySpecError) as info:
-        validate_for_model(spec, clip_tokenizer, 96, size=(960, 1000))
-    assert str(info.value).endswith(
-        "story.yaml: the model's default width (1000) is not a multiple of 96 required by the model"
-    )
-    # The resolved size is what is checked, not the story's value.
-    validate_for_model(spec, clip_tokenizer, 96, size=(960, 960))
-    assert validate_for_model(spec, clip_tokenizer, 8, size=(256, 512)) == validate_for_model(spec, clip_tokenizer, 8)
-    for bad in ((256,), (0, 256), (256.0, 256), (True, 256)):
-        with pytest.raises(ValueError, match="size must be"):
-            validate_for_model(spec, clip_tokenizer, 8, size=bad)
-
-
-def test_validate_without_negative_prompt(tmp_path: pathlib.Path, clip_tokenizer) -> None:
-    spec = load_story(write(tmp_path, BASE.replace(', negative_prompt: ""', "")))
-    assert spec.defaults.negative_prompt is None
-    assert validate_for_model(spec, clip_tokenizer, 8) == validate_for_model(load_story(write(tmp_path, BASE)),
-                                                                             clip_tokenizer, 8)
 
 
 def test_the_old_package_name_is_a_deprecated_alias() -> None:

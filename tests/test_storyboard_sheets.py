@@ -169,3 +169,21 @@ def test_held_thumbnails_never_exceed_per_sheet(live_images) -> None:
     # At most one sheet's thumbnails (with their masks) plus the tile being decoded.
     assert max(peaks) <= 2 * per_sheet + 2, peaks
     assert max(peaks) >= per_sheet - 1  # the thumbnails of a sheet were really counted
+
+
+def test_storyboard_layout() -> None:
+    tiles = [
+        (
+            f"#{i} frame-{i:04d} " + "a very long label that must be wrapped and cut " * 3,
+            Image.new("RGB", (64, 64)),
+            None,
+        )
+        for i in range(5)
+    ]
+    board = make_storyboard(tiles)
+    # Five tiles -> three columns, two rows; labels add height below each row.
+    assert board.width == 3 * 64 + 4 * 8
+    assert board.height > 2 * 64
+    assert make_storyboard(tiles, columns=5).width == 5 * 64 + 6 * 8
+    big = make_storyboard([("big", Image.new("RGB", (2048, 1024)), None)], max_tile_side=256)
+    assert big.width == 256 + 2 * 8
