@@ -75,7 +75,13 @@ def in_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray
 
 def test_two_workers_render_the_same_pixels_as_in_process(tmp_path: Path, in_process) -> None:
     out = tmp_path / "w2"
-    result = render_story(EXAMPLE, RenderOptions(out=str(out), workers=2, **FAST))
+    options = RenderOptions(out=str(out), workers=2, **FAST)
+    with RayExecutor(options) as executor:
+        # Both workers placed and loaded first: the job's stats list only placed workers, and this
+        # story is small enough for one worker to finish it before the other is placed (one CI
+        # run: the second worker's stats were {}).
+        assert len(executor.warm_up()) == 2
+        result = render_story(EXAMPLE, options, executor=executor)
     assert sorted(result.rendered) == sorted(in_process)
     assert_same_pixels(frame_pixels(out), in_process)
     # One pipeline per GPU: each worker got its own (fake) GPU.
